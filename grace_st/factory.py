@@ -1,0 +1,66 @@
+"""Build a GRACE SentenceTransformer from any instruction-tuned causal LM."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Literal
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Normalize
+
+from grace_st.modeling import RationalePooling, Transformer, load_backbone
+
+_TRANSFORMER_OPTIONS = [name for name in inspect.signature(Transformer.__init__).parameters if name not in ("self", "model", "tokenizer")]
+
+
+def from_backbone(
+    name_or_path: str,
+    *,
+    pooling_mode: Literal["mean", "lasttoken"] = "mean",
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    processor_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> SentenceTransformer:
+    """Build a GRACE embedding model ``[Transformer, RationalePooling, Normalize]`` from a causal LM.
+
+    Args:
+        name_or_path: local folder or Hub id of an instruction-tuned causal LM with a chat template
+            (e.g. ``grace_st.default_backbone()`` or ``"Qwen/Qwen2.5-1.5B-Instruct"``).
+        pooling_mode: ``"mean"`` (GRACE) or ``"lasttoken"``. Defaults to ``"mean"``.
+        device: e.g. ``"cpu"``, ``"cuda"``; None picks what sentence-transformers picks.
+        dtype: weights dtype. None gives bfloat16 on CUDA and float32 elsewhere.
+        prompts: sentence-transformers prompts (e.g. ``{"query": "...", "document": ""}``), saved with the model;
+            a prompt is prepended to the user text.
+        default_prompt_name: name of the prompt used when none is given.
+        model_kwargs: extra arguments for ``AutoModelForCausalLM.from_pretrained`` (``revision``, ``attn_implementation``...).
+        processor_kwargs: extra arguments for ``AutoTokenizer.from_pretrained``.
+        **options: :class:`grace_st.Transformer` options: ``system_prompt``, ``rationale_mode``, ``max_new_tokens``,
+            ``max_input_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``.
+
+    Returns:
+        A ``SentenceTransformer``; ``model.encode(texts, output_value=None)`` also returns each text's rationale.
+    """
+    unknown = sorted(set(options) - set(_TRANSFORMER_OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown GRACE option(s) {unknown}; valid options are {_TRANSFORMER_OPTIONS}.")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model, tokenizer = load_backbone(
+        name_or_path, model_kwargs={"dtype": dtype, **(model_kwargs or {})}, processor_kwargs=processor_kwargs
+    )
+    transformer = Transformer(model, tokenizer, **options)
+    pooling = RationalePooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode)
+    return SentenceTransformer(
+        modules=[transformer, pooling, Normalize()],
+        device=device,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        similarity_fn_name="cosine",
+    )

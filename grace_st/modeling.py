@@ -1,0 +1,578 @@
+"""GRACE sentence-transformers modules: the rationale-generating input module and its pooling.
+
+This file is self-contained on purpose (it imports only torch, transformers and sentence-transformers): a
+published GRACE model carries a copy of it as ``grace_st.py`` so that it loads with plain
+sentence-transformers where the ``grace_st`` package is not installed.
+
+Pipeline: ``[Transformer, RationalePooling, Normalize]``. For every text, :class:`Transformer` builds the GRACE chat
+prompt, lets the causal LM write a rationale, runs the LM over prompt + rationale and hands on the last-layer hidden
+states together with a mask of the pooled span (user text through the end of the rationale). :class:`RationalePooling`
+averages over that span.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sentence_transformers.base.modules import InputModule, Module
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "Read and analyze the following text, then you need to provide your reasoning within <think></think> tags. "
+    "Finally, generate a comprehensive understanding of this text."
+)
+
+RationaleMode = Literal["generate", "none", "echo"]
+RATIONALE_MODES: tuple[str, ...] = ("generate", "none", "echo")
+POOLING_MODES: tuple[str, ...] = ("mean", "lasttoken")
+# Marks where the user text goes when the chat template is rendered once per system prompt.
+_TEXT_PLACEHOLDER = "\u2063GRACE_ST_TEXT\u2063"
+
+
+@dataclass
+class RationaleBatch:
+    """Generated (or given) rationales of one batch, right-padded.
+
+    Attributes:
+        ids: ``(batch, R)`` token ids of the rationales; positions past a rationale's end hold the pad id.
+        mask: ``(batch, R)`` 1 for rationale tokens (including the end-of-sequence token that closed it), else 0.
+        finished: ``(batch,)`` True where the rationale ended with an end-of-sequence token before the limit.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    finished: torch.Tensor
+
+
+def rationale_mask(generated: torch.Tensor, eos_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the rationale tokens in generated ids: everything up to and including the first EOS.
+
+    Args:
+        generated: ``(batch, R)`` ids produced by ``generate`` (after the prompt).
+        eos_token_ids: ids that end a rationale.
+
+    Returns:
+        ``(mask, finished)``: the ``(batch, R)`` long mask and a ``(batch,)`` bool tensor, True where an EOS was met.
+
+    Example:
+        >>> mask, finished = rationale_mask(torch.tensor([[5, 2, 2], [5, 6, 7]]), [2])
+        >>> mask.tolist(), finished.tolist()
+        ([[1, 1, 0], [1, 1, 1]], [True, False])
+    """
+    if generated.shape[1] == 0:
+        return generated.new_zeros(generated.shape), torch.zeros(generated.shape[0], dtype=torch.bool)
+    is_eos = torch.isin(generated, torch.tensor(list(eos_token_ids), device=generated.device))
+    # Number of EOS tokens strictly before each position: a token is part of the rationale while that is 0.
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = (eos_before == 0).long()
+    return mask, is_eos.any(dim=1).cpu()
+
+
+def pooling_span_mask(attention_mask: torch.Tensor, text_start: torch.Tensor) -> torch.Tensor:
+    """Mask of the GRACE pooled span: from the first user-text token to the end of the rationale.
+
+    The system prompt and the role headers before the user text are excluded; the tokens after the user text
+    (end-of-turn and the assistant header) and the rationale are included; padding is excluded.
+
+    Args:
+        attention_mask: ``(batch, P + R)`` mask of the full sequence (left-padded prompt, right-padded
+            rationale). It is not modified.
+        text_start: ``(batch,)`` index of the first user-text token in each (padded) row.
+
+    Returns:
+        A new ``(batch, P + R)`` long tensor.
+
+    Example:
+        >>> am = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+        >>> pooling_span_mask(am, torch.tensor([2, 1])).tolist()
+        [[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    after_start = positions.unsqueeze(0) >= text_start.to(attention_mask.device).unsqueeze(1)
+    return attention_mask.clone().long() * after_start.long()
+
+
+class Transformer(InputModule):
+    """Input module that owns a causal LM, writes a GRACE rationale for every text and returns its hidden states.
+
+    Reads (from :meth:`preprocess`): ``input_ids``, ``attention_mask`` (left-padded chat prompts), ``text_start``;
+    in ``echo`` mode also ``echo_ids``/``echo_mask``.
+    Writes: ``token_embeddings`` (last-layer hidden states over prompt + rationale), ``attention_mask`` (of that full
+    sequence, a new tensor), ``pooling_mask`` (the GRACE span), ``rationale`` (list of strings), ``rationale_ids``,
+    ``rationale_mask``, ``rationale_finished`` and ``batch_index`` (row of each text in its batch).
+
+    Args:
+        model: the causal LM (any ``AutoModelForCausalLM``).
+        tokenizer: its tokenizer; must have a chat template.
+        system_prompt: system message of the GRACE prompt. Defaults to the paper's prompt.
+        rationale_mode: ``"generate"`` (GRACE), ``"none"`` (no rationale: the paper's base-model row) or ``"echo"``
+            (the text repeated as the rationale, no generation). Defaults to ``"generate"``.
+        max_new_tokens: rationale length limit in tokens. Defaults to 128.
+        max_input_tokens: user texts longer than this many tokens are truncated (with one warning per call).
+            Defaults to 1024.
+        do_sample: sample rationales instead of greedy decoding. Greedy (the default) keeps embeddings deterministic.
+        temperature: sampling temperature (only with ``do_sample``). Defaults to 1.0.
+        top_p: nucleus sampling mass (only with ``do_sample``). Defaults to 1.0.
+        top_k: top-k sampling cut-off, 0 for none (only with ``do_sample``). Defaults to 0.
+        repetition_penalty: passed to ``generate``. Defaults to 1.0.
+    """
+
+    config_file_name = "grace_config.json"
+    config_keys = [
+        "system_prompt",
+        "rationale_mode",
+        "max_new_tokens",
+        "max_input_tokens",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+    ]
+    save_in_root = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        rationale_mode: RationaleMode = "generate",
+        max_new_tokens: int = 128,
+        max_input_tokens: int = 1024,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if rationale_mode not in RATIONALE_MODES:
+            raise ValueError(f"rationale_mode={rationale_mode!r} is not supported; choose one of {RATIONALE_MODES}.")
+        for name, value, minimum in (("max_new_tokens", max_new_tokens, 1), ("max_input_tokens", max_input_tokens, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {minimum}.")
+        if not isinstance(system_prompt, str):
+            raise TypeError(f"system_prompt must be a string, got {system_prompt!r}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature!r} is not allowed; it must be > 0.")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r} is not allowed; it must be in (0, 1].")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"The tokenizer of {getattr(model.config, '_name_or_path', type(model).__name__)!r} has no chat "
+                "template. GRACE needs an instruction-tuned backbone with a chat template (e.g. a '*-Instruct' "
+                "model), or set `tokenizer.chat_template` before building the module."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        if self.tokenizer.pad_token_id is None:
+            # Decoder-only tokenizers often lack a pad token; padding positions are masked out everywhere.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.system_prompt = system_prompt
+        self.rationale_mode = rationale_mode
+        self.max_new_tokens = max_new_tokens
+        self.max_input_tokens = max_input_tokens
+        self.do_sample = do_sample
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_k = int(top_k)
+        self.repetition_penalty = float(repetition_penalty)
+        self._template_cache: dict[str, tuple[list[int], list[int]]] = {}
+        self._truncated_texts = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def max_seq_length(self) -> int:
+        """Input limit in tokens of the user text (sentence-transformers' name for it)."""
+        return self.max_input_tokens
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.max_input_tokens = value
+
+    def get_embedding_dimension(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a rationale: the generation config's EOS ids plus the tokenizer's EOS."""
+        ids = self.model.generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    # ------------------------------------------------------------------ prompt building
+    def _template_pieces(self, system_prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids of the chat prompt before and after the user text, for one system prompt (cached)."""
+        if system_prompt not in self._template_cache:
+            messages = [{"role": "user", "content": _TEXT_PLACEHOLDER}]
+            if system_prompt:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if rendered.count(_TEXT_PLACEHOLDER) != 1:
+                raise ValueError("The chat template does not place the user message verbatim in the prompt.")
+            before, after = rendered.split(_TEXT_PLACEHOLDER)
+            encode = self.tokenizer
+            self._template_cache[system_prompt] = (
+                encode(before, add_special_tokens=False)["input_ids"],
+                encode(after, add_special_tokens=False)["input_ids"],
+            )
+        return self._template_cache[system_prompt]
+
+    def _text_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of the user texts, truncated to ``max_input_tokens`` (counted for one warning per call)."""
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        out = []
+        for row in ids:
+            if len(row) > self.max_input_tokens:
+                self._truncated_texts += 1
+                row = row[: self.max_input_tokens]
+            out.append(row)
+        return out
+
+    def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Any]:
+        """Build left-padded GRACE chat prompts for a batch of texts.
+
+        Args:
+            inputs: the texts. Each must be a string.
+            prompt: optional sentence-transformers prompt (e.g. a saved ``"query"`` prompt); it is prepended to the
+                user text and so is part of the pooled span.
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``text_start`` (and ``echo_ids``/``echo_mask`` in ``echo`` mode).
+        """
+        texts = check_texts(inputs)
+        if prompt:
+            texts = [prompt + text for text in texts]
+        before, after = self._template_pieces(self.system_prompt)
+        text_ids = self._text_ids(texts)
+        rows = [before + ids + after for ids in text_ids]
+        width = max((len(row) for row in rows), default=0)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        text_start = torch.zeros(len(rows), dtype=torch.long)
+        for i, row in enumerate(rows):
+            offset = width - len(row)
+            input_ids[i, offset:] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, offset:] = 1
+            text_start[i] = offset + len(before)
+        features: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "text_start": text_start}
+        if self.rationale_mode == "echo":
+            eos = self.eos_token_ids[0]
+            echo = [ids + [eos] for ids in text_ids]
+            features["echo_ids"], features["echo_mask"] = _right_pad(echo, pad)
+        return features
+
+    # ------------------------------------------------------------------ generation and embedding
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``model.generate`` built from the module's saved decoding settings."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "eos_token_id": self.eos_token_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            # Unset the backbone's sampling defaults so greedy decoding does not warn about them.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def generate_rationales(self, features: dict[str, Any], **generate_kwargs) -> RationaleBatch:
+        """Generate one rationale per prompt in ``features`` (left-padded, with KV cache).
+
+        Args:
+            features: output of :meth:`preprocess` on the model's device.
+            **generate_kwargs: overrides of :meth:`generation_kwargs` (e.g. ``temperature`` in training).
+
+        Returns:
+            The rationales as a :class:`RationaleBatch`.
+        """
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        if self.rationale_mode == "none":
+            empty = input_ids.new_zeros((input_ids.shape[0], 0))
+            return RationaleBatch(empty, empty.clone(), torch.zeros(input_ids.shape[0], dtype=torch.bool))
+        if self.rationale_mode == "echo":
+            return RationaleBatch(
+                features["echo_ids"], features["echo_mask"], torch.ones(input_ids.shape[0], dtype=torch.bool)
+            )
+        kwargs = {**self.generation_kwargs(), **generate_kwargs}
+        with torch.no_grad():
+            sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        generated = sequences[:, input_ids.shape[1] :]
+        mask, finished = rationale_mask(generated, self.eos_token_ids)
+        ids = generated.masked_fill(mask == 0, self.tokenizer.pad_token_id)
+        return RationaleBatch(ids, mask, finished)
+
+    def embed(self, features: dict[str, Any], rationales: RationaleBatch) -> dict[str, Any]:
+        """Run the LM over prompt + rationale and return hidden states with the GRACE pooling mask.
+
+        This is the single place where embeddings' token states are computed; training rewards call it too.
+
+        Args:
+            features: output of :meth:`preprocess` (``input_ids``, ``attention_mask``, ``text_start``).
+            rationales: the rationales of the same rows.
+
+        Returns:
+            ``token_embeddings``, ``attention_mask``, ``pooling_mask`` over the full sequence.
+        """
+        prompt_ids, prompt_mask = features["input_ids"], features["attention_mask"]
+        rationale_ids = rationales.ids.to(prompt_ids.device)
+        rationale_mask_ = rationales.mask.to(prompt_mask.device)
+        input_ids = torch.cat([prompt_ids, rationale_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, rationale_mask_], dim=1)
+        # Positions follow the real tokens only, as in generation with left padding.
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return {
+            "token_embeddings": outputs.hidden_states[-1],
+            "attention_mask": attention_mask,
+            "pooling_mask": pooling_span_mask(attention_mask, features["text_start"]),
+        }
+
+    def decode_rationales(self, rationales: RationaleBatch) -> list[str]:
+        """Decode rationales to text (special tokens such as the closing EOS removed)."""
+        if rationales.ids.shape[1] == 0:
+            return [""] * rationales.ids.shape[0]
+        return self.tokenizer.batch_decode(rationales.ids.masked_fill(rationales.mask == 0, 0), skip_special_tokens=True)
+
+    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+        rationales = self.generate_rationales(features)
+        output = dict(features)
+        output.update(self.embed(features, rationales))
+        if self.rationale_mode == "echo":
+            texts = self.tokenizer.batch_decode(
+                features["echo_ids"].masked_fill(features["echo_mask"] == 0, 0), skip_special_tokens=True
+            )
+            output["rationale"] = texts
+        else:
+            output["rationale"] = self.decode_rationales(rationales)
+        output["rationale_ids"] = rationales.ids
+        output["rationale_mask"] = rationales.mask
+        output["rationale_finished"] = rationales.finished.to(rationales.ids.device)
+        output["batch_index"] = torch.arange(rationales.ids.shape[0], device=rationales.ids.device)
+        return output
+
+    # ------------------------------------------------------------------ sentence-transformers integration
+    def on_model_ready(self, model) -> None:
+        """Guard ``model.encode``: input checks by index, ``[]`` → ``(0, dim)``, per-text rationales, one warning."""
+        if not isinstance(model.__dict__.get("encode"), _EncodeGuard):
+            model.encode = _EncodeGuard(model, self)
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        if not safe_serialization:
+            raise ValueError("GRACE models are saved as safetensors only (safe_serialization=True).")
+        self.model.save_pretrained(output_path, safe_serialization=True)
+        self.save_tokenizer(output_path)
+        self.save_config(output_path)
+
+    @classmethod
+    def load(
+        cls,
+        model_name_or_path: str,
+        subfolder: str = "",
+        token: bool | str | None = None,
+        cache_folder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+        config_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> Transformer:
+        config = cls.load_config(
+            model_name_or_path,
+            subfolder=subfolder,
+            token=token,
+            cache_folder=cache_folder,
+            revision=revision,
+            local_files_only=local_files_only,
+        )
+        unknown = set(config) - set(cls.config_keys)
+        if unknown:
+            raise ValueError(f"Unknown keys {sorted(unknown)} in {cls.config_file_name}; known: {cls.config_keys}.")
+        hub_kwargs = {
+            "token": token,
+            "cache_dir": cache_folder,
+            "revision": revision,
+            "local_files_only": local_files_only,
+        }
+        if subfolder:
+            hub_kwargs["subfolder"] = subfolder
+        model, tokenizer = load_backbone(
+            model_name_or_path,
+            model_kwargs={**hub_kwargs, **(model_kwargs or {}), **(config_kwargs or {})},
+            processor_kwargs={**hub_kwargs, **(processor_kwargs or {})},
+        )
+        return cls(model, tokenizer, **config)
+
+    def __repr__(self) -> str:
+        return f"Transformer({self.get_config_dict()}, backbone={type(self.model).__name__})"
+
+
+class RationalePooling(Module):
+    """Pools GRACE token states into one embedding.
+
+    Reads ``token_embeddings`` and ``pooling_mask`` (falls back to ``attention_mask``); writes ``sentence_embedding``.
+    Incoming masks are never modified.
+
+    Args:
+        embedding_dimension: hidden size of the LM.
+        pooling_mode: ``"mean"`` (GRACE: masked mean over user text + rationale) or ``"lasttoken"`` (state of the last
+            pooled token, the EOS that closed the rationale; kept for ablations). Defaults to ``"mean"``.
+    """
+
+    config_keys = ["embedding_dimension", "pooling_mode"]
+
+    def __init__(self, embedding_dimension: int, pooling_mode: Literal["mean", "lasttoken"] = "mean") -> None:
+        super().__init__()
+        if pooling_mode not in POOLING_MODES:
+            raise ValueError(f"pooling_mode={pooling_mode!r} is not supported; choose one of {POOLING_MODES}.")
+        self.embedding_dimension = int(embedding_dimension)
+        self.pooling_mode = pooling_mode
+
+    def get_embedding_dimension(self) -> int:
+        return self.embedding_dimension
+
+    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+        states = features["token_embeddings"]
+        mask = features.get("pooling_mask", features["attention_mask"]).to(states.device)
+        features["sentence_embedding"] = pool(states, mask, self.pooling_mode)
+        return features
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        self.save_config(output_path)
+
+
+def pool(states: torch.Tensor, mask: torch.Tensor, pooling_mode: str = "mean") -> torch.Tensor:
+    """Pool ``(batch, seq, dim)`` states over a ``(batch, seq)`` 0/1 mask, in float32 for stable averages.
+
+    Example:
+        >>> s = torch.arange(6.0).reshape(1, 3, 2)
+        >>> pool(s, torch.tensor([[0, 1, 1]])).tolist(), pool(s, torch.tensor([[1, 1, 0]]), "lasttoken").tolist()
+        ([[3.0, 4.0]], [[2.0, 3.0]])
+    """
+    weights = mask.to(torch.float32)
+    if pooling_mode == "mean":
+        summed = (states.float() * weights.unsqueeze(-1)).sum(dim=1)
+        return (summed / weights.sum(dim=1, keepdim=True).clamp(min=1.0)).to(states.dtype)
+    if pooling_mode == "lasttoken":
+        positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+        last = (positions * (mask > 0)).argmax(dim=1)
+        return states[torch.arange(states.shape[0], device=states.device), last]
+    raise ValueError(f"pooling_mode={pooling_mode!r} is not supported; choose one of {POOLING_MODES}.")
+
+
+def check_texts(inputs: Any) -> list[str]:
+    """Return ``inputs`` as a list of strings or raise naming the first bad entry and its index.
+
+    Example:
+        >>> check_texts(["a", 3])
+        Traceback (most recent call last):
+        ...
+        TypeError: texts[1] is 3 (int); GRACE encodes strings only.
+    """
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    texts = list(inputs)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {text!r} ({type(text).__name__}); GRACE encodes strings only.")
+    return texts
+
+
+def load_backbone(
+    name_or_path: str,
+    model_kwargs: dict[str, Any] | None = None,
+    processor_kwargs: dict[str, Any] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer (local folder or Hub id).
+
+    Args:
+        name_or_path: folder or Hub id.
+        model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``revision``, ...).
+        processor_kwargs: passed to ``AutoTokenizer.from_pretrained``.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    model_kwargs.setdefault("dtype", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **(processor_kwargs or {}))
+    model.eval()
+    return model, tokenizer
+
+
+def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(row) for row in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+class _EncodeGuard:
+    """Wraps ``SentenceTransformer.encode`` of a GRACE model (installed by :meth:`Transformer.on_model_ready`).
+
+    sentence-transformers sorts texts by length and only sees batches, so the checks that need the caller's order live
+    here: a non-string is reported with its index in the caller's list, ``[]`` gives a ``(0, dim)`` result,
+    ``output_value=None`` yields each text's own ``rationale`` string, and truncation warns once per call.
+    It is a plain class (not a closure) so the model stays picklable for multi-process encoding.
+    """
+
+    def __init__(self, model, module: Transformer) -> None:
+        self.model = model
+        self.module = module
+
+    def __call__(self, inputs, *args, **kwargs):
+        from sentence_transformers import SentenceTransformer
+
+        texts = check_texts(inputs)
+        output_value = kwargs.get("output_value", "sentence_embedding")
+        if not texts:
+            return self._empty(output_value, kwargs)
+        self.module._truncated_texts = 0
+        result = SentenceTransformer.encode(self.model, inputs, *args, **kwargs)
+        if self.module._truncated_texts:
+            logger.warning(
+                "%d of %d texts were longer than max_input_tokens=%d and were truncated.",
+                self.module._truncated_texts,
+                len(texts),
+                self.module.max_input_tokens,
+            )
+        if output_value is None:
+            for item in [result] if isinstance(result, dict) else result:
+                position = int(item.pop("batch_index"))
+                item["rationale"] = item["rationale"][position]
+        return result
+
+    def _empty(self, output_value, kwargs):
+        if output_value != "sentence_embedding":
+            return []
+        dim = self.model.get_embedding_dimension()
+        if kwargs.get("convert_to_tensor"):
+            return torch.empty((0, dim), dtype=torch.float32)
+        if kwargs.get("convert_to_numpy", True):
+            return np.empty((0, dim), dtype=np.float32)
+        return []
