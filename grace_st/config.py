@@ -1,0 +1,189 @@
+"""Configuration of GRACE training: :class:`GraceGRPOConfig` (a ``trl.GRPOConfig``) and :class:`GraceDataArguments`.
+
+Both are plain dataclasses whose fields carry ``metadata={"help": ...}``, so ``trl.TrlParser`` turns them into CLI
+flags and YAML keys (see ``training/train.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from grace_st.modeling import DEFAULT_SYSTEM_PROMPT, POOLING_MODES
+
+try:
+    from trl import GRPOConfig
+except ImportError as error:  # pragma: no cover - depends on the installed extras
+    raise ImportError('GRACE training needs TRL: pip install "grace-st[train]"') from error
+
+MODES: tuple[str, ...] = ("supervised", "unsupervised")
+
+
+@dataclass
+class GraceGRPOConfig(GRPOConfig):
+    r"""Configuration of :class:`grace_st.trainer.GraceGRPOTrainer`: every ``trl.GRPOConfig`` field plus GRACE's.
+
+    Defaults follow the authors' script (``../shared/GRACE.md``) where they apply: λ_c = λ_h = 0.2, τ = 0.1,
+    truncation penalty −1, query/negative rationales at temperature 0.5, advantages not divided by the group std
+    (``scale_rewards="none"``), KL coefficient ``beta=0``.
+
+    Parameters that control the task:
+        mode (`str`, defaults to `"supervised"`): ``"supervised"`` trains on (query, positive, negative) rows, the
+            positive document being the GRPO prompt; ``"unsupervised"`` trains on plain texts, the text being both the
+            prompt and (with its own rationale) the query.
+
+    Parameters that control rationale generation (the prompt and pooling are saved in the final model):
+        system_prompt (`str`): system message of the GRACE chat prompt. Defaults to the paper's prompt.
+        pooling_mode (`str`, defaults to `"mean"`): ``"mean"`` or ``"lasttoken"``.
+        max_input_tokens (`int`, defaults to `1024`): user texts are truncated to this many tokens.
+        query_temperature (`float`, defaults to `0.5`): sampling temperature of the single rationale written for the
+            query and for the hard negative (shared by the whole group). The G rollouts of the positive use
+            ``temperature``.
+        inference_max_new_tokens (`int` or `None`): rationale limit of the saved model; None uses
+            ``max_completion_length`` (the length it was trained with).
+
+    Parameters that control the reward (see :func:`grace_st.rewards.grace_rewards`):
+        consistency_weight (`float`, defaults to `0.2`): λ_c, weight of the within-group consistency term.
+        hard_negative_weight (`float`, defaults to `0.2`): λ_h, weight of the in-batch hard-negative term.
+        reward_temperature (`float`, defaults to `0.1`): τ, the reward is divided by it.
+        truncation_penalty (`float` or `None`, defaults to `-1.0`): fixed reward of a rollout cut at
+            ``max_completion_length``; None scores such rollouts like the others.
+        copy_penalty (`float`, defaults to `0.0`): weight of an extra term ``-copy_penalty * copy_rate`` (inside the
+            division by τ) against rationales that copy their input (a guard against the "echo" collapse).
+        copy_min_span (`int`, defaults to `4`): a rationale token counts as copied when it lies in a run of at least
+            this many tokens that also occurs in the input.
+
+    Parameters that control the collapse guards (diagnostics are logged every step in any case):
+        collapse_reward_std (`float`, defaults to `0.01`): warn when the mean within-group std of the total reward
+            falls below this value (no learning signal left).
+        collapse_distinct (`float`, defaults to `1.5`): warn when the mean number of distinct rollouts per group
+            falls below this value.
+
+    Parameters that control the output:
+        final_model_dir (`str` or `None`): where the final GRACE SentenceTransformer (LoRA merged) is written;
+            None gives ``<output_dir>/grace-model``.
+    """
+
+    # Defaults that differ from trl.GRPOConfig: the authors' GRACE settings.
+    scale_rewards: str = field(
+        default="none",
+        metadata={
+            "help": "Advantage scaling: 'none' (GRACE: reward minus group mean), 'group' (divide by the group std) "
+            "or 'batch'."
+        },
+    )
+    num_generations: int | None = field(
+        default=8, metadata={"help": "Rollouts (rationales) per positive document, G. GRACE uses 8."}
+    )
+    max_completion_length: int | None = field(
+        default=256, metadata={"help": "Rationale length limit in tokens during training."}
+    )
+
+    mode: str = field(
+        default="supervised",
+        metadata={"help": "'supervised' ((query, positive, negative) rows) or 'unsupervised' (plain texts)."},
+    )
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        metadata={"help": "System message of the GRACE chat prompt (saved in the final model)."},
+    )
+    pooling_mode: str = field(
+        default="mean", metadata={"help": "Pooling of the final model: 'mean' (GRACE) or 'lasttoken'."}
+    )
+    max_input_tokens: int = field(default=1024, metadata={"help": "User texts are truncated to this many tokens."})
+    query_temperature: float = field(
+        default=0.5,
+        metadata={"help": "Sampling temperature of the one rationale written for the query and for the negative."},
+    )
+    inference_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Rationale limit of the saved model; None uses max_completion_length."},
+    )
+    consistency_weight: float = field(default=0.2, metadata={"help": "λ_c: weight of the within-group consistency."})
+    hard_negative_weight: float = field(
+        default=0.2, metadata={"help": "λ_h: weight of the in-batch hard-negative term."}
+    )
+    reward_temperature: float = field(default=0.1, metadata={"help": "τ: the reward is divided by it."})
+    truncation_penalty: float | None = field(
+        default=-1.0,
+        metadata={"help": "Fixed reward of a rollout cut at the length limit; null scores it like any other."},
+    )
+    copy_penalty: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the term -copy_penalty * copy_rate (guard against copied rationales)."},
+    )
+    copy_min_span: int = field(
+        default=4, metadata={"help": "Minimum length in tokens of a span copied from the input to count as a copy."}
+    )
+    collapse_reward_std: float = field(
+        default=0.01, metadata={"help": "Warn when the mean within-group reward std falls below this value."}
+    )
+    collapse_distinct: float = field(
+        default=1.5, metadata={"help": "Warn when the mean number of distinct rollouts per group falls below this."}
+    )
+    final_model_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the final GRACE SentenceTransformer; null gives <output_dir>/grace-model."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not supported; choose one of {MODES}.")
+        if self.pooling_mode not in POOLING_MODES:
+            raise ValueError(f"pooling_mode={self.pooling_mode!r} is not supported; choose one of {POOLING_MODES}.")
+        for name in ("consistency_weight", "hard_negative_weight", "copy_penalty"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be >= 0.")
+        for name in ("reward_temperature", "query_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be > 0.")
+        if self.copy_min_span < 1:
+            raise ValueError(f"copy_min_span={self.copy_min_span!r} is not allowed; it must be >= 1.")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError(
+                f"max_completion_length={self.max_completion_length!r}: GRACE needs a rationale length limit >= 1."
+            )
+        if self.inference_max_new_tokens is not None and self.inference_max_new_tokens < 1:
+            raise ValueError(
+                f"inference_max_new_tokens={self.inference_max_new_tokens!r} is not allowed; use an integer >= 1 "
+                "or null for max_completion_length."
+            )
+        if self.max_input_tokens < 1:
+            raise ValueError(f"max_input_tokens={self.max_input_tokens!r} is not allowed; it must be >= 1.")
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns=True would drop the 'query' and 'negative' columns the GRACE reward needs; "
+                "set remove_unused_columns=False."
+            )
+
+
+@dataclass
+class GraceDataArguments:
+    """Where the training data comes from (``training/train.py`` parses it next to the configs).
+
+    Args:
+        train_data: a ``.jsonl``/``.json``/``.csv``/``.tsv``/``.txt`` file, a Hub dataset id, ``"demo"`` (the bundled
+            demo set) or ``"sick:<path to SICK_train.txt>"`` (SICK triplets).
+        train_split: split of a Hub dataset. Defaults to ``"train"``.
+        query_field, positive_field, negative_field, text_field: column names (aliases such as ``anchor``/``pos``/
+            ``neg`` are recognised when the default names are absent).
+        skip_invalid: drop rows with a missing or empty field (their count is logged) instead of raising.
+        max_train_samples: keep only the first N rows.
+    """
+
+    train_data: str = field(
+        default="demo",
+        metadata={
+            "help": "Training data: a .jsonl/.json/.csv/.tsv/.txt file, a Hub dataset id, 'demo' (bundled set) or "
+            "'sick:<path to SICK_train.txt>'."
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+    query_field: str = field(default="query", metadata={"help": "Column of the query (supervised)."})
+    positive_field: str = field(default="positive", metadata={"help": "Column of the positive document."})
+    negative_field: str = field(default="negative", metadata={"help": "Column of the hard negative."})
+    text_field: str = field(default="text", metadata={"help": "Column of the text (unsupervised)."})
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Drop rows with a missing/empty field (count logged) instead of raising."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N rows."})
