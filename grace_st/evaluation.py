@@ -12,7 +12,7 @@ Pieces, smallest first:
   into GRACE with options such as ``rationale_mode="echo"``, or any SentenceTransformer); finished task results in the
   output folder are reused without loading the model.
 - :func:`comparison_table`: markdown table over any number of evaluated rows (issue 7: no-rationale, echo, untrained
-  GRACE, contrastive, trained GRACE), with the rationale diagnostics of :mod:`grace_st.diagnostics`.
+  GRACE, contrastive, trained GRACE), with rationale diagnostics (:class:`RationaleStats`).
 
 This module needs mteb (``pip install "grace-st[eval]"``); ``grace_st`` itself does not import it.
 """
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from grace_st.diagnostics import RationaleStats
+from grace_st.rewards import copy_rate
 
 EVAL_EXTRA = 'pip install "grace-st[eval]"'
 try:
@@ -61,7 +61,81 @@ GRACE_CITATION = """@article{grace2025,
 }"""
 
 
-# ---------------------------------------------------------------------------------------------------------- task specs
+# ---------------------------------------- diagnostics
+@dataclasses.dataclass
+class RationaleStats:
+    """Running totals of rationale diagnostics over the texts of one task.
+
+    Attributes:
+        texts: texts whose rationale was generated (each unique text once).
+        tokens: rationale tokens in total (closing end-of-sequence tokens not counted).
+        copied_tokens: rationale tokens inside spans copied from the input (:func:`grace_st.rewards.copy_rate`, the
+            definition that training logs too).
+        finished: rationales that ended with an end-of-sequence token before the length limit.
+        seconds: wall time spent encoding these texts.
+        examples: a few ``{"text", "rationale"}`` pairs for model cards and eyeballing.
+    """
+
+    texts: int = 0
+    tokens: int = 0
+    copied_tokens: float = 0.0
+    finished: int = 0
+    seconds: float = 0.0
+    examples: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+    max_examples = 3
+
+    def add(self, text: str, rationale: str, rationale_ids: Sequence[int], text_ids: Sequence[int], finished: bool):
+        self.texts += 1
+        self.tokens += len(rationale_ids)
+        self.copied_tokens += copy_rate(rationale_ids, text_ids) * len(rationale_ids)
+        self.finished += int(finished)
+        if len(self.examples) < self.max_examples:
+            self.examples.append({"text": text, "rationale": rationale})
+
+    def merge(self, other: RationaleStats) -> RationaleStats:
+        return RationaleStats(
+            texts=self.texts + other.texts,
+            tokens=self.tokens + other.tokens,
+            copied_tokens=self.copied_tokens + other.copied_tokens,
+            finished=self.finished + other.finished,
+            seconds=self.seconds + other.seconds,
+            examples=(self.examples + other.examples)[: self.max_examples],
+        )
+
+    @property
+    def copy_rate(self) -> float | None:
+        return self.copied_tokens / self.tokens if self.tokens else None
+
+    @property
+    def mean_length(self) -> float | None:
+        return self.tokens / self.texts if self.texts else None
+
+    @property
+    def finish_rate(self) -> float | None:
+        return self.finished / self.texts if self.texts else None
+
+    @property
+    def seconds_per_text(self) -> float | None:
+        return self.seconds / self.texts if self.texts else None
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        fields.update(
+            copy_rate=self.copy_rate,
+            mean_length=self.mean_length,
+            finish_rate=self.finish_rate,
+            seconds_per_text=self.seconds_per_text,
+        )
+        return fields
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RationaleStats:
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+# ---------------------------------------- task specs
 _SPEC_KEYS = {"name", "type", "description", "reference", "data_dir", "splits", "main_score", "min_score", "max_score"}
 _SPLIT_KEYS = {"path", "format", "header", "columns", "limit", "filter", "label_map"}
 _REQUIRED_COLUMNS = {
@@ -411,7 +485,7 @@ def resolve_tasks(
     return unique
 
 
-# ---------------------------------------------------------------------------------------------------------- models
+# ---------------------------------------- models
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """One model of a comparison: what to load and which GRACE options to override.
@@ -745,7 +819,7 @@ class GraceEncoder(AbsEncoder):
         return np.stack(rows)
 
 
-# ---------------------------------------------------------------------------------------------------------- running
+# ---------------------------------------- running
 @dataclasses.dataclass
 class ModelEvaluation:
     """Results of one model on some tasks: one row of a comparison table.
@@ -908,7 +982,7 @@ def _is_grace_path(path: str) -> bool:
     return folder.is_dir() and _folder_kind(folder) != "sentence-transformers"
 
 
-# ---------------------------------------------------------------------------------------------------------- tables
+# ---------------------------------------- tables
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "–" if value is None else f"{value * scale:.{digits}f}"
 
