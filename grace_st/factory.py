@@ -11,7 +11,9 @@ from sentence_transformers.base.modules import Normalize
 
 from grace_st.modeling import RationalePooling, Transformer, load_backbone
 
-_TRANSFORMER_OPTIONS = [name for name in inspect.signature(Transformer.__init__).parameters if name not in ("self", "model", "tokenizer")]
+_TRANSFORMER_OPTIONS = [
+    name for name in inspect.signature(Transformer.__init__).parameters if name not in ("self", "model", "tokenizer")
+]
 
 
 def from_backbone(
@@ -37,7 +39,8 @@ def from_backbone(
         prompts: sentence-transformers prompts (e.g. ``{"query": "...", "document": ""}``), saved with the model;
             a prompt is prepended to the user text.
         default_prompt_name: name of the prompt used when none is given.
-        model_kwargs: extra arguments for ``AutoModelForCausalLM.from_pretrained`` (``revision``, ``attn_implementation``...).
+        model_kwargs: extra arguments for ``AutoModelForCausalLM.from_pretrained``
+            (``revision``, ``attn_implementation``...).
         processor_kwargs: extra arguments for ``AutoTokenizer.from_pretrained``.
         **options: :class:`grace_st.Transformer` options: ``system_prompt``, ``rationale_mode``, ``max_new_tokens``,
             ``max_input_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``.

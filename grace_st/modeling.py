@@ -44,11 +44,13 @@ class RationaleBatch:
         ids: ``(batch, R)`` token ids of the rationales; positions past a rationale's end hold the pad id.
         mask: ``(batch, R)`` 1 for rationale tokens (including the end-of-sequence token that closed it), else 0.
         finished: ``(batch,)`` True where the rationale ended with an end-of-sequence token before the limit.
+        states: ``(batch, P + R, hidden)`` last-layer states over prompt + rationale kept from generation, if asked.
     """
 
     ids: torch.Tensor
     mask: torch.Tensor
     finished: torch.Tensor
+    states: torch.Tensor | None = None
 
 
 def rationale_mask(generated: torch.Tensor, eos_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +124,9 @@ class Transformer(InputModule):
         top_p: nucleus sampling mass (only with ``do_sample``). Defaults to 1.0.
         top_k: top-k sampling cut-off, 0 for none (only with ``do_sample``). Defaults to 0.
         repetition_penalty: passed to ``generate``. Defaults to 1.0.
+        single_pass: take the pooled states from generation itself instead of a second forward pass over prompt +
+            rationale (same embedding within float tolerance; the two-pass path stays as the reference).
+            Defaults to True.
     """
 
     config_file_name = "grace_config.json"
@@ -135,6 +140,7 @@ class Transformer(InputModule):
         "top_p",
         "top_k",
         "repetition_penalty",
+        "single_pass",
     ]
     save_in_root = True
 
@@ -151,6 +157,7 @@ class Transformer(InputModule):
         top_p: float = 1.0,
         top_k: int = 0,
         repetition_penalty: float = 1.0,
+        single_pass: bool = True,
     ) -> None:
         super().__init__()
         if rationale_mode not in RATIONALE_MODES:
@@ -184,6 +191,7 @@ class Transformer(InputModule):
         self.top_p = float(top_p)
         self.top_k = int(top_k)
         self.repetition_penalty = float(repetition_penalty)
+        self.single_pass = bool(single_pass)
         self._template_cache: dict[str, tuple[list[int], list[int]]] = {}
         self._truncated_texts = 0
 
@@ -289,15 +297,20 @@ class Transformer(InputModule):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def generate_rationales(self, features: dict[str, Any], **generate_kwargs) -> RationaleBatch:
+    def generate_rationales(
+        self, features: dict[str, Any], with_states: bool = False, **generate_kwargs
+    ) -> RationaleBatch:
         """Generate one rationale per prompt in ``features`` (left-padded, with KV cache).
 
         Args:
             features: output of :meth:`preprocess` on the model's device.
+            with_states: also keep the last-layer hidden states that generation computes (prefill + decode steps),
+                completed by one decode step for the final token, so no second pass over prompt + rationale is
+                needed (see :meth:`embed` for the two-pass reference).
             **generate_kwargs: overrides of :meth:`generation_kwargs` (e.g. ``temperature`` in training).
 
         Returns:
-            The rationales as a :class:`RationaleBatch`.
+            The rationales as a :class:`RationaleBatch` (``states`` set when ``with_states``).
         """
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         if self.rationale_mode == "none":
@@ -308,12 +321,53 @@ class Transformer(InputModule):
                 features["echo_ids"], features["echo_mask"], torch.ones(input_ids.shape[0], dtype=torch.bool)
             )
         kwargs = {**self.generation_kwargs(), **generate_kwargs}
-        with torch.no_grad():
-            sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        generated = sequences[:, input_ids.shape[1] :]
+        if not with_states:
+            with torch.no_grad():
+                sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self._rationale_batch(sequences[:, input_ids.shape[1] :])
+        with torch.no_grad(), _LastLayerStates(self.model) as captured:
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                return_dict_in_generate=True,
+                output_hidden_states=captured.needs_hidden_states,
+                **kwargs,
+            )
+            generated = out.sequences[:, input_ids.shape[1] :]
+            if captured.needs_hidden_states:
+                captured.states = [step[-1] for step in out.hidden_states]
+            # Generation never feeds its last token back; one cached decode step gives that token's state.
+            full_mask = torch.cat([attention_mask, torch.ones_like(generated)], dim=1)
+            last = self.model(
+                input_ids=generated[:, -1:],
+                attention_mask=full_mask,
+                position_ids=full_mask.sum(dim=1, keepdim=True) - 1,
+                cache=out.cache,
+                cache_position=torch.tensor([full_mask.shape[1] - 1], device=full_mask.device),
+                use_cache=True,
+                output_hidden_states=captured.needs_hidden_states,
+            )
+            if captured.needs_hidden_states:
+                captured.states.append(last.hidden_states[-1])
+        batch = self._rationale_batch(generated)
+        batch.states = torch.cat(captured.states, dim=1)
+        return batch
+
+    def _rationale_batch(self, generated: torch.Tensor) -> RationaleBatch:
         mask, finished = rationale_mask(generated, self.eos_token_ids)
         ids = generated.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         return RationaleBatch(ids, mask, finished)
+
+    def outputs_from_states(self, features: dict[str, Any], rationales: RationaleBatch) -> dict[str, Any]:
+        """The same outputs as :meth:`embed`, from the states kept during generation (single pass)."""
+        attention_mask = torch.cat(
+            [features["attention_mask"], rationales.mask.to(features["attention_mask"].device)], 1
+        )
+        return {
+            "token_embeddings": rationales.states,
+            "attention_mask": attention_mask,
+            "pooling_mask": pooling_span_mask(attention_mask, features["text_start"]),
+        }
 
     def embed(self, features: dict[str, Any], rationales: RationaleBatch) -> dict[str, Any]:
         """Run the LM over prompt + rationale and return hidden states with the GRACE pooling mask.
@@ -351,12 +405,17 @@ class Transformer(InputModule):
         """Decode rationales to text (special tokens such as the closing EOS removed)."""
         if rationales.ids.shape[1] == 0:
             return [""] * rationales.ids.shape[0]
-        return self.tokenizer.batch_decode(rationales.ids.masked_fill(rationales.mask == 0, 0), skip_special_tokens=True)
+        return self.tokenizer.batch_decode(
+            rationales.ids.masked_fill(rationales.mask == 0, 0), skip_special_tokens=True
+        )
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
-        rationales = self.generate_rationales(features)
+        single_pass = self.single_pass and self.rationale_mode == "generate"
+        rationales = self.generate_rationales(features, with_states=single_pass)
         output = dict(features)
-        output.update(self.embed(features, rationales))
+        output.update(
+            self.outputs_from_states(features, rationales) if single_pass else self.embed(features, rationales)
+        )
         if self.rationale_mode == "echo":
             texts = self.tokenizer.batch_decode(
                 features["echo_ids"].masked_fill(features["echo_mask"] == 0, 0), skip_special_tokens=True
@@ -530,6 +589,29 @@ def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+class _LastLayerStates:
+    """Collects the last-layer hidden states of every forward call while active.
+
+    Hooks the decoder's final norm when the architecture has one (Llama, Qwen, Mistral, ...): only that layer's
+    output is kept. Other architectures fall back to ``output_hidden_states`` (all layers, more memory).
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.norm = getattr(model.get_decoder(), "norm", None)
+        self.needs_hidden_states = not isinstance(self.norm, torch.nn.Module)
+        self.states: list[torch.Tensor] = []
+        self._handle = None
+
+    def __enter__(self) -> _LastLayerStates:
+        if not self.needs_hidden_states:
+            self._handle = self.norm.register_forward_hook(lambda module, args, output: self.states.append(output))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
 
 
 class _EncodeGuard:

@@ -77,9 +77,7 @@ def test_encode_pools_the_span_of_the_forward_outputs(tiny_model):
     out = tiny_model(features)
     # Recompute the mean by hand from what the input module produced, then normalise.
     states, span = out["token_embeddings"], out["pooling_mask"]
-    manual = torch.stack(
-        [states[i][span[i].bool()].mean(dim=0) for i in range(len(TEXTS))]
-    )
+    manual = torch.stack([states[i][span[i].bool()].mean(dim=0) for i in range(len(TEXTS))])
     manual = torch.nn.functional.normalize(manual, dim=-1)
     assert torch.allclose(out["sentence_embedding"], manual, atol=1e-6)
     # The span covers the user text through the last rationale token and nothing after it.
@@ -117,7 +115,7 @@ def test_output_value_none_gives_each_text_its_own_rationale(tiny_backbone_dir):
     items = model.encode(texts, output_value=None, batch_size=2)
     assert [item["rationale"] for item in items] == texts
     embeddings = model.encode(texts, batch_size=2)
-    for item, embedding in zip(items, embeddings):
+    for item, embedding in zip(items, embeddings, strict=True):
         assert item["sentence_embedding"].shape == (model.get_embedding_dimension(),)
         np.testing.assert_allclose(item["sentence_embedding"].numpy(), embedding, atol=1e-6)
         assert "batch_index" not in item
@@ -306,3 +304,30 @@ def test_default_backbone_similarity_is_meaningful(default_backbone_dir):
     )
     sims = model.similarity(embeddings, embeddings)
     assert sims[0, 1] > sims[0, 2]
+
+
+# ---------------------------------------------------------------- single pass
+def test_single_pass_matches_the_two_pass_reference(tiny_backbone_dir):
+    texts = TEXTS + ["", "one more text of a different length to force padding"]
+    single = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=8, single_pass=True)
+    double = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=8, single_pass=False)
+    a, b = single.encode(texts, output_value=None), double.encode(texts, output_value=None)
+    assert [x["rationale"] for x in a] == [y["rationale"] for y in b]
+    delta = max(
+        float((x["sentence_embedding"] - y["sentence_embedding"]).abs().max()) for x, y in zip(a, b, strict=True)
+    )
+    assert delta < 1e-5
+
+
+@pytest.mark.parametrize(("single_pass", "long_calls"), [(True, 1), (False, 2)])
+def test_single_pass_runs_no_second_forward_over_the_sequence(tiny_backbone_dir, single_pass, long_calls):
+    model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6, single_pass=single_pass)
+    lengths = []
+    handle = model[0].model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        model.encode(TEXTS, batch_size=len(TEXTS))
+    finally:
+        handle.remove()
+    assert sum(length > 1 for length in lengths) == long_calls

@@ -31,7 +31,7 @@ def main() -> None:
 
     model = grace_st.from_backbone(grace_st.default_backbone(), max_new_tokens=args.max_new_tokens)
     items = model.encode(TEXTS, output_value=None, show_progress_bar=True)
-    for index, (text, item) in enumerate(zip(TEXTS, items)):
+    for index, (text, item) in enumerate(zip(TEXTS, items, strict=True)):
         print(f"[{index}] {text}\n    rationale: {item['rationale']!r}\n")
     embeddings = model.encode(TEXTS, convert_to_tensor=True)
     similarity = model.similarity(embeddings, embeddings)
