@@ -12,9 +12,16 @@ averages over that span.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import io
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -194,6 +201,9 @@ class Transformer(InputModule):
         self.single_pass = bool(single_pass)
         self._template_cache: dict[str, tuple[list[int], list[int]]] = {}
         self._truncated_texts = 0
+        self._fingerprint: str | None = None
+        # Optional on-disk embedding cache (a runtime setting, not saved): see EmbeddingCache.
+        self.embedding_cache_dir: str | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -429,6 +439,22 @@ class Transformer(InputModule):
         output["batch_index"] = torch.arange(rationales.ids.shape[0], device=rationales.ids.device)
         return output
 
+    def fingerprint(self, model) -> str:
+        """Hash of the LM weights and every module's saved options (computed once per model object)."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=20)
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            for module in model:
+                digest.update(json.dumps(module.get_config_dict(), sort_keys=True, default=str).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def reset_fingerprint(self) -> None:
+        """Forget the cached fingerprint, e.g. after changing weights in place."""
+        self._fingerprint = None
+
     # ------------------------------------------------------------------ sentence-transformers integration
     def on_model_ready(self, model) -> None:
         """Guard ``model.encode``: input checks by index, ``[]`` → ``(0, dim)``, per-text rationales, one warning."""
@@ -614,12 +640,54 @@ class _LastLayerStates:
             self._handle.remove()
 
 
+class EmbeddingCache:
+    """On-disk cache of final embeddings, one small file per (model fingerprint, settings, text).
+
+    Off by default; enable with ``model[0].embedding_cache_dir = "path"``. Entries are written atomically (temporary
+    file + rename) with a checksum, so several processes may share a folder; an unreadable or corrupt entry is
+    recomputed and rewritten, never trusted. The model fingerprint hashes the weights and every saved option, once
+    per model object (call :meth:`Transformer.reset_fingerprint` after changing weights in place).
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        try:
+            blob = self._path(key).read_bytes()
+        except OSError:
+            return None
+        digest, payload = blob[:16], blob[16:]
+        if hashlib.blake2b(payload, digest_size=16).digest() != digest:
+            logger.warning("Embedding cache entry %s is corrupt; recomputing it.", self._path(key))
+            return None
+        try:
+            return np.load(io.BytesIO(payload), allow_pickle=False)
+        except (ValueError, OSError):
+            return None
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(value), allow_pickle=False)
+        payload = buffer.getvalue()
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(handle, "wb") as f:
+            f.write(hashlib.blake2b(payload, digest_size=16).digest() + payload)
+        os.replace(tmp, path)
+
+
 class _EncodeGuard:
     """Wraps ``SentenceTransformer.encode`` of a GRACE model (installed by :meth:`Transformer.on_model_ready`).
 
-    sentence-transformers sorts texts by length and only sees batches, so the checks that need the caller's order live
+    sentence-transformers sorts texts by length and only sees batches, so what needs the caller's whole list lives
     here: a non-string is reported with its index in the caller's list, ``[]`` gives a ``(0, dim)`` result,
-    ``output_value=None`` yields each text's own ``rationale`` string, and truncation warns once per call.
+    ``output_value=None`` yields each text's own ``rationale`` string, truncation warns once per call, texts repeated
+    within one call are generated once, and the optional on-disk :class:`EmbeddingCache` is consulted.
     It is a plain class (not a closure) so the model stays picklable for multi-process encoding.
     """
 
@@ -630,31 +698,82 @@ class _EncodeGuard:
     def __call__(self, inputs, *args, **kwargs):
         from sentence_transformers import SentenceTransformer
 
-        texts = check_texts(inputs)
-        output_value = kwargs.get("output_value", "sentence_embedding")
+        encode = SentenceTransformer.encode
+        bound = inspect.signature(encode).bind(self.model, inputs, *args, **kwargs)
+        bound.apply_defaults()
+        options = dict(bound.arguments)
+        options.pop("self")
+        options.update(options.pop("kwargs", {}))
+        texts = check_texts(options.pop("inputs"))
+        singular = isinstance(inputs, str)
+        output_value = options["output_value"]
         if not texts:
-            return self._empty(output_value, kwargs)
+            return self._empty(output_value, options)
+
+        unique = list(dict.fromkeys(texts))
         self.module._truncated_texts = 0
-        result = SentenceTransformer.encode(self.model, inputs, *args, **kwargs)
+        cache = self.module.embedding_cache_dir
+        if cache is not None and output_value == "sentence_embedding" and options.get("pool") is None:
+            result = self._encode_cached(EmbeddingCache(cache), unique, options)
+        else:
+            result = encode(self.model, unique, **options)
         if self.module._truncated_texts:
             logger.warning(
                 "%d of %d texts were longer than max_input_tokens=%d and were truncated.",
                 self.module._truncated_texts,
-                len(texts),
+                len(unique),
                 self.module.max_input_tokens,
             )
         if output_value is None:
-            for item in [result] if isinstance(result, dict) else result:
-                position = int(item.pop("batch_index"))
-                item["rationale"] = item["rationale"][position]
-        return result
+            for item in result:
+                item["rationale"] = item["rationale"][int(item.pop("batch_index"))]
+        if len(unique) < len(texts):
+            where = {text: i for i, text in enumerate(unique)}
+            result = _gather(result, [where[text] for text in texts])
+        return result[0] if singular else result
 
-    def _empty(self, output_value, kwargs):
+    def _encode_cached(self, cache: EmbeddingCache, texts: list[str], options: dict[str, Any]):
+        from sentence_transformers import SentenceTransformer
+
+        settings = {
+            key: options.get(key)
+            for key in ("prompt_name", "prompt", "normalize_embeddings", "precision", "truncate_dim")
+        }
+        settings["resolved_prompt"] = self.model._resolve_prompt(options.get("prompt"), options.get("prompt_name"))
+        settings["model_truncate_dim"] = self.model.truncate_dim
+        base = self.module.fingerprint(self.model) + json.dumps(settings, sort_keys=True, default=str)
+        keys = [hashlib.blake2b((base + "\x00" + text).encode(), digest_size=20).hexdigest() for text in texts]
+        rows: list[np.ndarray | None] = [cache.get(key) for key in keys]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            fresh = SentenceTransformer.encode(
+                self.model,
+                [texts[i] for i in missing],
+                **{**options, "convert_to_numpy": True, "convert_to_tensor": False},
+            )
+            for i, row in zip(missing, fresh, strict=True):
+                rows[i] = row
+                cache.put(keys[i], row)
+        stacked = np.stack(rows)
+        if options.get("convert_to_tensor"):
+            return torch.from_numpy(stacked)
+        if options.get("convert_to_numpy", True):
+            return stacked
+        return list(torch.from_numpy(stacked))
+
+    def _empty(self, output_value, options):
         if output_value != "sentence_embedding":
             return []
         dim = self.model.get_embedding_dimension()
-        if kwargs.get("convert_to_tensor"):
+        if options.get("convert_to_tensor"):
             return torch.empty((0, dim), dtype=torch.float32)
-        if kwargs.get("convert_to_numpy", True):
+        if options.get("convert_to_numpy", True):
             return np.empty((0, dim), dtype=np.float32)
         return []
+
+
+def _gather(result, index: list[int]):
+    """Expand results of unique texts back to the caller's list (dict items are copied, not shared)."""
+    if isinstance(result, (np.ndarray, torch.Tensor)):
+        return result[index]
+    return [dict(result[i]) if isinstance(result[i], dict) else result[i] for i in index]

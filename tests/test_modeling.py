@@ -331,3 +331,65 @@ def test_single_pass_runs_no_second_forward_over_the_sequence(tiny_backbone_dir,
     finally:
         handle.remove()
     assert sum(length > 1 for length in lengths) == long_calls
+
+
+# ---------------------------------------------------------------- repeated work
+def _count_generate_rows(model):
+    rows = []
+    original = model[0].model.generate
+
+    def counting_generate(*args, **kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    model[0].model.generate = counting_generate
+    return rows
+
+
+def test_repeated_texts_are_generated_once(tiny_model):
+    texts = ["alpha", "beta", "alpha", "gamma", "beta", "alpha"]
+    rows = _count_generate_rows(tiny_model)
+    embeddings = tiny_model.encode(texts, batch_size=16)
+    assert sum(rows) == 3
+    np.testing.assert_array_equal(embeddings[0], embeddings[2])
+    np.testing.assert_allclose(
+        embeddings, tiny_model.encode(["alpha", "beta", "gamma"])[[0, 1, 0, 2, 1, 0]], atol=1e-6
+    )
+    items = tiny_model.encode(texts, output_value=None)
+    assert len(items) == 6 and items[0] is not items[2] and items[0]["rationale"] == items[2]["rationale"]
+    as_tensor = tiny_model.encode(texts, convert_to_tensor=True)
+    assert as_tensor.shape == (6, tiny_model.get_embedding_dimension())
+
+
+def test_embedding_cache_reuses_and_repairs_entries(tiny_backbone_dir, tmp_path):
+    model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6)
+    expected = model.encode(TEXTS)
+    model[0].embedding_cache_dir = str(tmp_path / "cache")
+    rows = _count_generate_rows(model)
+    first = model.encode(TEXTS)
+    assert sum(rows) == 3 and len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+    np.testing.assert_allclose(first, expected, atol=1e-6)
+    second = model.encode(TEXTS, convert_to_tensor=True)
+    assert sum(rows) == 3, "cached texts must not be generated again"
+    np.testing.assert_allclose(second.numpy(), expected, atol=1e-6)
+    # Corrupt one entry: it is recomputed and rewritten, not trusted.
+    entry = sorted((tmp_path / "cache").rglob("*.npy"))[0]
+    entry.write_bytes(entry.read_bytes()[:-5] + b"xxxxx")
+    third = model.encode(TEXTS)
+    assert sum(rows) == 4
+    np.testing.assert_allclose(third, expected, atol=1e-6)
+    # Settings that change the output are part of the key.
+    model.encode(TEXTS, prompt="Query: ")
+    assert sum(rows) == 7
+
+
+def test_embedding_cache_is_keyed_by_weights(tiny_backbone_dir, tmp_path):
+    model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6)
+    model[0].embedding_cache_dir = str(tmp_path / "cache")
+    before = model.encode(TEXTS)
+    with torch.no_grad():
+        model[0].model.get_input_embeddings().weight.mul_(1.5)
+    model[0].reset_fingerprint()
+    after = model.encode(TEXTS)
+    assert not np.allclose(before, after)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 6
