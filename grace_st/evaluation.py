@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from grace_st.hub import DIAGNOSTICS_FOLDER, GRACE_CITATION, folder_revision
 from grace_st.rewards import copy_rate
 
 EVAL_EXTRA = 'pip install "grace-st[eval]"'
@@ -51,14 +52,7 @@ logger = logging.getLogger(__name__)
 
 DATA_ENV = "GRACE_ST_DATA"
 DEFAULT_BACKBONE_NAME = "default"
-DIAGNOSTICS_FOLDER = "grace_diagnostics"
 TASK_TYPES: tuple[str, ...] = ("STS", "PairClassification", "Classification", "Retrieval")
-GRACE_CITATION = """@article{grace2025,
-  title   = {GRACE: Generative Representation Learning via Contrastive Policy Optimization},
-  journal = {arXiv preprint arXiv:2510.04506},
-  year    = {2025},
-  url     = {https://arxiv.org/abs/2510.04506}
-}"""
 
 
 # ---------------------------------------- diagnostics
@@ -316,7 +310,7 @@ def _make_task(spec: dict[str, Any], spec_path: Path, data_dir: Path) -> AbsTask
         name=spec["name"],
         description=spec.get("description", f"Local {task_type} task from {spec_path.name}."),
         reference=spec.get("reference"),
-        dataset={"path": str(spec_path), "revision": digest.hexdigest()[:12]},
+        dataset={"path": f"local/{spec_path.name}", "revision": digest.hexdigest()[:12]},
         type=task_type,
         category="t2t",
         modalities=["text"],
@@ -576,26 +570,6 @@ def _folder_kind(folder: Path) -> str:
     raise ValueError(
         f"{folder} holds neither a SentenceTransformer (modules.json) nor a transformers model (config.json)."
     )
-
-
-def folder_revision(folder: str | os.PathLike) -> str:
-    """Content hash (12 hex digits) of a model folder's configs and weights, used as its mteb revision.
-
-    Files are hashed with their relative names, so a copied folder keeps its revision and a retrained one does not.
-    """
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = file.relative_to(folder).as_posix()
-        if relative.startswith(".") or "/." in relative or relative in ("README.md", "grace_st.py"):
-            continue  # cards, module code and hidden markers do not change embeddings
-        if file.suffix not in (".json", ".safetensors", ".jinja", ".txt", ".model"):
-            continue
-        digest.update(relative.encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def _count_parameters(folder: Path) -> tuple[int | None, int | None]:
@@ -904,9 +878,10 @@ def evaluate_model(
             missing = existing.get_missing_evaluations(task)
             if not missing:
                 results[name] = existing
-                diagnostics = _diagnostics_path(cache, name, meta)
-                if diagnostics.is_file():
-                    stats[name] = RationaleStats.from_dict(json.loads(diagnostics.read_text()))
+                sidecar = _diagnostics_path(cache, name, meta)
+                saved = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+                if saved.get("stats"):
+                    stats[name] = RationaleStats.from_dict(saved["stats"])
                 continue
         pending.append(task)
     reused = [name for name in results]
@@ -924,13 +899,25 @@ def evaluate_model(
         )
         for result in run.task_results:
             results[result.task_name] = result
-        for name, task_stats in encoder.stats.items():
-            if not encoder.is_grace:
-                continue
-            stats[name] = task_stats
+        for task in pending:
+            name = task.metadata.name
+            task_stats = encoder.stats.get(name) if encoder.is_grace else None
+            if task_stats is not None:
+                stats[name] = task_stats
+            # Beside mteb's result: the task facts a model card needs (local tasks are not in mteb's registry) and
+            # the rationale diagnostics.
+            sidecar = {
+                "task": {
+                    "type": task.metadata.type,
+                    "dataset": task.metadata.dataset["path"],
+                    "main_score": task.metadata.main_score,
+                    "description": task.metadata.description,
+                },
+                "stats": task_stats.to_dict() if task_stats is not None else None,
+            }
             path = _diagnostics_path(cache, name, meta)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(task_stats.to_dict(), indent=2) + "\n", encoding="utf-8")
+            path.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     ordered = {t.metadata.name: results[t.metadata.name] for t in tasks if t.metadata.name in results}
     return ModelEvaluation(
         label=spec.display_name(meta),
