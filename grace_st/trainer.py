@@ -391,3 +391,40 @@ class GraceGRPOTrainer(GRPOTrainer):
 def _first_of_group(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Repeat the first row of every group over the group (query/negative shared by the whole group)."""
     return x.view(-1, group_size, *x.shape[1:])[:, :1].expand(-1, group_size, *x.shape[1:]).reshape(x.shape)
+
+
+def run_training(training_args: GraceGRPOConfig, model_args, data_args, resume_from_checkpoint=None):
+    """Load data and model as the three parsed configs say, train, and save the GRACE model.
+
+    Args:
+        training_args: a :class:`GraceGRPOConfig`.
+        model_args: a ``trl.ModelConfig`` (``model_name_or_path``; None or ``"default"`` is the embedded default
+            backbone; ``dtype``; ``use_peft`` and the ``lora_*`` options).
+        data_args: a :class:`grace_st.config.GraceDataArguments`.
+        resume_from_checkpoint: a checkpoint folder, True for the last one in ``output_dir``, or None.
+
+    Returns:
+        ``(trainer, path of the saved GRACE model)``.
+    """
+    from trl import get_peft_config
+
+    from grace_st.backbone import default_backbone
+    from grace_st.data import load_training_data
+
+    name = model_args.model_name_or_path
+    if name in (None, "", "default"):
+        name = default_backbone()
+    model_init_kwargs = dict(training_args.model_init_kwargs or {})
+    if model_args.dtype not in (None, "auto"):
+        model_init_kwargs.setdefault("dtype", model_args.dtype)
+    if model_args.attn_implementation is not None:
+        model_init_kwargs.setdefault("attn_implementation", model_args.attn_implementation)
+    training_args.model_init_kwargs = model_init_kwargs
+    dataset = load_training_data(data_args, training_args.mode)
+    trainer = GraceGRPOTrainer(
+        model=name, args=training_args, train_dataset=dataset, peft_config=get_peft_config(model_args)
+    )
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last", "latest"):
+        resume_from_checkpoint = True
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer, trainer.save_grace_model()
