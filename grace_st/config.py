@@ -58,7 +58,9 @@ class GraceGRPOConfig(GRPOConfig):
         collapse_distinct (`float`, defaults to `1.5`): warn when the mean number of distinct rollouts per group
             falls below this value.
 
-    Parameters that control the output:
+    Parameters that control the output and the run:
+        max_train_minutes (`float` or `None`): stop after this many minutes of training (a time budget, e.g. for the
+            CPU demo); the step count reached is in the trainer state.
         final_model_dir (`str` or `None`): where the final GRACE SentenceTransformer (LoRA merged) is written;
             None gives ``<output_dir>/grace-model``.
     """
@@ -120,6 +122,10 @@ class GraceGRPOConfig(GRPOConfig):
     collapse_distinct: float = field(
         default=1.5, metadata={"help": "Warn when the mean number of distinct rollouts per group falls below this."}
     )
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Stop training after this many minutes (checkpoint saved if saving is on); null: no limit."},
+    )
     final_model_dir: str | None = field(
         default=None,
         metadata={"help": "Folder of the final GRACE SentenceTransformer; null gives <output_dir>/grace-model."},
@@ -148,6 +154,8 @@ class GraceGRPOConfig(GRPOConfig):
                 f"inference_max_new_tokens={self.inference_max_new_tokens!r} is not allowed; use an integer >= 1 "
                 "or null for max_completion_length."
             )
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise ValueError(f"max_train_minutes={self.max_train_minutes!r} is not allowed; use a value > 0 or null.")
         if self.max_input_tokens < 1:
             raise ValueError(f"max_input_tokens={self.max_input_tokens!r} is not allowed; it must be >= 1.")
         if self.remove_unused_columns:

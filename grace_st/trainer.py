@@ -22,6 +22,7 @@ import copy
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from grace_st.rewards import copy_rate, distinct_per_group, grace_rewards, group
 
 try:
     from accelerate.utils import gather_object
+    from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
     from trl import GRPOTrainer
     from trl.models.utils import unwrap_model_for_generation
@@ -142,6 +144,8 @@ class GraceGRPOTrainer(GRPOTrainer):
             max_input_tokens=args.max_input_tokens,
         )
         self._last_collapse_warning = -(10**9)
+        if args.max_train_minutes is not None:
+            self.add_callback(_TimeBudget(args.max_train_minutes))
 
     # ------------------------------------------------------------------ prompts
     def _tokenize_prompts(self, prompts: list):
@@ -386,6 +390,24 @@ class GraceGRPOTrainer(GRPOTrainer):
             logger.info("Saved the GRACE model to %s", output_dir)
         self.accelerator.wait_for_everyone()
         return output_dir
+
+
+class _TimeBudget(TrainerCallback):
+    """Stops training once ``minutes`` of wall time have passed since training began (checked after each step)."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60.0
+        self.start: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = 0.0 if self.start is None else time.monotonic() - self.start
+        if elapsed > self.seconds and not control.should_training_stop:
+            logger.warning("Time budget %.1f min reached at step %d; stopping.", self.seconds / 60, state.global_step)
+            control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"
 
 
 def _first_of_group(x: torch.Tensor, group_size: int) -> torch.Tensor:
