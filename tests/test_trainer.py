@@ -216,17 +216,22 @@ TWO_PROCESS_SCRIPT = Path(__file__).with_name("two_process_train.py")
 
 
 def test_two_processes_share_in_batch_negatives(tiny_backbone_dir, tmp_path):
-    """accelerate launch --num_processes 2 --cpu: each process sees the other's rollouts in its reward."""
+    """Two CPU processes (gloo): each process's reward sees the other's rollouts as in-batch negatives.
+
+    accelerate 1.15 runs `accelerate launch --cpu --num_processes 2` as ONE process (its multi-CPU path needs mpirun);
+    `--multi_gpu` starts torchrun workers, and `use_cpu=True` in the config makes them CPU processes on gloo.
+    """
     out = tmp_path / "two"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-        "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(TWO_PROCESS_SCRIPT), tiny_backbone_dir, str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [torch.load(out / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [record["world"] for record in records] == [(2, "gloo"), (2, "gloo")]
     for rank, record in enumerate(records):
         local = record["local_positive"]
         gathered = record["gathered_positive"]

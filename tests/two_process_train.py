@@ -1,7 +1,8 @@
 """Helper of tests/test_trainer.py, run under `accelerate launch --num_processes 2 --cpu` (gloo).
 
 Usage:
-    accelerate launch --num_processes 2 --cpu tests/two_process_train.py TINY_BACKBONE_DIR OUT_DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/two_process_train.py TINY_BACKBONE_DIR OUT_DIR
+    (CPU processes: the config sets use_cpu=True, so torch.distributed runs on gloo)
 
 Trains one GRACE step with one group per process and saves, per rank, the local rollout embeddings and what the reward
 saw after gathering (rollout and query embeddings, the hard-negative term) to OUT_DIR/rank{N}.pt.
@@ -66,6 +67,7 @@ def main() -> None:
     trainer = RecordingTrainer(backbone, args, train_dataset=dataset)
     trainer.train()
     out.mkdir(parents=True, exist_ok=True)
+    record["world"] = (torch.distributed.get_world_size(), torch.distributed.get_backend())
     torch.save(record, out / f"rank{trainer.accelerator.process_index}.pt")
 
 
