@@ -1,0 +1,59 @@
+"""The "+CL" baseline: the GRACE backbone and pooling trained with MultipleNegativesRankingLoss on the same data.
+
+Usage:
+    python training/train_contrastive.py --train_data demo --output_dir outputs/cl-demo
+    python training/train_contrastive.py --train_data sick:../shared/data/sick2014/SICK_train.txt --max_steps 200
+    accelerate launch --multi_gpu --num_processes 2 training/train_contrastive.py --train_data demo
+
+The saved folder is a GRACE SentenceTransformer with rationale_mode="none"; load it with
+SentenceTransformer(path, trust_remote_code=True).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from grace_st.backbone import default_backbone
+from grace_st.config import GraceDataArguments
+from grace_st.contrastive import train_contrastive
+from grace_st.data import load_training_data
+
+
+@dataclass
+class ContrastiveArguments:
+    model_name_or_path: str = field(default="default", metadata={"help": "Backbone; 'default' is SmolLM2-135M."})
+    output_dir: str = field(default="outputs/contrastive", metadata={"help": "Where the trained model goes."})
+    system_prompt: str | None = field(default=None, metadata={"help": "GRACE system prompt; null keeps the paper's."})
+    epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per batch (in-batch negatives)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many steps (-1: run the epochs)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+
+
+def main() -> None:
+    parser = HfArgumentParser((ContrastiveArguments, GraceDataArguments))
+    args, data_args = parser.parse_args_into_dataclasses()
+    logging.basicConfig(level=logging.INFO)
+    rows = load_training_data(data_args, "supervised")
+    dataset = rows.rename_column("prompt", "positive")
+    backbone = default_backbone() if args.model_name_or_path in ("", "default") else args.model_name_or_path
+    train_contrastive(
+        backbone,
+        dataset,
+        args.output_dir,
+        system_prompt=args.system_prompt,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_steps=args.max_steps,
+        use_cpu=args.use_cpu,
+    )
+    print(f"contrastive baseline saved to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
