@@ -130,7 +130,7 @@ def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
         if "scores" not in result or "task_name" not in result:
             continue
         sidecar = _read_json(folder / DIAGNOSTICS_FOLDER / path.name)
-        task = sidecar.get("task", {})
+        task = sidecar.get("task") or _registry_task_info(result["task_name"])
         for split, entries in result["scores"].items():
             values = [entry["main_score"] for entry in entries]
             rows.append(
@@ -146,6 +146,17 @@ def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _registry_task_info(name: str) -> dict[str, Any]:
+    """Type, dataset and main score of an mteb registry task (results written by plain mteb have no sidecar)."""
+    try:
+        import mteb
+
+        metadata = mteb.get_task(name).metadata
+    except (ImportError, KeyError):
+        return {}
+    return {"type": metadata.type, "dataset": metadata.dataset["path"], "main_score": metadata.main_score}
 
 
 def results_table(rows: Sequence[dict[str, Any]]) -> str:

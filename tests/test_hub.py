@@ -1,0 +1,289 @@
+"""Publishing: the publish folder, its card, loading without grace_st, and the upload to a local Hub stand-in."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from grace_st import hub
+from grace_st.hub import build_publish_folder, folder_revision, model_files, upload_folder
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = ["A man is playing a guitar.", "Kids are running in a park.", "The stock market fell today."]
+
+
+@pytest.fixture(scope="module")
+def tiny_grace_dir(tiny_backbone_dir, tmp_path_factory) -> str:
+    from grace_st import from_backbone
+
+    path = tmp_path_factory.mktemp("tiny-grace")
+    from_backbone(tiny_backbone_dir, max_new_tokens=4, device="cpu").save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tiny_grace_dir, tmp_path_factory) -> Path:
+    """mteb results of the tiny GRACE model on a three-pair local STS task."""
+    evaluation = pytest.importorskip(
+        "grace_st.evaluation", reason='needs the eval extra: pip install "grace-st[eval]"'
+    )
+    folder = tmp_path_factory.mktemp("results-data")
+    (folder / "pairs.tsv").write_text(
+        "4.5\tA man plays.\tA man is playing.\n0.5\tA cat.\tStocks fell.\n3\tRain.\tIt rains.\n"
+    )
+    spec = {
+        "name": "TinySTS",
+        "type": "STS",
+        "splits": {
+            "test": {"path": "pairs.tsv", "header": False, "columns": {"score": 0, "sentence1": 1, "sentence2": 2}}
+        },
+    }
+    (folder / "tiny.json").write_text(json.dumps(spec))
+    tasks = [evaluation.load_task_spec(folder / "tiny.json", data_dir=folder)]
+    out = folder / "out"
+    row = evaluation.evaluate_model(evaluation.ModelSpec(tiny_grace_dir, "tiny GRACE"), tasks, out, device="cpu")
+    (out / "comparison.md").write_text(evaluation.comparison_table([row]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def publish_dir(tiny_grace_dir, results_dir, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("publish") / "repo"
+    return build_publish_folder(
+        tiny_grace_dir,
+        target,
+        repo_id="grace-org/tiny-grace",
+        results_dir=results_dir,
+        comparison=results_dir / "comparison.md",
+        license="apache-2.0",
+        device="cpu",
+    )
+
+
+def test_publish_folder_contents(publish_dir, tiny_grace_dir):
+    files = sorted(p.relative_to(publish_dir).as_posix() for p in publish_dir.rglob("*") if p.is_file())
+    for expected in [
+        "README.md",
+        "grace_st.py",
+        "model.safetensors",
+        "config.json",
+        "modules.json",
+        "config_sentence_transformers.json",
+        "grace_config.json",
+        "1_RationalePooling/config.json",
+        "2_Normalize/config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "results/TinySTS.json",
+        "results/model_meta.json",
+        "results/grace_diagnostics/TinySTS.json",
+    ]:
+        assert expected in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+    import grace_st.modeling
+
+    assert (publish_dir / "grace_st.py").read_bytes() == Path(grace_st.modeling.__file__).read_bytes()
+    assert folder_revision(publish_dir) == folder_revision(tiny_grace_dir)
+    assert not list(publish_dir.parent.glob("repo.tmp-*"))  # built aside and renamed
+
+
+def test_card_has_real_numbers_and_parseable_metadata(publish_dir):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(publish_dir / "README.md")
+    result = json.loads((publish_dir / "results" / "TinySTS.json").read_text())
+    score = 100 * result["scores"]["test"][0]["main_score"]
+    (entry,) = card.data.eval_results
+    assert entry.task_type == "STS" and entry.metric_type == "cosine_spearman" and entry.dataset_name == "MTEB TinySTS"
+    assert entry.metric_value == pytest.approx(score, abs=1e-3)
+    assert card.data.license == "apache-2.0" and card.data.library_name == "sentence-transformers"
+    assert card.data.model_name == "grace-org/tiny-grace"
+    text = card.text
+    assert f"| TinySTS | STS | test | cosine_spearman | {score:.2f} |" in text
+    assert 'SentenceTransformer("grace-org/tiny-grace", trust_remote_code=True)' in text
+    assert "| tiny GRACE |" in text  # the comparison table
+    assert "s per text" in text and "**Rationale:**" in text and "arXiv 2510.04506" in text
+    assert "{{" not in text and "{%" not in text
+
+
+def test_publish_folder_loads_without_grace_st(publish_dir, tiny_grace_dir, tmp_path):
+    """The acceptance check on a small scale: a process where ``import grace_st`` fails loads the folder."""
+    from sentence_transformers import SentenceTransformer
+
+    expected = SentenceTransformer(tiny_grace_dir, trust_remote_code=True, device="cpu").encode(TEXTS)
+    script = f"""
+import json, sys
+sys.modules["grace_st"] = None  # importing grace_st now raises ImportError
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer({str(publish_dir)!r}, trust_remote_code=True, device="cpu")
+assert type(model[0]).__module__.startswith("transformers_modules"), type(model[0]).__module__
+print(json.dumps(model.encode({TEXTS!r}).tolist()))
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.array(json.loads(done.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_model_files_refuses_non_grace_and_pickled(tmp_path, tiny_backbone_dir):
+    with pytest.raises(ValueError, match="no modules.json"):
+        model_files(tiny_backbone_dir)
+    (tmp_path / "modules.json").write_text(
+        json.dumps([{"idx": 0, "name": "0", "path": "", "type": "grace_st.Transformer"}])
+    )
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="safetensors only"):
+        model_files(tmp_path)
+    (tmp_path / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "x.Transformer"}]))
+    with pytest.raises(ValueError, match="not a GRACE model"):
+        model_files(tmp_path)
+
+
+def test_build_refuses_a_non_empty_target(tiny_grace_dir, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_publish_folder(tiny_grace_dir, tmp_path, measure_examples=False)
+
+
+def test_publish_script_dry_run(tiny_grace_dir, results_dir, tmp_path, capsys):
+    import importlib.util
+
+    script = importlib.util.spec_from_file_location("publish", REPO / "eval" / "publish.py")
+    module = importlib.util.module_from_spec(script)
+    script.loader.exec_module(module)
+    target = tmp_path / "dry"
+    argv = ["--model", tiny_grace_dir, "--repo-id", "org/name", "--dry-run", str(target)]
+    module.main(argv + ["--results-dir", str(results_dir), "--no-examples"])
+    assert "nothing was uploaded" in capsys.readouterr().out
+    assert (target / "results" / "TinySTS.json").is_file() and "Does the rationale help?" in (
+        target / "README.md"
+    ).read_text()
+    with pytest.raises(SystemExit):
+        module.main(["--model", tiny_grace_dir, "--repo-id", "no-namespace", "--dry-run", str(tmp_path / "x")])
+
+
+# ------------------------------------------------------------------------------------------- Hub stand-in
+class FakeHub(BaseHTTPRequestHandler):
+    """The four Hub API endpoints ``HfApi.create_repo`` + ``upload_folder`` use (without hf_xet), on 127.0.0.1.
+
+    It answers "regular" upload mode for every file (the server decides; small repos may be committed inline), checks
+    the README metadata like /api/validate-yaml does, and stores committed files in memory.
+    """
+
+    repos: dict[str, dict] = {}
+    requests: list[tuple[str, str, str | None]] = []
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.requests.append(("POST", self.path, self.headers.get("Authorization")))
+        endpoint = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
+        if self.path == "/api/repos/create":
+            payload = json.loads(body)
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            self.repos.setdefault(repo_id, {"private": payload.get("visibility") == "private", "files": {}})
+            return self._reply(200, {"url": f"{endpoint}/{repo_id}", "name": repo_id})
+        if self.path == "/api/validate-yaml":
+            import yaml
+
+            content = json.loads(body)["content"]
+            try:
+                yaml.safe_load(content.split("---")[1])
+            except Exception as error:  # noqa: BLE001 - report any parse error like the Hub does
+                return self._reply(400, {"errors": [{"message": str(error)}]})
+            return self._reply(200, {"errors": [], "warnings": []})
+        parts = self.path.split("?")[0].strip("/").split("/")  # api/models/<org>/<name>/<action>/<revision>
+        repo_id = f"{parts[2]}/{parts[3]}"
+        if repo_id not in self.repos:
+            return self._reply(404, {"error": "Repository not found"})
+        if parts[4] == "preupload":
+            files = json.loads(body)["files"]
+            return self._reply(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        if parts[4] == "commit":
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            for line in lines:
+                if line["key"] == "file":
+                    value = line["value"]
+                    self.repos[repo_id]["files"][value["path"]] = base64.b64decode(value["content"])
+            oid = hashlib.sha1(body).hexdigest()
+            return self._reply(200, {"commitUrl": f"{endpoint}/{repo_id}/commit/{oid}", "commitOid": oid})
+        return self._reply(404, {"error": f"unknown endpoint {self.path}"})
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    FakeHub.repos, FakeHub.requests = {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_TOKEN", "hf_fakeTOKEN1234567890")
+    monkeypatch.setattr("huggingface_hub.utils._xet.is_xet_available", lambda: False, raising=False)
+    monkeypatch.setattr("huggingface_hub.hf_api.is_xet_available", lambda: False, raising=False)
+    yield url
+    server.shutdown()
+
+
+def test_upload_to_local_hub_stand_in(fake_hub, publish_dir, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = upload_folder(publish_dir, "grace-org/tiny-grace", private=True)
+    assert url.startswith(f"{fake_hub}/grace-org/tiny-grace/commit/")
+    repo = FakeHub.repos["grace-org/tiny-grace"]
+    assert repo["private"] is True
+    local = {p.relative_to(publish_dir).as_posix(): p.read_bytes() for p in publish_dir.rglob("*") if p.is_file()}
+    assert repo["files"] == local
+    assert {path for _, path, _ in FakeHub.requests} >= {
+        "/api/repos/create",
+        "/api/validate-yaml",
+        "/api/models/grace-org/tiny-grace/preupload/main",
+        "/api/models/grace-org/tiny-grace/commit/main",
+    }
+    assert all(auth == "Bearer hf_fakeTOKEN1234567890" for _, _, auth in FakeHub.requests)
+    captured = capsys.readouterr()
+    assert "hf_fakeTOKEN" not in captured.out + captured.err + caplog.text
+    # A second upload to the now existing repo works (create_repo with exist_ok).
+    assert "/commit/" in upload_folder(publish_dir, "grace-org/tiny-grace")
+
+
+def test_upload_refuses_a_folder_that_is_not_a_publish_folder(tmp_path):
+    with pytest.raises(ValueError, match="publish folder"):
+        upload_folder(tmp_path, "org/name")
+
+
+def test_results_rows_fall_back_to_mteb_registry(tmp_path):
+    pytest.importorskip("mteb")
+    result = {
+        "task_name": "STS13",
+        "dataset_revision": "abc",
+        "mteb_version": "2",
+        "scores": {"test": [{"main_score": 0.5, "hf_subset": "default", "languages": ["eng-Latn"]}]},
+    }
+    (tmp_path / "STS13.json").write_text(json.dumps(result))
+    (row,) = hub.read_results(tmp_path)
+    assert row["type"] == "STS" and row["dataset"] == "mteb/sts13-sts" and row["metric"] == "cosine_spearman"
