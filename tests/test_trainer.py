@@ -246,3 +246,14 @@ def test_two_processes_share_in_batch_negatives(tiny_backbone_dir, tmp_path):
         other = 1 - own
         best = (query[own * group_size] @ gathered[other * group_size : (other + 1) * group_size].T).max()
         assert record["hard_negative"][own * group_size].item() == pytest.approx(best.item(), abs=1e-5)
+
+
+def test_unsupervised_mode_uses_other_texts_as_negatives(tiny_dir, tmp_path):
+    from grace_st.data import to_grpo_dataset
+
+    texts = Dataset.from_dict({"text": list(tiny_dataset()["prompt"])})
+    args = make_args(tmp_path, mode="unsupervised", max_steps=1)
+    trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=to_grpo_dataset(texts, "unsupervised"))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "grace/hard_negative" in entry]
+    assert logs and logs[0]["grace/hard_negative"] != 0.0  # two groups per batch: the other text is a negative
