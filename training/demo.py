@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(HERE, "configs", "demo.yaml"))
     parser.add_argument("--output-dir", default=None, help="defaults to the config's output_dir")
-    parser.add_argument("--max-train-minutes", type=float, default=None, help="GRACE time budget (config: 8)")
+    parser.add_argument("--max-train-minutes", type=float, default=None, help="GRACE time budget (config: 6)")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--no-contrastive", action="store_true", help="skip the +CL baseline")
     parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size of the evaluation")
@@ -113,9 +113,9 @@ def main() -> None:
             train,
             os.path.join(output_dir, "contrastive-model"),
             system_prompt=training_args.system_prompt,
-            epochs=2,
+            epochs=1,
             batch_size=16,
-            learning_rate=3e-5,
+            learning_rate=5e-5,
             use_cpu=True,
         )
         score("contrastive (+CL)", model)
