@@ -30,6 +30,7 @@ def train_contrastive(
     scale: float = 20.0,
     seed: int = 42,
     use_cpu: bool | None = None,
+    peft_config=None,
 ) -> SentenceTransformer:
     """Fine-tune ``[Transformer(rationale_mode="none"), RationalePooling, Normalize]`` with MNRL and save it.
 
@@ -47,6 +48,8 @@ def train_contrastive(
         scale: MNRL similarity scale (inverse temperature). Defaults to 20.
         seed: random seed. Defaults to 42.
         use_cpu: force CPU; None trains where sentence-transformers picks.
+        peft_config: a ``peft.LoraConfig`` to train an adapter (merged into the saved model) instead of all weights,
+            e.g. the same adapter GRACE trains, for a like-for-like comparison.
 
     Returns:
         The trained ``SentenceTransformer`` (also saved to ``output_dir``).
@@ -61,6 +64,11 @@ def train_contrastive(
     if system_prompt is not None:
         options["system_prompt"] = system_prompt
     model = from_backbone(backbone, pooling_mode=pooling_mode, device="cpu" if use_cpu else None, **options)
+    transformer = model[0]
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        transformer.model = get_peft_model(transformer.model, peft_config)
     columns = ["query", "positive", "negative"]
     if "negative" in train_dataset.column_names and not all(train_dataset["negative"]):
         columns = ["query", "positive"]
@@ -84,6 +92,8 @@ def train_contrastive(
         model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model, scale=scale)
     )
     trainer.train()
+    if peft_config is not None:
+        transformer.model = transformer.model.merge_and_unload()
     model.save(output_dir)
     logger.info("Saved the contrastive baseline to %s", output_dir)
     return model

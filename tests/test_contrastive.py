@@ -25,6 +25,20 @@ def test_contrastive_baseline_trains_and_saves(tiny_backbone_dir, tmp_path):
     assert not np.allclose(before, after), "training did not change the embedding"
 
 
+def test_contrastive_baseline_with_lora_saves_merged_weights(tiny_backbone_dir, tmp_path):
+    from peft import LoraConfig
+
+    dataset = load_triplets(demo_data_path("train"), max_rows=4)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = train_contrastive(
+        tiny_backbone_dir, dataset, str(tmp_path / "cl"), batch_size=4, max_steps=1, learning_rate=1e-2,
+        use_cpu=True, peft_config=lora,
+    )  # fmt: skip
+    loaded = SentenceTransformer(str(tmp_path / "cl"), trust_remote_code=True, device="cpu")
+    assert not any("lora" in name for name, _ in loaded[0].model.named_parameters())
+    np.testing.assert_allclose(loaded.encode(["a cat"]), model.encode(["a cat"]), atol=1e-5)
+
+
 def test_triplet_and_sts_scores(tiny_backbone_dir, tmp_path):
     rows = list(load_triplets(demo_data_path("dev"), max_rows=4))
     model = from_backbone(tiny_backbone_dir, device="cpu", max_new_tokens=4)

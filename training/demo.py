@@ -24,7 +24,7 @@ import time
 
 import torch
 from sentence_transformers import SentenceTransformer
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig, TrlParser, get_peft_config
 
 import grace_st
 from grace_st.config import GraceDataArguments, GraceGRPOConfig
@@ -117,6 +117,7 @@ def main() -> None:
             batch_size=16,
             learning_rate=5e-5,
             use_cpu=True,
+            peft_config=get_peft_config(model_args),  # the same LoRA adapter GRACE trains
         )
         score("contrastive (+CL)", model)
         del model

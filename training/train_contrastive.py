@@ -32,6 +32,7 @@ class ContrastiveArguments:
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many steps (-1: run the epochs)."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (adapter merged on save); 0 trains all weights."})
 
 
 def main() -> None:
@@ -40,6 +41,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     rows = load_training_data(data_args, "supervised")
     dataset = rows.rename_column("prompt", "positive")
+    lora = None
+    if args.lora_r > 0:
+        from peft import LoraConfig
+
+        modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=modules, lora_dropout=0.0)
     backbone = default_backbone() if args.model_name_or_path in ("", "default") else args.model_name_or_path
     train_contrastive(
         backbone,
@@ -51,6 +58,7 @@ def main() -> None:
         learning_rate=args.learning_rate,
         max_steps=args.max_steps,
         use_cpu=args.use_cpu,
+        peft_config=lora,
     )
     print(f"contrastive baseline saved to {args.output_dir}")
 
