@@ -224,7 +224,8 @@ def _describe_device(device: Any) -> str:
 
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    return f"{device} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{device} ({platform.machine()}, {torch.get_num_threads()} threads{load})"
 
 
 def render_card(
