@@ -5,9 +5,10 @@ Usage:
     python eval/general_run.py --base HuggingFaceTB/SmolLM2-135M-Instruct --model org/grace \
         --lm-eval-tasks gsm8k mmlu --limit 200                                             # lm-eval, Hub access
 
-Offline it reports perplexity on held-out text (default: sentences of STS 2012 SMTnews from ../shared/data, which
-neither training nor the dev tasks use) and log-likelihood accuracy on eval/data/general_mc.jsonl (40 questions
-written for this project), for each model; results go to <output-dir>/general.json and a markdown table.
+Offline it reports perplexity on held-out text (default: news sentences of STS 2012 MSRpar.train from
+../shared/data, which neither training nor the dev tasks use) and log-likelihood accuracy on
+eval/data/general_mc.jsonl (40 questions written for this project), for each model; results go to
+<output-dir>/general.json and a markdown table.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines = Path(args.text_file).read_text(encoding="utf-8").splitlines()
         texts = [t.strip() for t in lines if t.strip()][: args.max_texts]
     else:
-        texts = held_out_sentences(DATA_DIR / "sts2012" / "SMTnews.test.tsv", args.max_texts)
+        texts = held_out_sentences(DATA_DIR / "sts2012" / "MSRpar.train.tsv", args.max_texts)
     questions = load_questions(args.questions)
     report: dict = {"held_out_texts": len(texts), "questions": len(questions), "models": {}}
     for label, name in (("base", args.base), ("GRACE", args.model)):
