@@ -4,7 +4,8 @@ Usage:
     python training/train.py --config training/configs/demo.yaml [--max_steps 40] [--output_dir outputs/demo]
     python training/train.py --config training/configs/sick.yaml        # SICK triplets from ../shared/data
     python training/train.py --config training/configs/demo.yaml --resume_from_checkpoint last  # continue a run
-    accelerate launch --num_processes 2 --cpu training/train.py --config training/configs/demo.yaml
+    accelerate launch --multi_gpu --num_processes 2 training/train.py --config training/configs/demo.yaml  # 2 CPU
+        # processes on gloo (use_cpu: true in demo.yaml); accelerate 1.15's `--cpu --num_processes 2` starts only one
     accelerate launch --config_file <deepspeed-zero2.yaml> training/train.py \
         --config training/configs/qwen2.5-1.5b-supervised.yaml
 
