@@ -360,7 +360,15 @@ class Transformer(InputModule):
             if captured.needs_hidden_states:
                 captured.states.append(last.hidden_states[-1])
         batch = self._rationale_batch(generated)
-        batch.states = torch.cat(captured.states, dim=1)
+        expected = input_ids.shape[1] + generated.shape[1]
+        if sum(state.shape[1] for state in captured.states) == expected:
+            batch.states = torch.cat(captured.states, dim=1)
+        else:
+            # The hooked norm was not on the forward path (e.g. a copied or re-wrapped model): leave `states` unset
+            # so callers fall back to the two-pass reference instead of pooling wrong states.
+            logger.warning(
+                "Could not capture the last-layer states during generation; using a second forward pass instead."
+            )
         return batch
 
     def _rationale_batch(self, generated: torch.Tensor) -> RationaleBatch:
@@ -423,8 +431,9 @@ class Transformer(InputModule):
         single_pass = self.single_pass and self.rationale_mode == "generate"
         rationales = self.generate_rationales(features, with_states=single_pass)
         output = dict(features)
+        from_states = single_pass and rationales.states is not None
         output.update(
-            self.outputs_from_states(features, rationales) if single_pass else self.embed(features, rationales)
+            self.outputs_from_states(features, rationales) if from_states else self.embed(features, rationales)
         )
         if self.rationale_mode == "echo":
             texts = self.tokenizer.batch_decode(

@@ -393,3 +393,16 @@ def test_embedding_cache_is_keyed_by_weights(tiny_backbone_dir, tmp_path):
     after = model.encode(TEXTS)
     assert not np.allclose(before, after)
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 6
+
+
+def test_single_pass_falls_back_to_two_pass_when_states_are_not_captured(tiny_backbone_dir, caplog):
+    model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6)
+    expected = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6, single_pass=False).encode(TEXTS)
+    # A decoder whose `norm` is not on the forward path (as after copying/merging wrapped models).
+    detached = torch.nn.Module()
+    detached.norm = torch.nn.LayerNorm(4)
+    model[0].model.get_decoder = lambda: detached
+    with caplog.at_level(logging.WARNING, logger="grace_st.modeling"):
+        embeddings = model.encode(TEXTS)
+    assert any("second forward pass" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5)
