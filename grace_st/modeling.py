@@ -245,16 +245,20 @@ class Transformer(InputModule):
             )
         return self._template_cache[system_prompt]
 
+    def text_token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of the user texts as they enter the prompt (truncated to ``max_input_tokens``); no side effect."""
+        return self._truncate(texts)[0]
+
     def _text_ids(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of the user texts, truncated to ``max_input_tokens`` (counted for one warning per call)."""
+        """:meth:`text_token_ids`, counting truncated texts for the one warning per ``encode`` call."""
+        ids, n_truncated = self._truncate(texts)
+        self._truncated_texts += n_truncated
+        return ids
+
+    def _truncate(self, texts: list[str]) -> tuple[list[list[int]], int]:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        out = []
-        for row in ids:
-            if len(row) > self.max_input_tokens:
-                self._truncated_texts += 1
-                row = row[: self.max_input_tokens]
-            out.append(row)
-        return out
+        n_truncated = sum(len(row) > self.max_input_tokens for row in ids)
+        return [row[: self.max_input_tokens] for row in ids], n_truncated
 
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Any]:
         """Build left-padded GRACE chat prompts for a batch of texts.

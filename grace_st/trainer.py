@@ -240,7 +240,7 @@ class GraceGRPOTrainer(GRPOTrainer):
         rows = torch.tensor([index[o] for o in owner], device=side.device)
         query_emb = side[rows]
         negative_emb = side[rows + len(firsts)] if supervised else None
-        source_ids = self.grace_module._text_ids(list(prompts))
+        source_ids = self.grace_module.text_token_ids(list(prompts))
         eos = set(self.grace_module.eos_token_ids)
         copies = torch.tensor(
             [
