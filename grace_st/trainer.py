@@ -5,10 +5,15 @@ How a batch flows (``../shared/GRACE.md``):
 
 1. The GRPO prompt of a row is its positive document, rendered with :meth:`grace_st.Transformer.preprocess` (the very
    prompt an inference model builds); TRL samples ``num_generations`` rationales for it (transformers or vLLM).
-2. The reward function embeds document + rationale with :meth:`grace_st.Transformer.embed` and
-   :func:`grace_st.modeling.pool` (the inference code), writes one rationale at ``query_temperature`` for the query and
-   for the hard negative of each group with :meth:`grace_st.Transformer.generate_rationales`, gathers the embeddings
-   of all processes and scores every rollout with :func:`grace_st.rewards.grace_rewards`.
+2. With transformers generation (the default), one ``generate`` call writes the ``num_generations`` rollouts of every
+   document *and* one rationale for the query and the hard negative of each group (per-row temperatures:
+   ``temperature`` for rollouts, ``query_temperature`` for the others), keeping the last-layer states generation
+   computes (:meth:`grace_st.Transformer.generate_rationales` with ``with_states=True``). The reward pools those states
+   with :func:`grace_st.modeling.pool`, the inference code, so no second pass over prompt + rationale is run. With vLLM
+   or non-neutral sampling filters (top-k/top-p/min-p, repetition penalty, ``generation_kwargs``), TRL generates the
+   rollouts and the reward embeds them with :meth:`grace_st.Transformer.embed` and writes the query/negative
+   rationales in a second call (the two-pass reference). Embeddings of all processes are gathered and every rollout
+   is scored with :func:`grace_st.rewards.grace_rewards`.
 3. TRL computes group-relative advantages and the clipped policy loss; checkpoints, PEFT, DeepSpeed and logging are
    TRL's and transformers'.
 
@@ -18,11 +23,13 @@ length, finish rate) are logged every step under ``grace/*``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +43,7 @@ from grace_st.rewards import copy_rate, distinct_per_group, grace_rewards, group
 
 try:
     from accelerate.utils import gather_object
-    from transformers import TrainerCallback
+    from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
     from trl import GRPOTrainer
     from trl.models.utils import unwrap_model_for_generation
@@ -84,6 +91,36 @@ def build_grace_model(
     return SentenceTransformer(
         modules=[transformer, pooling, Normalize()], device=str(model.device), similarity_fn_name="cosine"
     )
+
+
+class RowTemperature(LogitsProcessor):
+    """Divides the logits of each row by that row's own sampling temperature.
+
+    Lets one ``generate`` call sample the GRPO rollouts (``temperature``) and the query/negative rationales
+    (``query_temperature``) together. Pass ``temperature=1.0`` to ``generate`` so no global temperature is applied too.
+
+    Args:
+        temperatures: ``(batch,)`` temperatures, all > 0.
+    """
+
+    def __init__(self, temperatures: torch.Tensor) -> None:
+        temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
+        if temperatures.ndim != 1 or bool((temperatures <= 0).any()):
+            raise ValueError(f"temperatures must be a 1-D tensor of values > 0, got {temperatures.tolist()!r}.")
+        self.temperatures = temperatures
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperatures.to(device=scores.device, dtype=scores.dtype).unsqueeze(1)
+
+
+@dataclass
+class _JointGeneration:
+    """What :meth:`GraceGRPOTrainer._generate_single_turn` keeps for the reward of the same batch."""
+
+    features: dict[str, Any]  # preprocess() of documents + side texts, one left-padded batch
+    rationales: RationaleBatch  # rollouts, then side rationales; states kept from generation
+    completion_ids: list[list[int]]  # the rollouts as handed to TRL
+    n_rollouts: int
 
 
 class GraceGRPOTrainer(GRPOTrainer):
@@ -175,10 +212,7 @@ class GraceGRPOTrainer(GRPOTrainer):
         Returns:
             ``(len(texts), dim)`` float32 tensor.
         """
-        features = self._features(texts)
-        output = self.grace_module.embed(features, rationales)
-        embeddings = pool(output["token_embeddings"], output["pooling_mask"], self.args.pooling_mode)
-        return F.normalize(embeddings, p=2, dim=1).float()
+        return self._pooled(self._features(texts), rationales)
 
     def rationale_batch(self, completion_ids: list[list[int]]) -> RationaleBatch:
         """Right-padded :class:`RationaleBatch` from TRL's completion ids (each ends with EOS unless it was cut)."""
@@ -194,20 +228,89 @@ class GraceGRPOTrainer(GRPOTrainer):
             finished[i] = bool(row) and row[-1] in eos
         return RationaleBatch(ids.to(self.accelerator.device), mask.to(self.accelerator.device), finished)
 
-    # ------------------------------------------------------------------ reward
-    def grace_reward(self, prompts, completions, completion_ids, query, negative, **kwargs) -> list[float]:
-        """TRL reward function: the GRACE reward of each local rollout (see :func:`grace_st.rewards.grace_rewards`).
+    # ------------------------------------------------------------------ generation
+    def _generate_and_score_completions(self, inputs):
+        # The rows (with their query and negative columns) are kept for the joint generation of this batch.
+        self._batch_inputs = inputs
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._batch_inputs = None
+            self._joint = None
 
-        Embeddings of all processes are gathered first, so groups and in-batch negatives span the global batch.
+    def _group_size(self) -> int:
+        return self.num_generations if self.model.training else self.num_generations_eval
+
+    def _side_plan(self, query: list[str], negative: list[str]) -> tuple[list[int], list[str], bool]:
+        """Which local rows write the query/negative rationale of their group, and the texts to write them for.
+
+        One query (and negative) rationale per group, written by the process holding the group's first row; rows of a
+        group split across processes use the first local row's.
+
+        Returns:
+            ``(firsts, side_texts, supervised)``: indices of the writing rows, their queries then (when supervised)
+            their negatives, and whether hard negatives are used.
         """
+        group_size = self._group_size()
+        offset = self.accelerator.process_index * len(query)
+        firsts = [i for i in range(len(query)) if i == 0 or (offset + i) % group_size == 0]
+        supervised = self.args.mode == "supervised" and all(negative[i] for i in firsts)
+        side_texts = [query[i] for i in firsts] + ([negative[i] for i in firsts] if supervised else [])
+        return firsts, side_texts, supervised
+
+    def _joint_generation_possible(self, images, multimodal_fields) -> bool:
         args: GraceGRPOConfig = self.args
-        mode = "train" if self.model.training else "eval"
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        n_local = len(prompts)
-        offset = self.accelerator.process_index * n_local
-        # One query/negative rationale per group: written by the process holding the group's first row.
-        firsts = [i for i in range(n_local) if i == 0 or (offset + i) % group_size == 0]
-        owner = [max(f for f in firsts if f <= i) for i in range(n_local)]
+        return (
+            getattr(self, "_batch_inputs", None) is not None
+            and not self.use_vllm
+            and not getattr(self, "use_transformers_continuous_batching", False)
+            and not self.tools
+            and images is None
+            and not multimodal_fields
+            and not args.generation_kwargs
+            and args.top_p == 1.0
+            and not args.top_k
+            and args.min_p is None
+            and args.repetition_penalty == 1.0
+        )
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """Rollouts and the query/negative rationales in one ``generate`` call, keeping the states for the reward.
+
+        Falls back to TRL's generation (vLLM, continuous batching, sampling filters) when that is not possible; the
+        reward then embeds with a second pass and writes the query/negative rationales itself.
+        """
+        self._joint = None
+        if not self._joint_generation_possible(images, multimodal_fields):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
+            )
+        args: GraceGRPOConfig = self.args
+        rows = self._batch_inputs
+        documents = [row["prompt"] for row in rows]
+        _, side_texts, _ = self._side_plan([row["query"] for row in rows], [row["negative"] for row in rows])
+        features = self._features(documents + side_texts)
+        temperatures = [args.temperature] * len(documents) + [args.query_temperature] * len(side_texts)
+        with self._policy_for_generation():
+            rationales = self.grace_module.generate_rationales(
+                features,
+                with_states=True,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=args.max_completion_length,
+                logits_processor=LogitsProcessorList([RowTemperature(torch.tensor(temperatures))]),
+            )
+        ids, mask = rationales.ids.cpu(), rationales.mask.cpu().bool()
+        completion_ids = [ids[i][mask[i]].tolist() for i in range(len(documents))]
+        self._joint = _JointGeneration(features, rationales, completion_ids, len(documents))
+        return completion_ids, None
+
+    @contextlib.contextmanager
+    def _policy_for_generation(self):
+        """The unwrapped policy in eval mode, without gradients, set as the inference module's LM."""
+        args: GraceGRPOConfig = self.args
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
@@ -216,26 +319,57 @@ class GraceGRPOTrainer(GRPOTrainer):
         ):
             was_training = policy.training
             policy.eval()
+            if self.grace_module.model is not policy:
+                self.grace_module.model = policy
             try:
-                if self.grace_module.model is not policy:
-                    self.grace_module.model = policy
-                rollouts = self.rationale_batch(completion_ids)
-                positive = self.embed_with_rationales(list(prompts), rollouts)
-                side_texts = [query[i] for i in firsts]
-                supervised = args.mode == "supervised" and all(negative[i] for i in firsts)
-                if supervised:
-                    side_texts += [negative[i] for i in firsts]
-                features = self._features(side_texts)
-                side_rationales = self.grace_module.generate_rationales(
-                    features, do_sample=True, temperature=args.query_temperature, top_p=1.0, top_k=0
-                )
-                side_output = self.grace_module.embed(features, side_rationales)
-                side = F.normalize(
-                    pool(side_output["token_embeddings"], side_output["pooling_mask"], args.pooling_mode), p=2, dim=1
-                ).float()
+                yield policy
             finally:
                 if was_training:
                     policy.train()
+
+    # ------------------------------------------------------------------ reward
+    def _pooled(self, features: dict[str, Any], rationales: RationaleBatch) -> torch.Tensor:
+        """L2-normalised pooled embeddings, from the states kept during generation when there are any."""
+        if rationales.states is not None:
+            output = self.grace_module.outputs_from_states(features, rationales)
+        else:
+            output = self.grace_module.embed(features, rationales)
+        embeddings = pool(output["token_embeddings"], output["pooling_mask"], self.args.pooling_mode)
+        return F.normalize(embeddings, p=2, dim=1).float()
+
+    def grace_reward(self, prompts, completions, completion_ids, query, negative, **kwargs) -> list[float]:
+        """TRL reward function: the GRACE reward of each local rollout (see :func:`grace_st.rewards.grace_rewards`).
+
+        Embeddings of all processes are gathered first, so groups and in-batch negatives span the global batch.
+        """
+        args: GraceGRPOConfig = self.args
+        mode = "train" if self.model.training else "eval"
+        group_size = self._group_size()
+        n_local = len(prompts)
+        offset = self.accelerator.process_index * n_local
+        firsts, side_texts, supervised = self._side_plan(list(query), list(negative))
+        owner = [max(f for f in firsts if f <= i) for i in range(n_local)]
+        joint = getattr(self, "_joint", None)
+        if (
+            joint is not None
+            and joint.n_rollouts == n_local
+            and joint.completion_ids == list(map(list, completion_ids))
+        ):
+            # Single pass: pool the states generation kept; the side rationales were written in the same call.
+            embeddings = self._pooled(joint.features, joint.rationales)
+            positive, side = embeddings[:n_local], embeddings[n_local:]
+            side_finished = joint.rationales.finished[n_local:]
+            finished = joint.rationales.finished[:n_local]
+        else:
+            with self._policy_for_generation():
+                rollouts = self.rationale_batch(completion_ids)
+                positive = self.embed_with_rationales(list(prompts), rollouts)
+                features = self._features(side_texts)
+                side_rationales = self.grace_module.generate_rationales(
+                    features, with_states=True, do_sample=True, temperature=args.query_temperature, top_p=1.0, top_k=0
+                )
+                side = self._pooled(features, side_rationales)
+            side_finished, finished = side_rationales.finished, rollouts.finished
         index = {f: k for k, f in enumerate(firsts)}
         rows = torch.tensor([index[o] for o in owner], device=side.device)
         query_emb = side[rows]
@@ -254,7 +388,7 @@ class GraceGRPOTrainer(GRPOTrainer):
         all_positive, all_query = gather(positive), gather(query_emb)
         has_negative = bool(gather(torch.tensor([float(supervised)], device=positive.device)).min().item())
         all_negative = gather(negative_emb) if has_negative else None
-        all_finished = gather(rollouts.finished.to(positive.device))
+        all_finished = gather(finished.to(positive.device))
         all_copies = gather(copies)
         rewards = grace_rewards(
             _first_of_group(all_query, group_size),
@@ -272,7 +406,7 @@ class GraceGRPOTrainer(GRPOTrainer):
         )
         all_ids = gather_object(list(completion_ids))
         lengths = torch.tensor([len(ids) for ids in all_ids], dtype=torch.float32)
-        side_finished = gather(side_rationales.finished.float().mean().reshape(1).to(positive.device)).mean()
+        side_finished = gather(side_finished.float().mean().reshape(1).to(positive.device)).mean()
         metrics = {
             "grace/contrastive": rewards.contrastive.mean().item(),
             "grace/consistency": rewards.consistency.mean().item(),

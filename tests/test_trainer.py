@@ -257,3 +257,64 @@ def test_unsupervised_mode_uses_other_texts_as_negatives(tiny_dir, tmp_path):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "grace/hard_negative" in entry]
     assert logs and logs[0]["grace/hard_negative"] != 0.0  # two groups per batch: the other text is a negative
+
+
+def test_row_temperature_divides_each_row_by_its_own_value():
+    from grace_st.trainer import RowTemperature
+
+    scores = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    out = RowTemperature(torch.tensor([1.0, 0.5]))(torch.zeros(2, 1, dtype=torch.long), scores)
+    assert out.tolist() == [[1.0, 2.0], [2.0, 4.0]]
+    with pytest.raises(ValueError, match="temperatures"):
+        RowTemperature(torch.tensor([1.0, 0.0]))
+
+
+def _joint_generation(trainer, rows):
+    trainer._batch_inputs = rows
+    prompt_ids, _, _ = trainer._tokenize_prompts([row["prompt"] for row in rows])
+    completion_ids, logprobs = trainer._generate_single_turn(prompt_ids, None, {}, trainer.num_generations)
+    return completion_ids, trainer._joint
+
+
+def test_joint_generation_writes_rollouts_and_side_rationales_in_one_call(tiny_dir, tmp_path):
+    """One generate call: G rollouts per document, then one query and one negative rationale per group.
+
+    With a near-zero query temperature the side rationales are the greedy ones; the reward's single-pass embeddings
+    equal the two-pass reference of the same text + rationale.
+    """
+    args = make_args(tmp_path, max_completion_length=6, query_temperature=1e-4, temperature=1.0)
+    trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=tiny_dataset())
+    data = tiny_dataset()
+    rows = [{k: data[k][g] for k in ("prompt", "query", "negative")} for g in (0, 1) for _ in range(2)]
+    torch.manual_seed(0)
+    completion_ids, joint = _joint_generation(trainer, rows)
+    assert joint is not None and joint.n_rollouts == 4 and len(completion_ids) == 4
+    assert joint.rationales.ids.shape[0] == 4 + 2 + 2  # rollouts, 2 queries, 2 negatives
+    assert joint.rationales.states is not None
+    # Side rationales: greedy continuations of the queries and negatives of both groups.
+    side_texts = [data["query"][0], data["query"][1], data["negative"][0], data["negative"][1]]
+    greedy = trainer.grace_module.generate_rationales(trainer._features(side_texts), do_sample=False)
+    side = joint.rationales
+    for k in range(4):
+        got = side.ids[4 + k][side.mask[4 + k].bool()].tolist()
+        assert got == greedy.ids[k][greedy.mask[k].bool()].tolist()
+    # Rollouts handed to TRL are the first rows, up to and including their EOS.
+    for i, ids in enumerate(completion_ids):
+        assert ids == side.ids[i][side.mask[i].bool()].tolist()
+    # Single pass (states kept from generation) == two-pass reference on the same rationales.
+    single = trainer._pooled(joint.features, joint.rationales)
+    reference = RationaleBatch(side.ids, side.mask, side.finished)
+    two_pass = trainer._pooled(joint.features, reference)
+    torch.testing.assert_close(single, two_pass, atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_filters_fall_back_to_trl_generation(tiny_dir, tmp_path):
+    trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path, top_k=5, max_steps=1), train_dataset=tiny_dataset())
+    data = tiny_dataset()
+    rows = [{k: data[k][g] for k in ("prompt", "query", "negative")} for g in (0, 1) for _ in range(2)]
+    completion_ids, joint = _joint_generation(trainer, rows)
+    assert joint is None and len(completion_ids) == 4
+    trainer._batch_inputs = None
+    trainer.train()  # the reward writes the query/negative rationales itself
+    logs = [entry for entry in trainer.state.log_history if "grace/total" in entry]
+    assert logs and all(key in logs[0] for key in TERMS)

@@ -37,9 +37,11 @@ def main() -> None:
     trainer_module.grace_rewards = recording_rewards
 
     class RecordingTrainer(GraceGRPOTrainer):
-        def embed_with_rationales(self, texts, rationales):
-            embeddings = super().embed_with_rationales(texts, rationales)
-            record.setdefault("local_positive", embeddings.detach().cpu())
+        def _pooled(self, features, rationales):
+            # The first call of a step pools the local rollouts first (followed by the query/negative rationales
+            # when they were generated in the same call).
+            embeddings = super()._pooled(features, rationales)
+            record.setdefault("local_positive", embeddings[: self.args.per_device_train_batch_size].detach().cpu())
             return embeddings
 
     dataset = Dataset.from_dict(
