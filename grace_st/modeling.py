@@ -38,6 +38,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 RationaleMode = Literal["generate", "none", "echo"]
 RATIONALE_MODES: tuple[str, ...] = ("generate", "none", "echo")
+GenerationBackend = Literal["transformers", "vllm"]
+GENERATION_BACKENDS: tuple[str, ...] = ("transformers", "vllm")
 POOLING_MODES: tuple[str, ...] = ("mean", "lasttoken")
 # Marks where the user text goes when the chat template is rendered once per system prompt.
 _TEXT_PLACEHOLDER = "\u2063GRACE_ST_TEXT\u2063"
@@ -134,6 +136,9 @@ class Transformer(InputModule):
         single_pass: take the pooled states from generation itself instead of a second forward pass over prompt +
             rationale (same embedding within float tolerance; the two-pass path stays as the reference).
             Defaults to True.
+
+    Runtime settings (not saved in ``grace_config.json``): ``embedding_cache_dir`` (see :class:`EmbeddingCache`) and
+    the generation backend (see :meth:`set_generation_backend`: ``"transformers"`` or ``"vllm"``).
     """
 
     config_file_name = "grace_config.json"
@@ -204,6 +209,10 @@ class Transformer(InputModule):
         self._fingerprint: str | None = None
         # Optional on-disk embedding cache (a runtime setting, not saved): see EmbeddingCache.
         self.embedding_cache_dir: str | None = None
+        # What writes the rationales (a runtime setting, not saved): see set_generation_backend.
+        self._generation_backend: str = "transformers"
+        self._vllm_engine_kwargs: dict[str, Any] = {}
+        self._vllm_engine: Any = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -311,6 +320,58 @@ class Transformer(InputModule):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    @property
+    def generation_backend(self) -> str:
+        """What writes the rationales: ``"transformers"`` (default) or ``"vllm"`` (:meth:`set_generation_backend`)."""
+        return self._generation_backend
+
+    @generation_backend.setter
+    def generation_backend(self, backend: GenerationBackend) -> None:
+        self.set_generation_backend(backend)
+
+    def set_generation_backend(self, backend: GenerationBackend = "transformers", **engine_kwargs) -> None:
+        """Choose what generates the rationales at inference time (a runtime setting, not saved with the model).
+
+        With ``"vllm"``, a ``vllm.LLM`` engine, built on first use from the LM's folder, writes the rationales for
+        the very prompt token ids that :meth:`preprocess` builds, with the module's decoding settings (greedy by
+        default); the pooled states then come from one transformers forward pass over prompt + rationale (the
+        two-pass path of :meth:`embed`), since vLLM does not return hidden states. The engine loads the weights from
+        disk, not from memory: after changing weights, save the model and select the backend again with ``model=``.
+        The transformers LM stays on its device for the pooling pass, so leave it room on the GPU
+        (``gpu_memory_utilization``).
+
+        Args:
+            backend: ``"transformers"`` (``model.generate``; the default) or ``"vllm"`` (needs ``pip install vllm``
+                and a GPU).
+            **engine_kwargs: only with ``"vllm"``; passed to ``vllm.LLM`` (e.g. ``gpu_memory_utilization=0.5``,
+                ``tensor_parallel_size=2``). ``model`` defaults to the folder (or Hub id) the LM was loaded from and
+                ``dtype`` to the LM's dtype.
+
+        Raises:
+            ValueError: unknown backend, engine options without ``"vllm"``, or an LM with no folder to load from.
+            ImportError: ``"vllm"`` without the vllm package installed.
+        """
+        if backend not in GENERATION_BACKENDS:
+            raise ValueError(f"generation backend {backend!r} is not supported; choose one of {GENERATION_BACKENDS}.")
+        if backend == "transformers":
+            if engine_kwargs:
+                raise ValueError(f"Engine options {sorted(engine_kwargs)} are only used with the 'vllm' backend.")
+        else:
+            _import_vllm()
+            engine_kwargs = dict(engine_kwargs)
+            if not engine_kwargs.get("model"):
+                engine_kwargs["model"] = getattr(self.model.config, "_name_or_path", "")
+            if not engine_kwargs["model"]:
+                raise ValueError(
+                    "The 'vllm' backend loads the LM from a folder or Hub id, and this in-memory LM has none. Save "
+                    "the model first (`model.save(path)`) and pass its folder: "
+                    "`model[0].set_generation_backend('vllm', model=path)`."
+                )
+            engine_kwargs.setdefault("dtype", str(self.model.dtype).removeprefix("torch."))
+        self._generation_backend = backend
+        self._vllm_engine_kwargs = engine_kwargs
+        self._vllm_engine = None  # built on first use, with the options given here
+
     def generate_rationales(
         self, features: dict[str, Any], with_states: bool = False, **generate_kwargs
     ) -> RationaleBatch:
@@ -324,7 +385,8 @@ class Transformer(InputModule):
             **generate_kwargs: overrides of :meth:`generation_kwargs` (e.g. ``temperature`` in training).
 
         Returns:
-            The rationales as a :class:`RationaleBatch` (``states`` set when ``with_states``).
+            The rationales as a :class:`RationaleBatch` (``states`` set when ``with_states``, except with the
+            ``"vllm"`` generation backend, which returns no hidden states: see :meth:`set_generation_backend`).
         """
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         if self.rationale_mode == "none":
@@ -335,6 +397,9 @@ class Transformer(InputModule):
                 features["echo_ids"], features["echo_mask"], torch.ones(input_ids.shape[0], dtype=torch.bool)
             )
         kwargs = {**self.generation_kwargs(), **generate_kwargs}
+        if self._generation_backend == "vllm":
+            # vLLM returns no hidden states: `states` stays unset and callers use the two-pass `embed`.
+            return self._generate_with_vllm(features, kwargs)
         if not with_states:
             with torch.no_grad():
                 sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -375,8 +440,43 @@ class Transformer(InputModule):
             )
         return batch
 
-    def _rationale_batch(self, generated: torch.Tensor) -> RationaleBatch:
+    def _generate_with_vllm(self, features: dict[str, Any], generate_kwargs: dict[str, Any]) -> RationaleBatch:
+        """Rationales for the prompts of ``features``, written by the vLLM engine (:meth:`set_generation_backend`)."""
+        vllm = _import_vllm()
+        if self._vllm_engine is None:
+            logger.info("Building the vLLM engine: %s", self._vllm_engine_kwargs)
+            self._vllm_engine = vllm.LLM(**self._vllm_engine_kwargs)
+        params = vllm.SamplingParams(**vllm_sampling_kwargs(generate_kwargs))
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        # The prompts exactly as `preprocess` built them, without their left padding.
+        prompts = [
+            {"prompt_token_ids": row[mask.bool()].tolist()}
+            for row, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)
+        ]
+        outputs = self._vllm_engine.generate(prompts, params, use_tqdm=False)
+        eos = self.eos_token_ids
+        rows = []
+        for output in outputs:
+            completion = output.outputs[0]
+            row = list(completion.token_ids)
+            if completion.finish_reason == "stop" and eos and (not row or row[-1] not in eos):
+                # A stop token that vLLM left out of `token_ids`: the rationale includes its closing EOS.
+                # `stop_reason` is the stop token id, or None for the tokenizer's own EOS.
+                stop = getattr(completion, "stop_reason", None)
+                if stop not in eos:
+                    stop = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in eos else eos[0]
+                row.append(stop)
+            rows.append(row)
+        ids, valid = _right_pad(rows, self.tokenizer.pad_token_id)
+        return self._rationale_batch(ids.to(input_ids.device), valid.to(input_ids.device))
+
+    def _rationale_batch(self, generated: torch.Tensor, valid: torch.Tensor | None = None) -> RationaleBatch:
         mask, finished = rationale_mask(generated, self.eos_token_ids)
+        if valid is not None:
+            # Rows of different lengths (vLLM) are right-padded: padding neither belongs to a rationale nor ends one.
+            mask = mask * valid
+            is_eos = torch.isin(generated, torch.tensor(self.eos_token_ids, device=generated.device))
+            finished = (is_eos & mask.bool()).any(dim=1).cpu()
         ids = generated.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         return RationaleBatch(ids, mask, finished)
 
@@ -467,6 +567,12 @@ class Transformer(InputModule):
     def reset_fingerprint(self) -> None:
         """Forget the cached fingerprint, e.g. after changing weights in place."""
         self._fingerprint = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A vLLM engine does not pickle (multi-process encoding, deepcopy): a copy builds its own on first use.
+        state = super().__getstate__()
+        state["_vllm_engine"] = None
+        return state
 
     # ------------------------------------------------------------------ sentence-transformers integration
     def on_model_ready(self, model) -> None:
@@ -620,6 +726,76 @@ def load_backbone(
     return model, tokenizer
 
 
+def _import_vllm():
+    """Import vllm (only when the ``"vllm"`` generation backend is selected) or say how to install it."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(
+            "The 'vllm' generation backend needs the vllm package and a GPU: `pip install vllm` (see "
+            "https://docs.vllm.ai for the build that matches your CUDA and torch), or keep the default "
+            "'transformers' backend."
+        ) from error
+    return vllm
+
+
+# The `generate` arguments that `vllm_sampling_kwargs` translates (those of `Transformer.generation_kwargs`).
+_GENERATE_ARGS_FOR_VLLM = frozenset(
+    {
+        "max_new_tokens",
+        "do_sample",
+        "eos_token_id",
+        "pad_token_id",
+        "repetition_penalty",
+        "temperature",
+        "top_p",
+        "top_k",
+    }
+)
+
+
+def vllm_sampling_kwargs(generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Translate ``model.generate`` arguments (see :meth:`Transformer.generation_kwargs`) to ``vllm.SamplingParams``.
+
+    Greedy decoding is ``temperature=0``; vLLM stops at the EOS ids (``stop_token_ids``) and keeps them in the output.
+
+    Args:
+        generate_kwargs: ``max_new_tokens``, ``eos_token_id``, and optionally ``do_sample``, ``temperature``,
+            ``top_p``, ``top_k`` (0 = none), ``repetition_penalty``, ``pad_token_id`` (unused by vLLM).
+
+    Returns:
+        Keyword arguments for ``vllm.SamplingParams``.
+
+    Example:
+        >>> vllm_sampling_kwargs({"max_new_tokens": 8, "eos_token_id": [2], "do_sample": False})["temperature"]
+        0.0
+    """
+    unsupported = sorted(set(generate_kwargs) - _GENERATE_ARGS_FOR_VLLM)
+    if unsupported:
+        raise ValueError(
+            f"generate arguments {unsupported} have no translation for the 'vllm' backend; "
+            f"supported: {sorted(_GENERATE_ARGS_FOR_VLLM)}."
+        )
+    eos = generate_kwargs["eos_token_id"]
+    params: dict[str, Any] = {
+        "n": 1,
+        "max_tokens": int(generate_kwargs["max_new_tokens"]),
+        "stop_token_ids": [eos] if isinstance(eos, int) else list(eos),
+        "repetition_penalty": float(generate_kwargs.get("repetition_penalty") or 1.0),
+    }
+    if generate_kwargs.get("do_sample"):
+        # None means the default, as in `generate`.
+        temperature, top_p, top_k = (generate_kwargs.get(key) for key in ("temperature", "top_p", "top_k"))
+        params.update(
+            temperature=1.0 if temperature is None else float(temperature),
+            top_p=1.0 if top_p is None else float(top_p),
+            top_k=int(top_k) if top_k else -1,  # -1 = no top-k cut-off in every vLLM version
+        )
+    else:
+        params.update(temperature=0.0, top_p=1.0, top_k=-1)
+    return params
+
+
 def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(row) for row in rows), default=0)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -754,6 +930,9 @@ class _EncodeGuard:
         }
         settings["resolved_prompt"] = self.model._resolve_prompt(options.get("prompt"), options.get("prompt_name"))
         settings["model_truncate_dim"] = self.model.truncate_dim
+        if self.module.generation_backend != "transformers":
+            # Another engine may pick other greedy tokens on near-ties: its entries are kept apart.
+            settings["generation_backend"] = self.module.generation_backend
         base = self.module.fingerprint(self.model) + json.dumps(settings, sort_keys=True, default=str)
         keys = [hashlib.blake2b((base + "\x00" + text).encode(), digest_size=20).hexdigest() for text in texts]
         rows: list[np.ndarray | None] = [cache.get(key) for key in keys]
