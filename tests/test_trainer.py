@@ -318,3 +318,18 @@ def test_sampling_filters_fall_back_to_trl_generation(tiny_dir, tmp_path):
     trainer.train()  # the reward writes the query/negative rationales itself
     logs = [entry for entry in trainer.state.log_history if "grace/total" in entry]
     assert logs and all(key in logs[0] for key in TERMS)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "sick.yaml"])
+def test_shipped_cpu_configs_parse_with_the_guards_on(name):
+    """The CPU configs parse with train.py's parser and keep the issue-7 guards (KL, copy penalty) switched on."""
+    from trl import ModelConfig, TrlParser
+
+    from grace_st.config import GraceDataArguments
+
+    path = Path(__file__).resolve().parents[1] / "training" / "configs" / name
+    args, model_args, data_args = TrlParser((GraceGRPOConfig, ModelConfig, GraceDataArguments)).parse_args_and_config(
+        ["--config", str(path), "--output_dir", "/tmp/unused"]
+    )
+    assert args.beta > 0 and args.copy_penalty > 0
+    assert model_args.use_peft and args.use_cpu
