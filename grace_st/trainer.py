@@ -506,6 +506,10 @@ class GraceGRPOTrainer(GRPOTrainer):
             merged = copy.deepcopy(policy)
             if hasattr(merged, "merge_and_unload"):
                 merged = merged.merge_and_unload()
+            # accelerate may have replaced `forward` on the instance with a wrapper closing over the *original*
+            # model's forward; a deep copy keeps that closure, so the copy would run the original's modules (and the
+            # single-pass hook on the copy's final norm would never fire). The class forward is the right one here.
+            merged.__dict__.pop("forward", None)
             merged.eval()
             st_model = build_grace_model(
                 merged,
