@@ -2,13 +2,13 @@
 
 Usage:
     make demo            # or: .venv/bin/python training/demo.py [--config training/configs/demo.yaml]
-                         #        [--max-train-minutes 6] [--no-contrastive] [--output-dir outputs/grace-demo]
+                         #        [--max-train-minutes 8] [--no-contrastive] [--output-dir outputs/grace-demo]
 
 Steps (no network needed; the data is bundled in grace_st/data/):
 1. scores the cheap baselines on the bundled dev triplets: no rationale, echo (the text repeated as its "rationale"),
    and the untrained GRACE model;
 2. trains the "+CL" baseline (same backbone and pooling, MultipleNegativesRankingLoss) on the bundled training set;
-3. trains GRACE with GRPO (training/configs/demo.yaml: LoRA, 2 documents x 4 rollouts per step, a time budget);
+3. trains GRACE with GRPO (training/configs/demo.yaml: LoRA, 2 documents x 4 rollouts, 24 steps, a time cap);
 4. prints the table (triplet accuracy, MRR@10 over the dev corpus, rationale finish/copy rates), the reward trend and a
    few rationales, and saves the trained model (load it with SentenceTransformer(path, trust_remote_code=True)).
 """
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(HERE, "configs", "demo.yaml"))
     parser.add_argument("--output-dir", default=None, help="defaults to the config's output_dir")
-    parser.add_argument("--max-train-minutes", type=float, default=None, help="GRACE time budget (config: 6)")
+    parser.add_argument("--max-train-minutes", type=float, default=None, help="GRACE time cap (config: 8)")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--no-contrastive", action="store_true", help="skip the +CL baseline")
     parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size of the evaluation")
