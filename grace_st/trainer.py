@@ -181,6 +181,8 @@ class GraceGRPOTrainer(GRPOTrainer):
             max_input_tokens=args.max_input_tokens,
         )
         self._last_collapse_warning = -(10**9)
+        self._batch_inputs: list[dict] | None = None  # rows of the batch being generated (query/negative columns)
+        self._joint: _JointGeneration | None = None  # what that batch's joint generation kept for its reward
         if args.max_train_minutes is not None:
             self.add_callback(_TimeBudget(args.max_train_minutes))
 
@@ -261,7 +263,7 @@ class GraceGRPOTrainer(GRPOTrainer):
     def _joint_generation_possible(self, images, multimodal_fields) -> bool:
         args: GraceGRPOConfig = self.args
         return (
-            getattr(self, "_batch_inputs", None) is not None
+            self._batch_inputs is not None
             and not self.use_vllm
             and not getattr(self, "use_transformers_continuous_batching", False)
             and not self.tools
@@ -349,7 +351,7 @@ class GraceGRPOTrainer(GRPOTrainer):
         offset = self.accelerator.process_index * n_local
         firsts, side_texts, supervised = self._side_plan(list(query), list(negative))
         owner = [max(f for f in firsts if f <= i) for i in range(n_local)]
-        joint = getattr(self, "_joint", None)
+        joint = self._joint
         if (
             joint is not None
             and joint.n_rollouts == n_local
