@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from grace_st.backbone import cache_dir, default_backbone
-from grace_st.factory import from_backbone
+from grace_st.backbone import cache_dir, default_backbone, resolve_backbone
+from grace_st.factory import build_grace_model, from_backbone
 from grace_st.modeling import (
     DEFAULT_SYSTEM_PROMPT,
     RationaleBatch,
@@ -26,10 +26,12 @@ __all__ = [
     "RationaleBatch",
     "RationalePooling",
     "Transformer",
+    "build_grace_model",
     "cache_dir",
     "default_backbone",
     "from_backbone",
     "pool",
     "pooling_span_mask",
+    "resolve_backbone",
     "rationale_mask",
 ]

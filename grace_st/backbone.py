@@ -88,3 +88,24 @@ def default_backbone() -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+DEFAULT_BACKBONE_NAME = "default"
+
+
+def resolve_backbone(name_or_path: str | None) -> str:
+    """The one meaning of ``"default"``: None, ``""`` or ``"default"`` give :func:`default_backbone`, else unchanged.
+
+    Args:
+        name_or_path: a folder, a Hub id, ``"default"``, ``""`` or None.
+
+    Returns:
+        A folder or Hub id that ``from_pretrained`` accepts.
+
+    Example:
+        >>> resolve_backbone("Qwen/Qwen2.5-1.5B-Instruct")
+        'Qwen/Qwen2.5-1.5B-Instruct'
+    """
+    if name_or_path in (None, "", DEFAULT_BACKBONE_NAME):
+        return default_backbone()
+    return name_or_path

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from grace_st.hub import DIAGNOSTICS_FOLDER, GRACE_CITATION, folder_revision
-from grace_st.rewards import copy_rate
+from grace_st.diagnostics import copy_rate
 
 EVAL_EXTRA = 'pip install "grace-st[eval]"'
 try:

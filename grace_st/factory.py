@@ -58,11 +58,52 @@ def from_backbone(
     model, tokenizer = load_backbone(
         name_or_path, model_kwargs={"dtype": dtype, **(model_kwargs or {})}, processor_kwargs=processor_kwargs
     )
+    return build_grace_model(
+        model,
+        tokenizer,
+        pooling_mode=pooling_mode,
+        device=device,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        **options,
+    )
+
+
+def build_grace_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    pooling_mode: Literal["mean", "lasttoken"] = "mean",
+    device: str | None = None,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    **options: Any,
+) -> SentenceTransformer:
+    """Compose ``[Transformer, RationalePooling, Normalize]`` around an in-memory causal LM and its tokenizer.
+
+    The one place a GRACE model is assembled: :func:`from_backbone`, the trainer's final model and the baselines
+    all call it.
+
+    Args:
+        model: the causal LM (a ``PreTrainedModel`` without adapters).
+        tokenizer: its tokenizer (with a chat template).
+        pooling_mode: ``"mean"`` (GRACE) or ``"lasttoken"``. Defaults to ``"mean"``.
+        device: None keeps the LM's device.
+        prompts: sentence-transformers prompts saved with the model.
+        default_prompt_name: name of the prompt used when none is given.
+        **options: :class:`grace_st.Transformer` options.
+
+    Returns:
+        A ``SentenceTransformer``.
+    """
+    unknown = sorted(set(options) - set(_TRANSFORMER_OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown GRACE option(s) {unknown}; valid options are {_TRANSFORMER_OPTIONS}.")
     transformer = Transformer(model, tokenizer, **options)
     pooling = RationalePooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode)
     return SentenceTransformer(
         modules=[transformer, pooling, Normalize()],
-        device=device,
+        device=device if device is not None else str(model.device),
         prompts=prompts,
         default_prompt_name=default_prompt_name,
         similarity_fn_name="cosine",

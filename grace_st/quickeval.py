@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grace_st.rewards import copy_rate
+from grace_st.diagnostics import copy_rate
 
 
 @dataclass

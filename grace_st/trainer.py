@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules import Normalize
 
 from grace_st.config import GraceGRPOConfig
-from grace_st.modeling import RationaleBatch, RationalePooling, Transformer, pool
-from grace_st.rewards import copy_rate, distinct_per_group, grace_rewards, group_reward_std
+from grace_st.factory import build_grace_model
+from grace_st.modeling import RationaleBatch, Transformer, pool
+from grace_st.diagnostics import copy_rate, distinct_per_group, group_reward_std
+from grace_st.rewards import grace_rewards
 
 try:
     from accelerate.utils import gather_object
@@ -53,44 +53,6 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 logger = logging.getLogger(__name__)
 
 _STAGING_PREFIX = "tmp-"
-
-
-def build_grace_model(
-    model,
-    tokenizer,
-    *,
-    system_prompt: str,
-    max_new_tokens: int,
-    max_input_tokens: int = 1024,
-    pooling_mode: str = "mean",
-    rationale_mode: str = "generate",
-) -> SentenceTransformer:
-    """Compose ``[Transformer, RationalePooling, Normalize]`` around an in-memory causal LM (greedy rationales).
-
-    Args:
-        model: the causal LM (already merged, no adapters).
-        tokenizer: its tokenizer.
-        system_prompt: GRACE system prompt.
-        max_new_tokens: rationale limit.
-        max_input_tokens: user text limit. Defaults to 1024.
-        pooling_mode: ``"mean"`` or ``"lasttoken"``. Defaults to ``"mean"``.
-        rationale_mode: ``"generate"``, ``"none"`` or ``"echo"``. Defaults to ``"generate"``.
-
-    Returns:
-        A ``SentenceTransformer`` on the model's device.
-    """
-    transformer = Transformer(
-        model,
-        tokenizer,
-        system_prompt=system_prompt,
-        rationale_mode=rationale_mode,
-        max_new_tokens=max_new_tokens,
-        max_input_tokens=max_input_tokens,
-    )
-    pooling = RationalePooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode)
-    return SentenceTransformer(
-        modules=[transformer, pooling, Normalize()], device=str(model.device), similarity_fn_name="cosine"
-    )
 
 
 class RowTemperature(LogitsProcessor):
@@ -570,12 +532,10 @@ def run_training(training_args: GraceGRPOConfig, model_args, data_args, resume_f
     """
     from trl import get_peft_config
 
-    from grace_st.backbone import default_backbone
+    from grace_st.backbone import resolve_backbone
     from grace_st.data import load_training_data
 
-    name = model_args.model_name_or_path
-    if name in (None, "", "default"):
-        name = default_backbone()
+    name = resolve_backbone(model_args.model_name_or_path)
     model_init_kwargs = dict(training_args.model_init_kwargs or {})
     if model_args.dtype not in (None, "auto"):
         model_init_kwargs.setdefault("dtype", model_args.dtype)

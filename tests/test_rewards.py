@@ -9,13 +9,11 @@ import pytest
 import torch
 
 import grace_st.rewards as rewards
+from grace_st.diagnostics import copy_rate, distinct_per_group, group_reward_std
 from grace_st.rewards import (
     consistency_term,
     contrastive_term,
-    copy_rate,
-    distinct_per_group,
     grace_rewards,
-    group_reward_std,
     hard_negative_term,
     self_negative_term,
 )

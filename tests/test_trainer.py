@@ -15,7 +15,8 @@ from transformers import TrainerCallback
 
 from grace_st.config import GraceGRPOConfig
 from grace_st.modeling import RationaleBatch
-from grace_st.trainer import GraceGRPOTrainer, build_grace_model
+from grace_st.factory import build_grace_model
+from grace_st.trainer import GraceGRPOTrainer
 
 TERMS = ("grace/contrastive", "grace/consistency", "grace/hard_negative", "grace/copy_penalty")
 DIAGNOSTICS = (
