@@ -49,7 +49,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits:
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
 
     def render(line: list[str]) -> str:
-        padded = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
+        rest = zip(line[1:], widths[1:], strict=True)
+        padded = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in rest]
         return "| " + " | ".join(padded) + " |"
 
     rule = "|:" + "-" * (widths[0] + 1) + "|" + "|".join("-" * (width + 1) + ":" for width in widths[1:]) + "|"
