@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from grace_st.readers import read_lines, read_pairs
+
 logger = logging.getLogger(__name__)
 
 # Alternative column names used by public triplet sets (E5/BGE/sentence-transformers styles).
@@ -44,43 +46,65 @@ def demo_data_path(split: Literal["train", "dev"] = "train") -> str:
     return str(resources.files("grace_st") / "data" / f"demo_{split}.jsonl")
 
 
-def _read_records(source: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(row label, record)`` from a file or a Hub dataset id."""
+def _read_records(source: str, split: str) -> Iterator[tuple[str, Any, str | None]]:
+    """Yield ``(row label, record, problem)`` from a file or a Hub dataset id.
+
+    ``problem`` names what makes a row unusable before its fields are looked at (a JSON value that is not an object,
+    a CSV row with another number of fields than the header); :func:`_collect` raises or skips it like a row with a
+    missing field. Bytes that are not UTF-8 raise at once, naming the file and line.
+    """
     path = Path(source)
     if path.suffix.lower() in _FILE_SUFFIXES or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"Training data file {source!r} does not exist.")
         suffix = path.suffix.lower()
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            if suffix == ".jsonl":
-                for line_number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{source}: line {line_number} is not valid JSON ({error}).") from error
-                    yield f"{source}: line {line_number}", record
-            elif suffix == ".json":
-                records = json.load(handle)
-                if isinstance(records, dict) and "data" in records:
-                    records = records["data"]
-                if not isinstance(records, list):
-                    raise ValueError(f"{source}: expected a JSON list of objects (or {{'data': [...]}}).")
-                for index, record in enumerate(records):
-                    yield f"{source}: item {index}", record
-            elif suffix in (".csv", ".tsv"):
-                reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-                for line_number, record in enumerate(reader, start=2):
-                    yield f"{source}: line {line_number}", record
-            else:  # .txt: one text per line
-                for line_number, line in enumerate(handle, start=1):
-                    yield f"{source}: line {line_number}", {"text": line.rstrip("\n")}
+        if suffix == ".jsonl":
+            for line_number, line in read_lines(path):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{source}: line {line_number} is not valid JSON ({error}).") from error
+                yield f"{source}: line {line_number}", record, _not_an_object(record)
+        elif suffix == ".json":
+            records = json.loads("".join(line for _, line in read_lines(path, keepends=True)))
+            if isinstance(records, dict) and "data" in records:
+                records = records["data"]
+            if not isinstance(records, list):
+                raise ValueError(f"{source}: expected a JSON list of objects (or {{'data': [...]}}).")
+            for index, record in enumerate(records):
+                yield f"{source}: item {index}", record, _not_an_object(record)
+        elif suffix in (".csv", ".tsv"):
+            lines = (line for _, line in read_lines(path, keepends=True))
+            reader = csv.reader(lines, delimiter="\t" if suffix == ".tsv" else ",")
+            header = None
+            for cells in reader:
+                if not cells:
+                    continue  # a blank line
+                if header is None:
+                    header = cells
+                    continue
+                label = f"{source}: line {reader.line_num}"
+                if len(cells) != len(header):
+                    problem = f"the row has {len(cells)} fields, the header has {len(header)} ({header})"
+                    yield label, {}, problem
+                    continue
+                yield label, dict(zip(header, cells, strict=True)), None
+        else:  # .txt: one text per line
+            for line_number, line in read_lines(path):
+                yield f"{source}: line {line_number}", {"text": line}, None
         return
     datasets = _require_datasets()
     dataset = datasets.load_dataset(source, split=split)
     for index, record in enumerate(dataset):
-        yield f"{source} [{split}]: row {index}", record
+        yield f"{source} [{split}]: row {index}", record, None
+
+
+def _not_an_object(record: Any) -> str | None:
+    if isinstance(record, dict):
+        return None
+    return f"the row is {type(record).__name__} {str(json.dumps(record))[:60]}, not a JSON object"
 
 
 def _field(record: dict[str, Any], name: str, default_name: str) -> Any:
@@ -96,7 +120,7 @@ def _field(record: dict[str, Any], name: str, default_name: str) -> Any:
 
 
 def _collect(
-    rows: Iterable[tuple[str, dict[str, Any]]],
+    rows: Iterable[tuple[str, Any, str | None]],
     fields: dict[str, str],
     optional: frozenset[str],
     skip_invalid: bool,
@@ -105,11 +129,11 @@ def _collect(
 ) -> dict[str, list[str]]:
     columns: dict[str, list[str]] = {key: [] for key in fields}
     skipped = 0
-    for label, record in rows:
+    for label, record, problem in rows:
         if max_rows is not None and len(next(iter(columns.values()))) >= max_rows:
             break
-        values, problem = {}, None
-        for key, name in fields.items():
+        values = {}
+        for key, name in [] if problem else fields.items():
             value = _field(record, name, key)
             if value is None and key in optional:
                 value = ""
@@ -130,7 +154,7 @@ def _collect(
         for key, value in values.items():
             columns[key].append(value)
     if skipped:
-        logger.warning("Skipped %d invalid row(s) of %s (missing or empty fields).", skipped, source)
+        logger.warning("Skipped %d invalid row(s) of %s (missing or empty fields, or not a record).", skipped, source)
     if not next(iter(columns.values())):
         raise ValueError(f"{source} yielded no usable rows.")
     return columns
@@ -201,7 +225,8 @@ def sick_triplets(path: str, *, seed: int = 0, random_negatives: bool = True):
     sentence of the same anchor = hard negative.
 
     Both directions of an ENTAILMENT pair give a row. Anchors without a contradicting sentence get a random sentence
-    of the file as negative (``random_negatives=True``) or are dropped.
+    of the file as negative (``random_negatives=True``) or are dropped. The file is read with
+    :func:`grace_st.readers.read_pairs` (strict: a short row or bytes that are not UTF-8 raise, naming the line).
 
     Args:
         path: the SICK TSV file (header ``pair_ID sentence_A sentence_B relatedness_score entailment_judgment``).
@@ -210,25 +235,25 @@ def sick_triplets(path: str, *, seed: int = 0, random_negatives: bool = True):
 
     Returns:
         A ``datasets.Dataset`` with columns ``query``, ``positive``, ``negative``.
+
+    Raises:
+        ValueError: the file is not a SICK file (naming the missing columns or the bad line), a random negative is
+            needed but the file has no sentence other than the anchor and the positive, or no triplet results.
     """
     datasets = _require_datasets()
     entails: dict[str, list[str]] = {}
     contradicts: dict[str, list[str]] = {}
     sentences: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = {"sentence_A", "sentence_B", "entailment_judgment"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path} is not a SICK file: columns {sorted(missing)} are missing.")
-        for row in reader:
-            a, b, label = row["sentence_A"].strip(), row["sentence_B"].strip(), row["entailment_judgment"].strip()
-            sentences.extend((a, b))
-            if label == "ENTAILMENT":
-                entails.setdefault(a, []).append(b)
-                entails.setdefault(b, []).append(a)
-            elif label == "CONTRADICTION":
-                contradicts.setdefault(a, []).append(b)
-                contradicts.setdefault(b, []).append(a)
+    for pair in read_pairs(path, format="sick"):
+        a, b, label = pair.sentence1, pair.sentence2, pair.label
+        sentences.extend((a, b))
+        if label == "ENTAILMENT":
+            entails.setdefault(a, []).append(b)
+            entails.setdefault(b, []).append(a)
+        elif label == "CONTRADICTION":
+            contradicts.setdefault(a, []).append(b)
+            contradicts.setdefault(b, []).append(a)
+    distinct = set(sentences)
     rng = random.Random(seed)
     columns: dict[str, list[str]] = {"query": [], "positive": [], "negative": []}
     for anchor, positives in entails.items():
@@ -236,6 +261,11 @@ def sick_triplets(path: str, *, seed: int = 0, random_negatives: bool = True):
             if contradicts.get(anchor):
                 negative = rng.choice(contradicts[anchor])
             elif random_negatives:
+                if not distinct - {anchor, positive}:
+                    raise ValueError(
+                        f"{path}: anchor {anchor!r} needs a random negative, but the file has no sentence other than "
+                        "the anchor and the positive. Use a larger file or random_negatives=False."
+                    )
                 negative = rng.choice(sentences)
                 while negative in (anchor, positive):
                     negative = rng.choice(sentences)
@@ -244,6 +274,8 @@ def sick_triplets(path: str, *, seed: int = 0, random_negatives: bool = True):
             columns["query"].append(anchor)
             columns["positive"].append(positive)
             columns["negative"].append(negative)
+    if not columns["query"]:
+        raise ValueError(f"{path} yielded no usable rows (no ENTAILMENT pair with a negative).")
     return datasets.Dataset.from_dict(columns)
 
 

@@ -132,3 +132,78 @@ def test_sick_train_triplets(shared_data):
     assert all(row["query"] and row["positive"] and row["negative"] for row in dataset.select(range(50)))
     data_args = GraceDataArguments(train_data=f"sick:{path}", max_train_samples=10)
     assert len(load_training_data(data_args)) == 10
+
+
+# ------------------------------------------------------------------------------------------- issue 12, item 11
+SICK_HEADER = "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+
+
+def test_item11_non_utf8_bytes_name_file_and_line(tmp_path):
+    good = '{"query": "q", "positive": "p", "negative": "n"}\n'
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good.encode() + '{"query": "caf\xe9", "positive": "p", "negative": "n"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl: line 2 is not valid UTF-8"):
+        load_triplets(str(path))
+    csv_path = tmp_path / "latin1.csv"
+    csv_path.write_bytes("query,positive,negative\nq,p,n\nq,caf\xe9,n\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv: line 3 is not valid UTF-8"):
+        load_triplets(str(csv_path))
+    sick = tmp_path / "SICK_latin1.txt"
+    sick.write_bytes((SICK_HEADER + "1\tcaf\xe9\tA cafe\t4.5\tENTAILMENT\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"SICK_latin1.txt: line 2 is not valid UTF-8"):
+        sick_triplets(str(sick))
+
+
+@pytest.mark.parametrize("line", ["5", '"query positive"', "[1, 2]", "null"])
+def test_item11_jsonl_value_that_is_not_an_object(tmp_path, caplog, line):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"query": "q", "positive": "p", "negative": "n"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"mixed.jsonl: line 2: the row is .*, not a JSON object"):
+        load_triplets(str(path))
+    with caplog.at_level(logging.WARNING, logger="grace_st.data"):
+        assert len(load_triplets(str(path), skip_invalid=True)) == 1
+    assert "Skipped 1 invalid row(s)" in caplog.text
+
+
+def test_item11_csv_row_with_more_fields_than_the_header(tmp_path):
+    path = tmp_path / "wide.csv"
+    path.write_text("query,positive,negative\nq1,p1,n1\nq2,p2,n2,extra\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"wide.csv: line 3: the row has 4 fields, the header has 3"):
+        load_triplets(str(path))
+    assert load_triplets(str(path), skip_invalid=True)["query"] == ["q1"]
+    tsv = tmp_path / "short.tsv"
+    tsv.write_text('query\tpositive\tnegative\nq1\t"p1\nwith a newline"\tn1\nq2\tp2\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"short.tsv: line 4: the row has 2 fields, the header has 3"):
+        load_triplets(str(tsv))  # a quoted field over two lines keeps the line numbers right
+
+
+def test_item11_sick_single_entailment_pair_does_not_hang(tmp_path):
+    import signal
+
+    def stop(signum, frame):
+        raise TimeoutError("sick_triplets did not return within 20 s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    try:
+        check_single_pair(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_single_pair(tmp_path):
+    path = tmp_path / "SICK_one.txt"
+    path.write_text(SICK_HEADER + "1\tA man plays a guitar\tA person plays an instrument\t4.5\tENTAILMENT\n")
+    # Only the two sentences of the pair exist: no random negative can differ from both (this looped forever).
+    with pytest.raises(ValueError, match=r"no sentence other than the anchor and the positive"):
+        sick_triplets(str(path))
+    with pytest.raises(ValueError, match="no usable rows"):
+        sick_triplets(str(path), random_negatives=False)
+
+
+def test_item11_short_sick_row_names_the_line(tmp_path):
+    path = tmp_path / "SICK_short.txt"
+    path.write_text(SICK_HEADER + "1\tA man plays\tA person plays\t4.5\tENTAILMENT\n2\tA man plays\n")
+    with pytest.raises(ValueError, match=r"SICK_short.txt: line 3 has 2 fields, the header has 5"):
+        sick_triplets(str(path))
