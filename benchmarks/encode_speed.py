@@ -4,7 +4,8 @@ Usage:
     .venv/bin/python benchmarks/encode_speed.py [--texts 64] [--batch-size 16] [--max-new-tokens 48]
         [--memory-texts 1000] [--repeats 2]
 
-Prints, measured in this run on the same real sentences (../shared/data STS files) with the default backbone:
+Prints, measured in this run on the same real sentences (STS files of the data folder: $GRACE_ST_DATA, else
+../shared/data from the working directory) with the default backbone:
   (a) encode time / time of model.generate alone on the same batches and settings,
   (b) single-pass encode / two-pass encode (and the largest embedding difference, fp32),
   (c) encode of a list where half the texts are repeats / encode of all-unique texts,
@@ -16,31 +17,27 @@ project are used.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def real_sentences(limit: int) -> list[str]:
-    """Unique sentences from the STS 2012/2013 files beside the checkout."""
-    files = sorted((DATA / "sts2012").glob("*.tsv")) + sorted((DATA / "sts2013").glob("*.tsv"))
+    """Unique sentences from the STS 2012/2013 files of the data folder (grace_st.readers.data_dir)."""
+    from grace_st.readers import data_dir, read_pairs
+
+    folder = data_dir()
+    files = sorted((folder / "sts2012").glob("*.tsv")) + sorted((folder / "sts2013").glob("*.tsv"))
     if not files:
-        raise SystemExit(f"Real sentences not found under {DATA}; this benchmark needs ../shared/data.")
+        raise SystemExit(f"Real sentences not found under {folder}; set $GRACE_ST_DATA or run beside ../shared/data.")
     seen: dict[str, None] = {}
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-                for text in row[1:3]:
-                    if text.strip():
-                        seen.setdefault(text.strip(), None)
-                if len(seen) >= limit:
-                    return list(seen)[:limit]
+        for pair in read_pairs(file, format="sts"):
+            seen.update(dict.fromkeys(text for text in (pair.sentence1, pair.sentence2) if text))
+            if len(seen) >= limit:
+                return list(seen)[:limit]
     return list(seen)[:limit]
 
 

@@ -3,7 +3,8 @@
 Usage:
     .venv/bin/python benchmarks/fidelity.py [--pairs 100] [--max-new-tokens 48]
 
-Both embed the same real STS pairs (STS 2013 headlines and SICK trial relatedness from ../shared/data) with the
+Both embed the same real STS pairs (STS 2013 headlines and SICK trial relatedness from the data folder: --data-dir,
+else $GRACE_ST_DATA, else ../shared/data from the working directory) with the
 untrained default backbone, greedy decoding; the script prints each Spearman correlation and their difference.
 The reference renders the whole chat prompt as one string, generates one text at a time (no padding), re-tokenises
 prompt + rationale and locates the user text by character offsets — none of grace_st's code is used for it.
@@ -12,9 +13,7 @@ prompt + rationale and locates the user text by character offsets — none of gr
 from __future__ import annotations
 
 import argparse
-import csv
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,30 +21,18 @@ from scipy.stats import spearmanr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grace_st
+from grace_st.readers import read_pairs, resolve_data_path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SETS = {"sts13-headlines": "sts2013/headlines.test.tsv", "sick-trial": "sick2014/SICK_trial.txt"}
 SYSTEM = (
     "Read and analyze the following text, then you need to provide your reasoning within <think></think> tags. "
     "Finally, generate a comprehensive understanding of this text."
 )
 
 
-def load_pairs(name: str, n: int) -> tuple[list[str], list[str], list[float]]:
-    a, b, scores = [], [], []
-    if name == "sts13-headlines":
-        with open(DATA / "sts2013" / "headlines.test.tsv", encoding="utf-8") as f:
-            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-                if len(row) >= 3 and row[0].strip():
-                    scores.append(float(row[0]))
-                    a.append(row[1])
-                    b.append(row[2])
-    else:
-        with open(DATA / "sick2014" / "SICK_trial.txt", encoding="utf-8") as f:
-            for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-                a.append(row["sentence_A"])
-                b.append(row["sentence_B"])
-                scores.append(float(row["relatedness_score"]))
-    return a[:n], b[:n], scores[:n]
+def load_pairs(name: str, n: int, data_dir: str | None = None) -> tuple[list[str], list[str], list[float]]:
+    pairs = read_pairs(resolve_data_path(SETS[name], data_dir), limit=n)
+    return [p.sentence1 for p in pairs], [p.sentence2 for p in pairs], [p.score for p in pairs]
 
 
 class Reference:
@@ -91,14 +78,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--data-dir", default=None, help="data folder (default: $GRACE_ST_DATA or ../shared/data)")
     args = parser.parse_args()
     path = grace_st.default_backbone()
     reference = Reference(path, args.max_new_tokens)
     model = grace_st.from_backbone(path, max_new_tokens=args.max_new_tokens, device="cpu")
     print("| set | pairs | grace_st | reference | diff | grace_st s | reference s |")
     print("|---|---|---|---|---|---|---|")
-    for name in ("sts13-headlines", "sick-trial"):
-        a, b, scores = load_pairs(name, args.pairs)
+    for name in SETS:
+        a, b, scores = load_pairs(name, args.pairs, args.data_dir)
         t0 = time.perf_counter()
         ours = spearman(lambda t: model.encode(t, batch_size=16), a, b, scores)
         t1 = time.perf_counter()

@@ -11,6 +11,7 @@ import logging
 
 from sentence_transformers import SentenceTransformer
 
+from grace_st.backbone import resolve_backbone
 from grace_st.factory import from_backbone
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def train_contrastive(
     """Fine-tune ``[Transformer(rationale_mode="none"), RationalePooling, Normalize]`` with MNRL and save it.
 
     Args:
-        backbone: causal LM folder or Hub id (e.g. ``grace_st.default_backbone()``).
+        backbone: causal LM folder or Hub id, or ``"default"`` (:func:`grace_st.resolve_backbone`).
         train_dataset: ``datasets.Dataset`` with columns ``query``, ``positive``, ``negative`` (e.g. from
             :func:`grace_st.data.load_triplets`); an empty ``negative`` column is dropped (in-batch negatives only).
         output_dir: where the trained model (a GRACE SentenceTransformer folder) is saved.
@@ -63,7 +64,8 @@ def train_contrastive(
     options = {"rationale_mode": "none"}
     if system_prompt is not None:
         options["system_prompt"] = system_prompt
-    model = from_backbone(backbone, pooling_mode=pooling_mode, device="cpu" if use_cpu else None, **options)
+    device = "cpu" if use_cpu else None
+    model = from_backbone(resolve_backbone(backbone), pooling_mode=pooling_mode, device=device, **options)
     transformer = model[0]
     if peft_config is not None:
         from peft import get_peft_model

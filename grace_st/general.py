@@ -9,35 +9,46 @@ GRACE trains the LM itself, so the generator must still work. Three measures, ba
   imported only there (``pip install lm-eval``).
 
 A saved GRACE folder is itself a causal LM folder (the Transformer module saves the LM at its root), so
-:func:`load_lm` loads base and GRACE the same way.
+:func:`load_lm` loads base and GRACE the same way. :func:`main` is the command line of ``eval/general_run.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from grace_st.backbone import resolve_backbone
+from grace_st.readers import read_lines, read_pairs, resolve_data_path
+from grace_st.tables import format_cell, markdown_table
+
 logger = logging.getLogger(__name__)
 
 LM_EVAL_EXTRA = 'pip install lm-eval  (the "general" extra of grace-st)'
+# News sentences that neither training nor the dev tasks use; relative to the data folder (grace_st.readers.data_dir).
+DEFAULT_HELD_OUT = "sts2012/MSRpar.train.tsv"
+
+
+def bundled_questions_path() -> str:
+    """Path of the bundled multiple-choice set (``grace_st/data/general_mc.jsonl``: 40 questions written for this
+    project)."""
+    return str(resources.files("grace_st") / "data" / "general_mc.jsonl")
 
 
 def load_lm(name_or_path: str, device: str = "cpu") -> tuple[Any, Any]:
     """Load a causal LM and tokenizer from a backbone folder, a saved GRACE folder, a Hub id or ``"default"``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path == "default":
-        from grace_st.backbone import default_backbone
-
-        name_or_path = default_backbone()
+    name_or_path = resolve_backbone(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
@@ -82,20 +93,22 @@ def _continuation_logprobs(
 
 
 def held_out_sentences(path: str | os.PathLike, limit: int = 200) -> list[str]:
-    """Distinct first sentences of an STS-style TSV (``score<TAB>sentence1<TAB>sentence2``), in file order.
+    """Distinct first sentences of a pair file (STS, SICK or MSRP: :func:`grace_st.readers.read_pairs`), in order.
 
     Raises:
         FileNotFoundError: the file is missing (the message says how to point at another file).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Held-out text {path} not found; pass --text-file or set $GRACE_ST_DATA.")
-    sentences: dict[str, None] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        for sentence in line.split("\t")[1:2]:
-            if sentence.strip():
-                sentences.setdefault(sentence.strip())
+        raise FileNotFoundError(f"Held-out text {path} not found; pass --text-file or --data-dir (or $GRACE_ST_DATA).")
+    sentences = dict.fromkeys(pair.sentence1 for pair in read_pairs(path) if pair.sentence1)
     return list(sentences)[:limit]
+
+
+def read_texts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
+    """Non-blank lines of a UTF-8 text file (one passage per line), stripped, in order."""
+    texts = [line.strip() for _, line in read_lines(path) if line.strip()]
+    return texts[:limit] if limit is not None else texts
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8) -> float:
@@ -118,15 +131,34 @@ class ChoiceQuestion:
     answer: int
 
 
-def load_questions(path: str | os.PathLike) -> list[ChoiceQuestion]:
-    """Read a JSONL file of ``{"question", "choices", "answer"}`` items (answer = index into choices)."""
+def load_questions(path: str | os.PathLike | None = None) -> list[ChoiceQuestion]:
+    """Read a JSONL file of ``{"question", "choices", "answer"}`` items (answer = index into choices).
+
+    Args:
+        path: the file; None reads the bundled set (:func:`bundled_questions_path`).
+
+    Raises:
+        ValueError: a line that is not a JSON object with those fields, or an answer that is not an index into the
+            choices (naming the file and line).
+    """
+    path = path if path is not None else bundled_questions_path()
     items = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in read_lines(path):
         if not line.strip():
             continue
-        data = json.loads(line)
-        item = ChoiceQuestion(data["question"], list(data["choices"]), int(data["answer"]))
-        if not 0 <= item.answer < len(item.choices):
+        try:
+            data = json.loads(line)
+            item = ChoiceQuestion(str(data["question"]), [str(c) for c in data["choices"]], data["answer"])
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            raise ValueError(
+                f"{path}:{number}: expected a JSON object with 'question', 'choices' (a list) and 'answer' "
+                f"({error!r})."
+            ) from None
+        if (
+            isinstance(item.answer, bool)
+            or not isinstance(item.answer, int)
+            or not 0 <= item.answer < len(item.choices)
+        ):
             raise ValueError(f"{path}:{number}: answer={item.answer!r} is not an index into {item.choices!r}.")
         items.append(item)
     return items
@@ -185,3 +217,78 @@ def run_lm_eval(
         task: {k: v for k, v in metrics.items() if isinstance(v, float)}
         for task, metrics in results["results"].items()
     }
+
+
+def general_table(report: dict[str, Any]) -> str:
+    """The markdown table of a :func:`main` report: perplexity and multiple-choice accuracy per model.
+
+    Example:
+        >>> row = {"perplexity": 12.345, "acc": 0.5, "acc_norm": 0.25}
+        >>> print(general_table({"held_out_texts": 3, "questions": 4, "models": {"base": row}}), end="")
+        | model | perplexity (3 held-out texts) | MC acc (4 q.) | MC acc_norm |
+        |:------|------------------------------:|--------------:|------------:|
+        | base  |                         12.35 |         0.500 |       0.250 |
+    """
+    header = [
+        "model",
+        f"perplexity ({report['held_out_texts']} held-out texts)",
+        f"MC acc ({report['questions']} q.)",
+        "MC acc_norm",
+    ]
+    rows = [
+        [label, format_cell(row["perplexity"], 2), format_cell(row["acc"], 3), format_cell(row["acc_norm"], 3)]
+        for label, row in report["models"].items()
+    ]
+    return markdown_table(header, rows)
+
+
+USAGE = """General-ability check: does the GRACE model's LM still work as well as its backbone's?
+
+Usage:
+    python eval/general_run.py --base default --model runs/grace-sick                      # offline
+    python eval/general_run.py --base HuggingFaceTB/SmolLM2-135M-Instruct --model org/grace \\
+        --lm-eval-tasks gsm8k mmlu --limit 200                                             # lm-eval, Hub access
+
+Offline it reports perplexity on held-out text (default: the first sentences of STS 2012 MSRpar.train, news that
+neither training nor the dev tasks use, from --data-dir, else $GRACE_ST_DATA, else ../shared/data from the working
+directory) and log-likelihood accuracy on the bundled multiple-choice set (40 questions written for this project),
+for each model; results go to <output-dir>/general.json and a markdown table.
+"""
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line of ``eval/general_run.py`` (see :data:`USAGE`); returns the report."""
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="default", help="Backbone: folder, Hub id or 'default'.")
+    parser.add_argument("--model", required=True, help="GRACE model folder or Hub id.")
+    parser.add_argument("--text-file", default=None, help="Held-out text, one passage per line.")
+    parser.add_argument("--data-dir", default=None, help="Data folder of the default held-out text.")
+    parser.add_argument("--max-texts", type=int, default=200, help="Held-out passages to score. Default: 200.")
+    parser.add_argument("--questions", default=None, help="Multiple-choice JSONL (default: the bundled set).")
+    parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="lm-evaluation-harness tasks (needs lm-eval).")
+    parser.add_argument("--limit", type=int, default=None, help="Examples per lm-eval task.")
+    parser.add_argument("--output-dir", default="runs/general", help="Where general.json goes. Default: runs/general.")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.text_file:
+        texts = read_texts(args.text_file, args.max_texts)
+    else:
+        texts = held_out_sentences(resolve_data_path(DEFAULT_HELD_OUT, args.data_dir), args.max_texts)
+    questions = load_questions(args.questions)
+    report: dict[str, Any] = {"held_out_texts": len(texts), "questions": len(questions), "models": {}}
+    for label, name in (("base", args.base), ("GRACE", args.model)):
+        model, tokenizer = load_lm(name, device=args.device)
+        row = {"name": name, "perplexity": perplexity(model, tokenizer, texts)}
+        row.update(multiple_choice(model, tokenizer, questions))
+        if args.lm_eval_tasks:
+            row["lm_eval"] = run_lm_eval(name, args.lm_eval_tasks, limit=args.limit, device=args.device)
+        report["models"][label] = row
+        del model
+    report["table"] = general_table(report)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "general.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(report["table"])
+    return report

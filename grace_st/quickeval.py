@@ -1,84 +1,89 @@
 """Small, dependency-light evaluations for training runs: triplet dev sets and STS pairs, with rationale diagnostics.
 
 The full MTEB evaluation lives in :mod:`grace_st.evaluation`; these helpers give the numbers ``training/demo.py`` and
-training benchmarks print (a few hundred texts, seconds to minutes on a CPU).
+training benchmarks print (a few hundred texts, seconds to minutes on a CPU). Pair files are read with
+:func:`grace_st.readers.read_pairs`; the diagnostics are :class:`grace_st.diagnostics.RationaleStats`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from grace_st.diagnostics import copy_rate
+from grace_st.diagnostics import RationaleStats, rationale_stats
+from grace_st.model_kind import is_grace_model
+from grace_st.tables import markdown_table
+
+try:
+    from grace_st.encoding import encode_corpus
+except ImportError:  # TEMPORARY: until grace_st.encoding (another branch) is merged
+    from grace_st._corpus_fallback import encode_corpus
 
 
 @dataclass
 class Encoded:
-    """Embeddings of a list of texts plus the diagnostics of their rationales.
+    """Embeddings of a list of texts and the diagnostics of their rationales.
 
     Attributes:
-        embeddings: ``(n, dim)`` L2-normalised float32 array.
-        finish_rate: share of rationales that ended before the limit (None without rationales).
-        copy_rate: token-weighted share of rationale tokens copied from the input (None without rationales).
-        mean_length: mean rationale length in tokens (EOS excluded).
-        seconds: wall time of the encoding.
-        examples: the first few ``(text, rationale)`` pairs.
+        embeddings: ``(n, dim)`` L2-normalised float32 array, one row per input text (repeats included).
+        stats: rationale diagnostics over the distinct texts (rates are None for models without rationales).
     """
 
     embeddings: np.ndarray
-    finish_rate: float | None
-    copy_rate: float | None
-    mean_length: float
-    seconds: float
-    examples: list[tuple[str, str]] = field(default_factory=list)
+    stats: RationaleStats
 
 
-def encode(model, texts: Sequence[str], batch_size: int = 16) -> Encoded:
-    """Encode ``texts`` with a GRACE (or any) SentenceTransformer and collect rationale diagnostics.
+def encode(model, texts: Sequence[str], batch_size: int = 16, prompt: str | None = None) -> Encoded:
+    """Encode ``texts`` with a GRACE (or any) SentenceTransformer and measure the rationales.
+
+    GRACE models go through :func:`grace_st.encoding.encode_corpus` (repeated texts are generated once); the copy
+    rate's source is each text as it enters the prompt (``Transformer.text_token_ids``, the prompt prefix included).
 
     Args:
-        model: a ``SentenceTransformer``; for a GRACE model the rationales are inspected too.
+        model: a ``SentenceTransformer``.
         texts: the texts.
         batch_size: encoding batch size. Defaults to 16.
+        prompt: a sentence-transformers prompt prepended to every text (None: none).
 
     Returns:
         An :class:`Encoded`.
     """
     start = time.perf_counter()
     texts = list(texts)
-    module = model[0]
-    if not hasattr(module, "rationale_mode"):  # not a GRACE model
-        embeddings = model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
-        return Encoded(np.asarray(embeddings, dtype=np.float32), None, None, 0.0, time.perf_counter() - start)
-    items = model.encode(texts, batch_size=batch_size, output_value=None)
-    embeddings = np.stack([torch.as_tensor(item["sentence_embedding"]).float().cpu().numpy() for item in items])
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
-    if module.rationale_mode != "generate":
-        return Encoded(embeddings, None, None, 0.0, time.perf_counter() - start)
-    eos = set(module.eos_token_ids)
-    tokens = copied = finished = 0.0
-    examples = []
-    for text, item in zip(texts, items, strict=True):
-        ids = [t for t in item["rationale_ids"][item["rationale_mask"].bool()].tolist() if t not in eos]
-        source = module.tokenizer(text, add_special_tokens=False)["input_ids"]
-        tokens += len(ids)
-        copied += copy_rate(ids, source) * len(ids)
-        finished += float(bool(item["rationale_finished"]))
-        if len(examples) < 3:
-            examples.append((text, item["rationale"]))
-    return Encoded(
-        embeddings,
-        finished / len(texts),
-        copied / tokens if tokens else 0.0,
-        tokens / len(texts),
-        time.perf_counter() - start,
-        examples,
-    )
+    unique = list(dict.fromkeys(texts))
+    if not is_grace_model(model) or model[0].rationale_mode == "none":
+        embeddings = model.encode(
+            texts, batch_size=batch_size, prompt=prompt, normalize_embeddings=True, show_progress_bar=False
+        )
+        stats = RationaleStats(texts=len(unique))
+    else:
+        corpus = encode_corpus(model, texts, batch_size=batch_size, prompt=prompt, normalize_embeddings=True)
+        embeddings = corpus.embeddings
+        first = {text: i for i, text in reversed(list(enumerate(texts)))}
+        rows = [first[text] for text in unique]
+        stats = rationale_stats(
+            [corpus.rationale_ids[i] for i in rows],
+            model[0].text_token_ids([(prompt or "") + text for text in unique]),
+            [corpus.finished[i] for i in rows],
+            texts=unique,
+            rationales=[corpus.rationales[i] for i in rows],
+        )
+    stats.seconds = time.perf_counter() - start
+    return Encoded(np.asarray(embeddings, dtype=np.float32), stats)
+
+
+def _diagnostics(stats: RationaleStats) -> dict[str, Any]:
+    return {
+        "finish_rate": stats.finish_rate,
+        "copy_rate": stats.copy_rate,
+        "mean_length": stats.mean_length,
+        "seconds": stats.seconds,
+        "examples": stats.examples,
+    }
 
 
 def triplet_scores(model, rows: Sequence[dict[str, str]], batch_size: int = 16) -> dict[str, Any]:
@@ -93,7 +98,8 @@ def triplet_scores(model, rows: Sequence[dict[str, str]], batch_size: int = 16) 
         batch_size: encoding batch size. Defaults to 16.
 
     Returns:
-        ``{"accuracy", "mrr@10", "finish_rate", "copy_rate", "mean_length", "seconds", "examples"}``.
+        ``{"accuracy", "mrr@10", "finish_rate", "copy_rate", "mean_length", "seconds", "examples"}`` (diagnostics as
+        in :class:`grace_st.diagnostics.RationaleStats`: None without rationales).
     """
     n = len(rows)
     texts = [r["query"] for r in rows] + [r["positive"] for r in rows] + [r["negative"] for r in rows]
@@ -104,69 +110,38 @@ def triplet_scores(model, rows: Sequence[dict[str, str]], batch_size: int = 16) 
     accuracy = float(np.mean(positive > sims[np.arange(n), np.arange(n) + n]))
     ranks = (sims > positive[:, None]).sum(axis=1) + 1
     mrr = float(np.mean(np.where(ranks <= 10, 1.0 / ranks, 0.0)))
-    return {
-        "accuracy": accuracy,
-        "mrr@10": mrr,
-        "finish_rate": encoded.finish_rate,
-        "copy_rate": encoded.copy_rate,
-        "mean_length": encoded.mean_length,
-        "seconds": encoded.seconds,
-        "examples": encoded.examples,
-    }
+    return {"accuracy": accuracy, "mrr@10": mrr, **_diagnostics(encoded.stats)}
 
 
-def sts_spearman(model, pairs: Sequence[tuple[str, str, float]], batch_size: int = 16) -> dict[str, Any]:
-    """Spearman correlation between cosine similarity and gold scores on ``(sentence1, sentence2, score)`` pairs.
+def sts_spearman(model, pairs: Sequence[Sequence[Any]], batch_size: int = 16) -> dict[str, Any]:
+    """Spearman correlation between cosine similarity and gold scores of sentence pairs.
+
+    Args:
+        model: a ``SentenceTransformer``.
+        pairs: :class:`grace_st.readers.Pair` s (:func:`grace_st.readers.read_pairs`) or ``(sentence1, sentence2,
+            score)`` tuples.
+        batch_size: encoding batch size. Defaults to 16.
 
     Returns:
         ``{"spearman", "finish_rate", "copy_rate", "mean_length", "seconds", "examples"}``.
     """
     from scipy.stats import spearmanr
 
-    texts = [a for a, _, _ in pairs] + [b for _, b, _ in pairs]
+    texts = [pair[0] for pair in pairs] + [pair[1] for pair in pairs]
     encoded = encode(model, texts, batch_size=batch_size)
     n = len(pairs)
     cosine = (encoded.embeddings[:n] * encoded.embeddings[n:]).sum(axis=1)
-    return {
-        "spearman": float(spearmanr(cosine, [s for _, _, s in pairs]).statistic),
-        "finish_rate": encoded.finish_rate,
-        "copy_rate": encoded.copy_rate,
-        "mean_length": encoded.mean_length,
-        "seconds": encoded.seconds,
-        "examples": encoded.examples,
-    }
-
-
-def read_sts_pairs(path: str, limit: int | None = None) -> list[tuple[str, str, float]]:
-    """Read STS pairs: SICK files (header with ``relatedness_score``) or STS TSV ``score<TAB>s1<TAB>s2`` files."""
-    pairs: list[tuple[str, str, float]] = []
-    with open(path, encoding="utf-8-sig") as handle:
-        lines = handle.read().splitlines()
-    if lines and lines[0].startswith("pair_ID"):
-        header = lines[0].split("\t")
-        a, b, s = header.index("sentence_A"), header.index("sentence_B"), header.index("relatedness_score")
-        for line in lines[1:]:
-            cells = line.split("\t")
-            pairs.append((cells[a], cells[b], float(cells[s])))
-    else:
-        for line in lines:
-            cells = line.split("\t")
-            if len(cells) >= 3 and cells[0].strip():
-                pairs.append((cells[1], cells[2], float(cells[0])))
-    return pairs[:limit] if limit is not None else pairs
+    spearman = float(spearmanr(cosine, [float(pair[2]) for pair in pairs]).statistic)
+    return {"spearman": spearman, **_diagnostics(encoded.stats)}
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, Any]]], columns: Sequence[str]) -> str:
-    """A plain-text table: one row per ``(name, scores)``; missing or None values print as ``-``."""
-    header = ["model", *columns]
-    body = []
-    for name, scores in rows:
-        cells = [name]
-        for column in columns:
-            value = scores.get(column)
-            cells.append("-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
-        body.append(cells)
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *body]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    """Score dicts as a :func:`grace_st.tables.markdown_table`: one row per ``(name, scores)``, None as ``–``.
+
+    Example:
+        >>> print(format_table([("echo", {"accuracy": 0.5})], ["accuracy", "copy_rate"]), end="")
+        | model | accuracy | copy_rate |
+        |:------|---------:|----------:|
+        | echo  |    0.500 |         – |
+    """
+    return markdown_table(["model", *columns], [[name, *(scores.get(c) for c in columns)] for name, scores in rows])

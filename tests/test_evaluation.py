@@ -1,9 +1,9 @@
-"""Evaluation: local task specs, the mteb encoder wrapper, result reuse and the comparison table."""
+"""Evaluation: mteb's wrapper with GRACE diagnostics, model metadata, cache keys, result reuse, table and CLI."""
 
 from __future__ import annotations
 
+import doctest
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +14,20 @@ pytest.importorskip("mteb", reason='evaluation needs the eval extra: pip install
 import mteb  # noqa: E402
 from mteb.mocks.mock_tasks import MockClassificationTask, MockRetrievalTask, MockSTSTask  # noqa: E402
 
-from grace_st import evaluation  # noqa: E402
+from grace_st import evaluation, quickeval  # noqa: E402
 from grace_st.evaluation import (  # noqa: E402
     GraceEncoder,
     ModelSpec,
-    RationaleStats,
+    baseline_options,
     build_model_meta,
     comparison_table,
     evaluate_model,
-    load_task_spec,
-    resolve_tasks,
+    main,
     standard_rows,
 )
+from grace_st.local_tasks import load_task_spec  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED_SPECS = REPO / "eval" / "tasks"
+SYSTEM_PROMPT = "Say what the text is about."
 PAIRS = [
     ("A man is playing a guitar.", "A man plays the guitar.", 4.8),
     ("A man is playing a guitar.", "A woman is slicing onions.", 0.2),
@@ -39,33 +38,27 @@ PAIRS = [
 ]
 
 
+def write_sts_spec(folder: Path) -> Path:
+    """A six-pair STS spec ``TinySTS.json`` over ``pairs.tsv`` in ``folder``."""
+    (folder / "pairs.tsv").write_text("".join(f"{s}\t{a}\t{b}\n" for a, b, s in PAIRS), encoding="utf-8")
+    columns = {"score": 0, "sentence1": 1, "sentence2": 2}
+    spec = {
+        "name": "TinySTS",
+        "type": "STS",
+        "splits": {"test": {"path": "pairs.tsv", "header": False, "columns": columns}},
+    }
+    (folder / "TinySTS.json").write_text(json.dumps(spec), encoding="utf-8")
+    return folder / "TinySTS.json"
+
+
 @pytest.fixture(scope="module")
 def tiny_grace_dir(tiny_backbone_dir, tmp_path_factory) -> str:
-    """A saved GRACE model on the tiny backbone with 4-token rationales."""
+    """A saved GRACE model on the tiny backbone with 4-token rationales and its own system prompt."""
     from grace_st import from_backbone
 
     path = tmp_path_factory.mktemp("tiny-grace")
-    from_backbone(tiny_backbone_dir, max_new_tokens=4, device="cpu").save(str(path))
+    from_backbone(tiny_backbone_dir, max_new_tokens=4, system_prompt=SYSTEM_PROMPT, device="cpu").save(str(path))
     return str(path)
-
-
-def write_sts_spec(folder: Path, name: str = "TinySTS", **extra) -> Path:
-    data = folder / "pairs.tsv"
-    data.write_text("".join(f"{score}\t{a}\t{b}\n" for a, b, score in PAIRS), encoding="utf-8")
-    spec = {
-        "name": name,
-        "type": "STS",
-        "description": "six pairs",
-        "min_score": 0,
-        "max_score": 5,
-        "splits": {
-            "test": {"path": "pairs.tsv", "header": False, "columns": {"score": 0, "sentence1": 1, "sentence2": 2}}
-        },
-        **extra,
-    }
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(spec), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -85,147 +78,15 @@ def evaluated(tiny_grace_dir, sts_spec, tmp_path_factory):
     return out, tasks, grace, echo
 
 
-# ------------------------------------------------------------------------------------------- diagnostics
-def test_rationale_stats_aggregate():
-    stats = RationaleStats()
-    stats.add("a b c d", "a b c d", [1, 2, 3, 4], [1, 2, 3, 4], finished=True)
-    stats.add("x", "something new", [7, 8, 9, 10], [1, 2, 3, 4], finished=False)
-    assert stats.copy_rate == pytest.approx(0.5)
-    assert stats.mean_length == 4 and stats.finish_rate == 0.5
-    again = RationaleStats.from_dict(json.loads(json.dumps(stats.to_dict())))
-    assert again.to_dict() == stats.to_dict()
-    assert RationaleStats().copy_rate is None
+def test_doctests():
+    result = doctest.testmod(evaluation)
+    assert result.attempted > 0 and result.failed == 0
 
 
-# ------------------------------------------------------------------------------------------- task specs
-def test_sts_spec_becomes_mteb_task(sts_spec):
-    task = load_task_spec(sts_spec, data_dir=sts_spec.parent)
-    assert isinstance(task, mteb.AbsTask) and task.metadata.type == "STS"
-    assert task.metadata.main_score == "cosine_spearman" and task.max_score == 5
-    task.load_data()
-    assert task.dataset["test"]["sentence1"][0] == PAIRS[0][0]
-    assert task.dataset["test"]["score"] == [p[2] for p in PAIRS]
-
-
-def test_spec_revision_changes_with_spec(tmp_path):
-    first = load_task_spec(write_sts_spec(tmp_path), data_dir=tmp_path).metadata.revision
-    spec = json.loads((tmp_path / "TinySTS.json").read_text())
-    spec["splits"]["test"]["limit"] = 3
-    (tmp_path / "TinySTS.json").write_text(json.dumps(spec))
-    second = load_task_spec(tmp_path / "TinySTS.json", data_dir=tmp_path)
-    assert second.metadata.revision != first
-    second.load_data()
-    assert len(second.dataset["test"]) == 3
-
-
-def test_pair_classification_retrieval_and_classification_specs(tmp_path):
-    rows = "label\ta\tb\n" + "".join(f"{int(s > 2)}\t{a}\t{b}\n" for a, b, s in PAIRS)
-    (tmp_path / "rows.tsv").write_text(rows)
-    specs = {
-        "pairs.yaml": """
-            name: TinyPairs
-            type: PairClassification
-            splits:
-              test: {path: rows.tsv, columns: {label: label, sentence1: a, sentence2: b}}
-        """,
-        "retrieval.yaml": """
-            name: TinyRetrieval
-            type: Retrieval
-            splits:
-              test: {path: rows.tsv, filter: {label: "1"}, columns: {query: a, document: b}}
-        """,
-        "classification.yaml": """
-            name: TinyClassification
-            type: Classification
-            splits:
-              train: {path: rows.tsv, columns: {text: b, label: label}}
-              test: {path: rows.tsv, columns: {text: a, label: label}}
-        """,
-    }
-    for file, text in specs.items():
-        (tmp_path / file).write_text(textwrap.dedent(text))
-    pairs = load_task_spec(tmp_path / "pairs.yaml", data_dir=tmp_path)
-    pairs.load_data()
-    assert pairs.dataset["test"][0]["labels"] == [1, 0, 1, 0, 1, 1]
-    retrieval = load_task_spec(tmp_path / "retrieval.yaml", data_dir=tmp_path)
-    retrieval.load_data()
-    split = retrieval.dataset["default"]["test"]
-    assert len(split["queries"]) == 4 and len(split["corpus"]) == 4
-    assert all(len(docs) == 1 for docs in split["relevant_docs"].values())
-    classification = load_task_spec(tmp_path / "classification.yaml", data_dir=tmp_path)
-    assert classification.metadata.eval_splits == ["test"]
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"colour": "red"}, "Unknown key(s) ['colour']"),
-        ({"type": "STSS"}, "close: ['STS']"),
-        (
-            {"splits": {"test": {"path": "pairs.tsv", "columns": {"score": 0, "sentence1": 1}}}},
-            "missing: ['sentence2']",
-        ),
-        ({"splits": {"test": {"path": "pairs.tsv", "columns": {}, "sep": ","}}}, "Unknown key(s) ['sep']"),
-        ({"type": "Classification", "splits": {"test": {"path": "p", "columns": {"text": 0, "label": 1}}}}, "'train'"),
-    ],
-)
-def test_spec_errors_name_the_problem(tmp_path, change, message):
-    path = write_sts_spec(tmp_path)
-    spec = {**json.loads(path.read_text()), **change}
-    path.write_text(json.dumps(spec))
-    with pytest.raises(ValueError) as error:
-        load_task_spec(path, data_dir=tmp_path)
-    assert message in str(error.value)
-
-
-def test_spec_with_missing_data_file_names_the_data_dir(tmp_path):
-    path = write_sts_spec(tmp_path)
-    task = load_task_spec(path, data_dir=tmp_path / "elsewhere")
-    with pytest.raises(FileNotFoundError, match="GRACE_ST_DATA"):
-        task.load_data()
-
-
-def test_bad_column_name_lists_columns(tmp_path):
-    (tmp_path / "h.tsv").write_text("score\tleft\tright\n1\ta\tb\n")
-    (tmp_path / "s.json").write_text(
-        json.dumps(
-            {
-                "name": "T",
-                "type": "STS",
-                "splits": {
-                    "test": {"path": "h.tsv", "columns": {"score": "score", "sentence1": "lft", "sentence2": 2}}
-                },
-            }
-        )
-    )
-    with pytest.raises(ValueError, match=r"'lft' is not in h.tsv .*close: \['left'\]"):
-        load_task_spec(tmp_path / "s.json", data_dir=tmp_path).load_data()
-
-
-def test_unknown_task_names_suggest_close_matches(tmp_path):
-    with pytest.raises(ValueError, match=r"'STS13x'.*'STS13'"):
-        resolve_tasks(["STS13x"])
-    (tmp_path / "sts13_headlines.yaml").write_text("name: X\n")
-    with pytest.raises(ValueError, match=r"did you mean \['sts13_headlines'\]"):
-        resolve_tasks(local_tasks=["sts13_headline"], spec_folder=tmp_path)
-    with pytest.raises(ValueError, match="Unknown benchmark"):
-        resolve_tasks(benchmark="MTEB(eng, v9)")
-
-
-def test_resolve_mixes_mteb_names_and_local_specs(sts_spec):
-    tasks = resolve_tasks(["STS13", "STS13"], local_tasks=[str(sts_spec)], data_dir=sts_spec.parent)
-    assert [t.metadata.name for t in tasks] == ["STS13", "TinySTS"]
-
-
-def test_shipped_specs_load_real_data(shared_data):
-    tasks = resolve_tasks(local_tasks=sorted(evaluation.local_task_specs(SHIPPED_SPECS)), spec_folder=SHIPPED_SPECS)
-    assert len(tasks) >= 5
-    for task in tasks:
-        task.load_data()
-    by_name = {t.metadata.name: t for t in tasks}
-    headlines = by_name["LocalSTS13Headlines"].dataset["test"]
-    assert len(headlines) == 100 and headlines["score"][0] == 2.6
-    assert len(by_name["LocalSICKTrialRelatedness"].dataset["test"]) == 100
+def test_no_private_mteb_imports():
+    source = Path(evaluation.__file__).read_text() + Path(evaluation.__file__).with_name("local_tasks.py").read_text()
+    assert "mteb._" not in source and ".mteb._" not in source
+    assert not [line for line in source.splitlines() if line.strip().startswith("from mteb") and "import _" in line]
 
 
 # ------------------------------------------------------------------------------------------- models and metadata
@@ -236,15 +97,21 @@ def test_model_spec_parse_and_labels():
     assert ModelSpec.parse("org/model").display_name() == "org/model"
     with pytest.raises(ValueError, match="KEY=VALUE"):
         ModelSpec.parse("x@echo")
-    assert [row.label for row in standard_rows("b", trained="t")] == [
+    with pytest.raises(ValueError, match="names no model"):
+        ModelSpec.parse("label=")
+    rows = standard_rows("b", max_new_tokens=8, trained="t", contrastive="c", system_prompt="p")
+    assert [row.label for row in rows] == [
         "no rationale",
         "echo",
         "untrained GRACE",
+        "contrastive (+CL)",
         "trained GRACE",
     ]
+    assert dict(rows[2].options) == {"max_new_tokens": 8, "rationale_mode": "generate", "system_prompt": "p"}
+    assert dict(rows[1].options) == {"rationale_mode": "echo", "system_prompt": "p"} and rows[3].options == ()
 
 
-def test_model_meta_from_files(tiny_grace_dir, tiny_backbone_dir):
+def test_model_meta_and_cache_key(tiny_grace_dir, tiny_backbone_dir):
     meta = build_model_meta(ModelSpec(tiny_grace_dir), Path(tiny_grace_dir))
     assert meta.name == f"local/{Path(tiny_grace_dir).name}" and len(meta.revision) == 12
     assert meta.embed_dim == 32 and meta.n_parameters > 0 and meta.similarity_fn_name.value == "cosine"
@@ -252,27 +119,65 @@ def test_model_meta_from_files(tiny_grace_dir, tiny_backbone_dir):
     echo = build_model_meta(ModelSpec(tiny_grace_dir, options=(("rationale_mode", "echo"),)), Path(tiny_grace_dir))
     assert echo.revision == meta.revision and echo.experiment_name == "rationale_mode_echo"
     backbone = build_model_meta(ModelSpec(tiny_backbone_dir), Path(tiny_backbone_dir))
-    assert backbone.experiment_kwargs == {"grace": True, "rationale_mode": "generate", "max_new_tokens": 128}
+    kwargs = dict(backbone.experiment_kwargs)
+    assert kwargs.pop("settings") and kwargs == {"grace": True, "rationale_mode": "generate", "max_new_tokens": 128}
     assert backbone.training_datasets == set()
+    # Any GRACE setting, default or not, changes a backbone's cache key (not only the readable ones).
+    keys = {
+        build_model_meta(ModelSpec(tiny_backbone_dir, options=options), Path(tiny_backbone_dir)).experiment_name
+        for options in [(), (("max_input_tokens", 64),), (("do_sample", True),), (("system_prompt", "x"),)]
+    }
+    assert len(keys) == 4
     with pytest.raises(ValueError, match="Unknown GRACE option"):
         build_model_meta(ModelSpec(tiny_grace_dir, options=(("max_tokens", 3),)), Path(tiny_grace_dir))
 
 
-def test_encoder_generates_each_text_once_on_mteb_mock_tasks(tiny_grace_dir):
+def test_load_model_applies_and_validates_options(tiny_grace_dir):
+    model = evaluation.load_model(ModelSpec(tiny_grace_dir, options=(("max_new_tokens", 2),)), device="cpu")
+    assert model[0].max_new_tokens == 2 and model[0].system_prompt == SYSTEM_PROMPT
+    assert len(model.encode(["a b c"], output_value=None)[0]["rationale_ids"]) <= 2
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        evaluation.load_model(ModelSpec(tiny_grace_dir, options=(("max_new_tokens", 0),)), device="cpu")
+
+
+def test_baseline_options_follow_the_model_under_test(tiny_grace_dir):
+    assert baseline_options(ModelSpec(tiny_grace_dir)) == {"system_prompt": SYSTEM_PROMPT, "max_new_tokens": 4}
+    assert baseline_options(ModelSpec(tiny_grace_dir, options=(("max_new_tokens", 9),)))["max_new_tokens"] == 9
+    assert baseline_options(ModelSpec("org/not-a-folder")) == {}
+
+
+# ------------------------------------------------------------------------------------------- the encoder
+def test_encoder_generates_each_text_once_per_task(tiny_grace_dir, monkeypatch):
     model = evaluation.load_model(ModelSpec(tiny_grace_dir), device="cpu")
-    encoder = GraceEncoder(model, build_model_meta(ModelSpec(tiny_grace_dir), Path(tiny_grace_dir)))
+    encoder = evaluation.make_encoder(model, build_model_meta(ModelSpec(tiny_grace_dir), Path(tiny_grace_dir)))
+    assert isinstance(encoder, GraceEncoder) and isinstance(encoder, mteb.models.SentenceTransformerEncoderWrapper)
     calls = []
-    original = model.encode
-    model.encode = lambda texts, **kw: calls.append(list(texts)) or original(texts, **kw)
-    result = mteb.evaluate(
-        encoder, [MockSTSTask(), MockRetrievalTask(), MockClassificationTask()], cache=None, show_progress_bar=False
+    original = evaluation.encode_with_stats
+    monkeypatch.setattr(
+        evaluation,
+        "encode_with_stats",
+        lambda model, texts, **kw: calls.append(list(texts)) or original(model, texts, **kw),
     )
+    tasks = [MockSTSTask(), MockRetrievalTask(), MockClassificationTask()]
+    result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=False)
     assert {r.task_name for r in result.task_results} == {"MockSTSTask", "MockRetrievalTask", "MockClassificationTask"}
     encoded = [text for call in calls for text in call]
-    # MockClassificationTask repeats "This is a test sentence" in train and test; it is generated once.
-    assert encoded.count("This is a test sentence") <= 3  # once per task at most
+    # MockClassificationTask repeats "This is a test sentence" in train and test (and both splits): one rationale.
+    assert encoded.count("This is a test sentence") == 3  # once per task
     stats = encoder.stats["MockClassificationTask"]
-    assert stats.texts == 3 and 0 <= stats.finish_rate <= 1 and stats.mean_length <= 4
+    assert stats.texts == stats.rationales == 3 and stats.mean_length <= 4
+
+
+def test_plain_sentence_transformer_uses_mteb_wrapper(tiny_grace_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize
+
+    model = SentenceTransformer(modules=[Normalize()], device="cpu")
+    encoder = evaluation.make_encoder(model, build_model_meta(ModelSpec(tiny_grace_dir), Path(tiny_grace_dir)))
+    assert type(encoder) is mteb.models.SentenceTransformerEncoderWrapper
+    assert encoder.mteb_model_meta.name == f"local/{Path(tiny_grace_dir).name}"
+    with pytest.raises(ValueError, match="needs a GRACE model"):
+        GraceEncoder(model, encoder.mteb_model_meta)
 
 
 # ------------------------------------------------------------------------------------------- running and reuse
@@ -285,10 +190,25 @@ def test_evaluate_writes_mteb_results_layout(evaluated):
     assert (result_dir / "model_meta.json").is_file()
     sidecar = json.loads((result_dir / "grace_diagnostics" / "TinySTS.json").read_text())
     assert sidecar["task"]["type"] == "STS" and sidecar["stats"]["texts"] == 9  # 9 distinct texts in 12 slots
-    echo_dir = result_dir / "experiments" / "rationale_mode_echo"
-    assert (echo_dir / "TinySTS.json").is_file()
+    assert (result_dir / "experiments" / "rationale_mode_echo" / "TinySTS.json").is_file()
+    # Echo is measured like any rationale: the text repeated, so everything is copied and finished.
     assert echo.stats["TinySTS"].copy_rate == 1.0 and echo.stats["TinySTS"].finish_rate == 1.0
     assert grace.reused == [] and echo.reused == []
+
+
+def test_scores_and_diagnostics_match_a_direct_computation(evaluated, tiny_grace_dir):
+    from scipy.stats import spearmanr
+
+    _, _, grace, _ = evaluated
+    model = evaluation.load_model(ModelSpec(tiny_grace_dir), device="cpu")
+    embeddings = model.encode([p[0] for p in PAIRS] + [p[1] for p in PAIRS])
+    cosine = (embeddings[: len(PAIRS)] * embeddings[len(PAIRS) :]).sum(axis=1)
+    assert grace.score("TinySTS") == pytest.approx(spearmanr(cosine, [p[2] for p in PAIRS]).statistic, abs=1e-6)
+    texts = list(dict.fromkeys([p[0] for p in PAIRS] + [p[1] for p in PAIRS]))
+    direct = quickeval.encode(model, texts, batch_size=4).stats
+    stats = grace.stats["TinySTS"]
+    assert (stats.texts, stats.tokens, stats.finished) == (direct.texts, direct.tokens, direct.finished)
+    assert stats.copy_rate == pytest.approx(direct.copy_rate)
 
 
 def test_finished_results_are_reused_without_loading(evaluated, tiny_grace_dir, monkeypatch):
@@ -303,46 +223,85 @@ def test_finished_results_are_reused_without_loading(evaluated, tiny_grace_dir, 
     assert again.stats["TinySTS"].to_dict() == grace.stats["TinySTS"].to_dict()
 
 
+def test_results_of_another_dataset_revision_are_recomputed(tiny_grace_dir, tmp_path):
+    spec = write_sts_spec(tmp_path)
+    out = tmp_path / "out"
+    first = evaluate_model(ModelSpec(tiny_grace_dir), [load_task_spec(spec, data_dir=tmp_path)], out, device="cpu")
+    (tmp_path / "pairs.tsv").write_text("".join(f"{s}\t{b}\t{a}\n" for a, b, s in PAIRS[:4]), encoding="utf-8")
+    edited = [load_task_spec(spec, data_dir=tmp_path)]
+    second = evaluate_model(ModelSpec(tiny_grace_dir), edited, out, device="cpu")
+    assert first.reused == [] and second.reused == []  # mteb's "only-missing" would have kept the old scores
+    assert second.stats["TinySTS"].texts == 6  # 4 distinct first and 2 distinct second sentences
+    assert second.results["TinySTS"].dataset_revision != first.results["TinySTS"].dataset_revision
+
+
 def test_comparison_table_rows_and_diagnostics(evaluated):
     _, _, grace, echo = evaluated
-    table = comparison_table([grace, echo])
-    lines = table.strip().splitlines()
-    assert lines[0] == "| model | TinySTS | avg | copy rate | mean length | finish rate | s/text |"
-    assert lines[2].startswith(f"| grace | {100 * grace.score('TinySTS'):.2f} |")
-    assert lines[3].startswith("| echo |") and "| 1.00 |" in lines[3]
-    missing = comparison_table([grace], tasks=["TinySTS", "Other"]).splitlines()[2]
-    assert "| – | – |" in missing  # a task the row lacks, hence no average
-
-
-def test_mteb_run_script(tiny_grace_dir, sts_spec, tmp_path, capsys):
-    import importlib.util
-
-    script = importlib.util.spec_from_file_location("mteb_run", REPO / "eval" / "mteb_run.py")
-    module = importlib.util.module_from_spec(script)
-    script.loader.exec_module(module)
-    argv = ["--model", tiny_grace_dir, "--local-task", str(sts_spec), "--data-dir", str(sts_spec.parent)]
-    argv += [
-        "--output-dir",
-        str(tmp_path),
-        "--compare",
-        f"none={tiny_grace_dir}@rationale_mode=none",
-        "--device",
-        "cpu",
+    lines = comparison_table([grace, echo]).strip().splitlines()
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == [
+        "model",
+        "TinySTS",
+        "avg",
+        "copy rate",
+        "mean length",
+        "finish rate",
+        "s/text",
     ]
-    table = module.main(argv)
+    cells = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    stats = grace.stats["TinySTS"]
+    assert cells[:3] == ["grace", f"{100 * grace.score('TinySTS'):.2f}", f"{100 * grace.score('TinySTS'):.2f}"]
+    assert cells[3:6] == [f"{stats.copy_rate:.2f}", f"{stats.mean_length:.1f}", f"{stats.finish_rate:.2f}"]
+    echo_cells = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert echo_cells[0] == "echo" and echo_cells[3] == "1.00" and echo_cells[5] == "1.00"
+    missing = [c.strip() for c in comparison_table([grace], tasks=["TinySTS", "Other"]).splitlines()[2].split("|")]
+    assert missing[3:5] == ["–", "–"]  # a task the row lacks, hence no average
+
+
+def test_command_line(tiny_grace_dir, sts_spec, tmp_path, capsys):
+    argv = ["--model", tiny_grace_dir, "--local-task", str(sts_spec), "--data-dir", str(sts_spec.parent)]
+    argv += ["--output-dir", str(tmp_path), "--compare", f"none={tiny_grace_dir}@rationale_mode=none"]
+    argv += ["--device", "cpu"]
+    table = main(argv)
     assert (tmp_path / "comparison.md").read_text() == table
-    assert table.splitlines()[2].startswith("| none |")  # compared models first, the model under test last
-    module.main(argv)
+    lines = table.splitlines()
+    assert lines[2].startswith("| none ") and lines[3].startswith(f"| local/{Path(tiny_grace_dir).name} ")
+    none_cells = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert none_cells[3:6] == ["–", "–", "–"] and none_cells[6] != "–"  # no rationales: no rates, but a time
+    main(argv)
     assert "reused 1/1 task results" in capsys.readouterr().out
+
+
+def test_command_line_baselines_use_the_model_prompt(tiny_grace_dir, tiny_backbone_dir, sts_spec, tmp_path):
+    argv = ["--model", tiny_grace_dir, "--baselines", tiny_backbone_dir, "--local-task", str(sts_spec)]
+    argv += ["--data-dir", str(sts_spec.parent), "--output-dir", str(tmp_path), "--device", "cpu"]
+    table = main(argv)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+        "no rationale",
+        "echo",
+        "untrained GRACE",
+        f"local/{Path(tiny_grace_dir).name}",
+    ]
+    untrained = json.loads(
+        next((tmp_path / "results").rglob("experiments/*rationale_mode_generate*/model_meta.json")).read_text()
+    )
+    assert untrained["experiment_kwargs"]["max_new_tokens"] == 4
+    assert untrained["experiment_kwargs"]["system_prompt"] == evaluation._short_hash(SYSTEM_PROMPT)
 
 
 @pytest.mark.slow
 def test_default_backbone_on_real_sts_pairs(shared_data, tmp_path):
+
+    from grace_st.local_tasks import bundled_task_specs
+    from grace_st.readers import read_pairs
+
     spec = tmp_path / "sick.yaml"
-    spec.write_text((SHIPPED_SPECS / "sick_trial_relatedness.yaml").read_text().replace("limit: 100", "limit: 12"))
-    tasks = resolve_tasks(local_tasks=[str(spec)])
+    spec.write_text(bundled_task_specs()["sick_trial_relatedness"].read_text().replace("limit: 100", "limit: 12"))
+    tasks = [load_task_spec(spec, data_dir=shared_data)]
     row = evaluate_model("default@max_new_tokens=16", tasks, tmp_path / "out", batch_size=8, device="cpu")
-    score = row.score("LocalSICKTrialRelatedness")
-    assert -1 <= score <= 1 and not np.isnan(score)
+    pairs = read_pairs(shared_data / "sick2014" / "SICK_trial.txt", limit=12)
+    model = evaluation.load_model(ModelSpec.parse("default@max_new_tokens=16"), device="cpu")
+    direct = quickeval.sts_spearman(model, pairs, batch_size=8)
+    assert row.score("LocalSICKTrialRelatedness") == pytest.approx(direct["spearman"], abs=1e-6)
     stats = row.stats["LocalSICKTrialRelatedness"]
-    assert stats.texts > 0 and stats.mean_length <= 16
+    assert stats.mean_length == pytest.approx(direct["mean_length"]) and stats.mean_length <= 16
+    assert not np.isnan(row.score("LocalSICKTrialRelatedness"))

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from grace_st.backbone import default_backbone
 from grace_st.config import GraceDataArguments
 from grace_st.contrastive import train_contrastive
 from grace_st.data import load_training_data
@@ -47,9 +46,8 @@ def main() -> None:
 
         modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=modules, lora_dropout=0.0)
-    backbone = default_backbone() if args.model_name_or_path in ("", "default") else args.model_name_or_path
     train_contrastive(
-        backbone,
+        args.model_name_or_path,
         dataset,
         args.output_dir,
         system_prompt=args.system_prompt,
