@@ -2,7 +2,7 @@
 
 Same contract: texts in, ``EncodedCorpus(embeddings (n, dim) float32, rationales, rationale_ids (closing EOS
 excluded), finished)`` out, texts repeated within the call encoded once. Delete this file and the ``except
-ImportError`` fallbacks that import it (grace_st/evaluation.py, grace_st/quickeval.py) when encoding.py lands.
+ImportError`` fallback that imports it (grace_st/quickeval.py, the only caller) when encoding.py lands.
 """
 
 from __future__ import annotations

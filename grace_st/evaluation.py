@@ -41,7 +41,7 @@ from grace_st.backbone import resolve_backbone
 from grace_st.diagnostics import RationaleStats
 from grace_st.hub import DIAGNOSTICS_FOLDER, GRACE_CITATION, folder_revision
 from grace_st.local_tasks import EVAL_EXTRA, load_task_spec, resolve_tasks
-from grace_st.model_kind import folder_kind, is_grace_model
+from grace_st.model_kind import folder_kind, folder_parameters, is_grace_model
 from grace_st.quickeval import encode as encode_with_stats
 from grace_st.tables import format_cell, markdown_table
 
@@ -156,22 +156,6 @@ def _resolve_folder(spec: ModelSpec) -> tuple[Path, str | None]:
     return folder, folder.name
 
 
-def _count_parameters(folder: Path) -> tuple[int | None, int | None]:
-    """(parameters, bytes) from the safetensors headers, without loading the weights."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors"))
-    if not files:
-        return None, None
-    total, size = 0, 0
-    for file in files:
-        with safe_open(str(file), framework="numpy") as handle:
-            for key in handle.keys():
-                total += int(np.prod(handle.get_slice(key).get_shape()))
-        size += file.stat().st_size
-    return total, size
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -224,7 +208,7 @@ def build_model_meta(spec: ModelSpec, folder: Path, hub_commit: str | None = Non
     st_config = _read_json(folder / "config_sentence_transformers.json")
     grace_config = _read_json(folder / "grace_config.json")
     training = _read_json(folder / "grace_training.json")
-    n_parameters, n_bytes = _count_parameters(folder)
+    n_parameters, n_bytes = folder_parameters(folder)
     options = dict(spec.options)
     if options and kind == "sentence-transformers":
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Is this a GRACE model? The one predicate for loaded models and for saved folders.
+"""Is this a GRACE model? The one predicate for loaded models and for saved folders, and a folder's size.
 
 A loaded model's first module is GRACE's :class:`grace_st.Transformer` class, or the copy of it that a saved or
 published folder carries as ``grace_st.py``: sentence-transformers imports such a folder's own module file first
@@ -64,3 +64,28 @@ def folder_kind(folder: str | os.PathLike) -> ModelKind:
     raise ValueError(
         f"{folder} holds neither a SentenceTransformer (modules.json) nor a transformers model (config.json)."
     )
+
+
+def folder_parameters(folder: str | os.PathLike) -> tuple[int | None, int | None]:
+    """Parameters and bytes of a model folder's safetensors weights (root and module subfolders), from the file
+    headers only: nothing is loaded.
+
+    Returns:
+        ``(parameters, bytes)``, or ``(None, None)`` when the folder has no ``.safetensors`` file.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors"))
+    if not files:
+        return None, None
+    total, size = 0, 0
+    for file in files:
+        with safe_open(str(file), framework="numpy") as handle:
+            for key in handle.keys():
+                count = 1
+                for dim in handle.get_slice(key).get_shape():
+                    count *= dim
+                total += count
+        size += file.stat().st_size
+    return total, size

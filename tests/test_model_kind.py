@@ -12,7 +12,7 @@ from sentence_transformers import SentenceTransformer
 
 import grace_st
 from grace_st import model_kind
-from grace_st.model_kind import folder_kind, is_grace_model
+from grace_st.model_kind import folder_kind, folder_parameters, is_grace_model
 
 
 def test_doctests():
@@ -51,3 +51,12 @@ def test_other_models_and_folders(tmp_path):
     assert folder_kind(tmp_path) == "sentence-transformers"
     with pytest.raises(ValueError, match="neither a SentenceTransformer"):
         folder_kind(tmp_path / "missing")
+
+
+def test_folder_parameters_from_headers(grace_folder, tmp_path):
+    model = SentenceTransformer(str(grace_folder), trust_remote_code=True, device="cpu")
+    # Tied input/output embeddings are stored once.
+    n, size = folder_parameters(grace_folder)
+    assert n == sum(p.numel() for p in model[0].model.parameters())
+    assert size == sum(f.stat().st_size for f in grace_folder.rglob("*.safetensors"))
+    assert folder_parameters(tmp_path) == (None, None)
