@@ -196,7 +196,9 @@ class GraceGRPOTrainer(GRPOTrainer):
             max_input_tokens=args.max_input_tokens,
         )
         # The pooling tail of the saved model, so the reward embeds exactly as inference does.
-        self.grace_pooling = RationalePooling(self.grace_module.get_embedding_dimension(), args.pooling_mode)
+        self.grace_pooling = RationalePooling(
+            self.grace_module.get_embedding_dimension(), pooling_mode=args.pooling_mode
+        )
         self.grace_normalize = Normalize()
         source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", None)
         self.base_model_source: str | None = source or None
