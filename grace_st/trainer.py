@@ -84,6 +84,7 @@ logger = logging.getLogger(__name__)
 
 TESTED_WITH = "trl 1.16 and transformers 5.24"
 _RECORD_KEYS = ("text", "query", "negative")
+_RECORD_COLUMNS = ("prompt", "query", "negative")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -703,31 +704,38 @@ def prompt_record(prompt: Any) -> dict[str, str]:
 def as_prompt_records(dataset, name: str):
     """The dataset with its ``prompt``/``query``/``negative`` columns packed into one ``prompt`` record per row.
 
-    A ``datasets.Dataset`` is wrapped lazily (``with_transform``), an ``IterableDataset`` mapped lazily; other columns
-    pass through unchanged.
+    A ``datasets.Dataset`` is wrapped lazily (``with_transform``), an ``IterableDataset`` mapped lazily; the other
+    columns (``query`` and ``negative`` included) pass through unchanged.
     """
     if dataset is None:
         return None
+    from datasets import Dataset, IterableDataset
+
     columns = getattr(dataset, "column_names", None)
-    if columns is None or not {"prompt", "query", "negative"} <= set(columns):
+    if not isinstance(dataset, (Dataset, IterableDataset)) or (
+        columns is not None and not set(_RECORD_COLUMNS) <= set(columns)
+    ):
         raise ValueError(
-            f"{name} has columns {columns}; GRACE needs 'prompt', 'query' and 'negative' "
-            "(use grace_st.data.to_grpo_dataset)."
+            f"{name} has columns {columns}; GRACE needs a datasets.Dataset or IterableDataset with 'prompt', 'query' "
+            "and 'negative' (use grace_st.data.to_grpo_dataset)."
         )
 
     def pack(batch: dict[str, list]) -> dict[str, list]:
-        packed = {k: v for k, v in batch.items() if k not in ("prompt", "query", "negative")}
+        missing = [column for column in _RECORD_COLUMNS if column not in batch]
+        if missing and isinstance(dataset, Dataset):
+            return batch  # some columns were read on their own (e.g. dataset["query"]): nothing to pack
+        if missing:
+            raise ValueError(f"{name} rows lack the column(s) {missing}; GRACE needs 'prompt', 'query', 'negative'.")
+        packed = dict(batch)  # every column stays readable; only "prompt" becomes the record
         packed["prompt"] = [
             {"text": text, "query": query, "negative": negative}
             for text, query, negative in zip(batch["prompt"], batch["query"], batch["negative"], strict=True)
         ]
         return packed
 
-    from datasets import Dataset
-
     if isinstance(dataset, Dataset):
         return dataset.with_transform(pack)
-    return dataset.map(pack, batched=True, remove_columns=["query", "negative"])
+    return dataset.map(pack, batched=True)
 
 
 def base_model_info(source: str | None) -> tuple[str | None, str | None]:

@@ -124,8 +124,15 @@ def test_rows_reach_trl_as_prompt_records(tiny_dir, tmp_path):
         "query": "market news",
         "negative": "The team won the match.",
     }
+    assert trainer.train_dataset["query"][:2] == ["where is the cat", "market news"]  # columns stay readable
     with pytest.raises(ValueError, match="must be a string"):
         trainer.grace_rollout([{"text": 5, "query": "q", "negative": ""}] * 2)
+    streamed = GraceGRPOTrainer(tiny_dir, make_args(tmp_path), train_dataset=tiny_dataset().to_iterable_dataset())
+    assert next(iter(streamed.train_dataset))["prompt"] == {
+        "text": "A cat sleeps on the sofa.",
+        "query": "where is the cat",
+        "negative": "A dog runs outside.",
+    }
 
 
 def test_reward_embedding_equals_inference_embedding(tiny_dir, tmp_path):
