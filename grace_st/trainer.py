@@ -204,7 +204,8 @@ class GraceGRPOTrainer(GRPOTrainer):
         source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", None)
         self.base_model_source: str | None = source or None
         self._last_collapse_warning = -(10**9)
-        self._rollout_prompt_ids: set[tuple[int, ...]] | None = None  # prompt ids of the latest rollouts
+        # Prompt ids of the latest rollouts, per mode: training may reuse its rollouts after an evaluation.
+        self._rollout_prompt_ids: dict[str, set[tuple[int, ...]]] = {}
         if args.max_train_minutes is not None:
             self.add_callback(_TimeBudget(args.max_train_minutes))
         # First in line: a checkpoint is marked complete as soon as transformers finished it, whatever other
@@ -361,7 +362,7 @@ class GraceGRPOTrainer(GRPOTrainer):
                 )
             parts = [(features, rollouts), (side_features, side)]
         prompt_ids = _unpadded(features, n)
-        self._rollout_prompt_ids = {tuple(row) for row in prompt_ids}
+        self._rollout_prompt_ids["train" if self.model.training else "eval"] = {tuple(row) for row in prompt_ids}
         return {
             "prompt_ids": prompt_ids,
             "completion_ids": completion_ids,
@@ -412,7 +413,8 @@ class GraceGRPOTrainer(GRPOTrainer):
         rows = {
             tuple(row[mask.bool()].tolist()) for row, mask in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
         }
-        if self._rollout_prompt_ids is None or not rows <= self._rollout_prompt_ids:
+        built = self._rollout_prompt_ids.get("train" if self.model.training else "eval")
+        if built is None or not rows <= built:
             raise RuntimeError(
                 "TRL is computing the policy loss on prompt ids that the GRACE rollout function did not build: the "
                 "rollout_func seam was bypassed, so the loss would be conditioned on other prompts than the "

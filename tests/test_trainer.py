@@ -449,6 +449,7 @@ def test_item7_checkpoint_state_names_the_final_folders(tiny_dir, tmp_path):
         eval_steps=1,
         per_device_eval_batch_size=4,
         metric_for_best_model="reward",
+        num_iterations=2,  # step 2 reuses step 1's rollouts after an evaluation generated others
     )
     trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=tiny_dataset(), eval_dataset=tiny_dataset())
     trainer.train()
