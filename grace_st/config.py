@@ -6,7 +6,13 @@ flags and YAML keys (see ``training/train.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import math
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from grace_st.modeling import DEFAULT_SYSTEM_PROMPT, POOLING_MODES
 
@@ -16,6 +22,58 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     raise ImportError('GRACE training needs TRL: pip install "grace-st[train]"') from error
 
 MODES: tuple[str, ...] = ("supervised", "unsupervised")
+
+# trl.GRPOConfig fields that GRACE reads itself (their types are checked with GRACE's own fields).
+_GRPO_FIELDS_USED = ("num_generations", "max_completion_length", "temperature")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Read from the class annotations: transformers' HfArgumentParser rewrites the dataclass `Field.type` objects
+    # (it drops `None` from optional fields), so `dataclasses.fields(...)[i].type` is not reliable after parsing.
+    return typing.get_type_hints(cls)
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    """The types a field annotation such as ``float | None`` allows."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(typing.get_args(annotation))
+    return (annotation,)
+
+
+def check_field_types(config: Any, names: Iterable[str]) -> None:
+    """Check that each named dataclass field holds a value of its annotated type; raise naming the field if not.
+
+    YAML and Python callers can hand a config any value (``"0.5"`` for a float, ``"false"`` for a bool, ``1`` for a
+    bool): none of them is converted silently. An ``int`` is accepted for a ``float`` field (and stored as float);
+    ``bool`` is never accepted as a number; float values must be finite.
+
+    Args:
+        config: a dataclass instance.
+        names: the fields to check.
+
+    Raises:
+        ValueError: naming the field, its value and the expected type.
+    """
+    annotations = _type_hints(type(config))
+    for name in names:
+        value = getattr(config, name)
+        allowed = _allowed_types(annotations[name])
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool):
+            ok = bool in allowed
+        elif isinstance(value, int):
+            ok = int in allowed or float in allowed
+        else:
+            ok = isinstance(value, tuple(t for t in allowed if t is not type(None)))
+        if not ok:
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{name}={value!r} has type {type(value).__name__}; it must be {expected}.")
+        if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number.")
+            setattr(config, name, float(value))
 
 
 @dataclass
@@ -132,19 +190,28 @@ class GraceGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
+        # Types first: TRL's own __post_init__ and the range checks below compare values.
+        check_field_types(self, grace_field_names())
         super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not supported; choose one of {MODES}.")
         if self.pooling_mode not in POOLING_MODES:
             raise ValueError(f"pooling_mode={self.pooling_mode!r} is not supported; choose one of {POOLING_MODES}.")
+        if not self.system_prompt.strip():
+            raise ValueError(f"system_prompt={self.system_prompt!r} is not allowed; it must be a non-empty text.")
         for name in ("consistency_weight", "hard_negative_weight", "copy_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be >= 0.")
-        for name in ("reward_temperature", "query_temperature"):
+        for name in ("reward_temperature", "query_temperature", "temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be > 0.")
-        if self.copy_min_span < 1:
-            raise ValueError(f"copy_min_span={self.copy_min_span!r} is not allowed; it must be >= 1.")
+        for name in ("copy_min_span", "max_input_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be >= 1.")
+        if self.num_generations is None or self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations!r} is not allowed; GRPO needs at least 2 rollouts per group."
+            )
         if self.max_completion_length is None or self.max_completion_length < 1:
             raise ValueError(
                 f"max_completion_length={self.max_completion_length!r}: GRACE needs a rationale length limit >= 1."
@@ -156,13 +223,24 @@ class GraceGRPOConfig(GRPOConfig):
             )
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ValueError(f"max_train_minutes={self.max_train_minutes!r} is not allowed; use a value > 0 or null.")
-        if self.max_input_tokens < 1:
-            raise ValueError(f"max_input_tokens={self.max_input_tokens!r} is not allowed; it must be >= 1.")
+        if self.collapse_reward_std < 0 or self.collapse_distinct < 0:
+            raise ValueError(
+                f"collapse_reward_std={self.collapse_reward_std!r} and collapse_distinct={self.collapse_distinct!r} "
+                "must be >= 0 (0 switches the warning off)."
+            )
+        if self.final_model_dir is not None and not self.final_model_dir.strip():
+            raise ValueError("final_model_dir='' is not allowed; give a folder or null for <output_dir>/grace-model.")
         if self.remove_unused_columns:
             raise ValueError(
                 "remove_unused_columns=True would drop the 'query' and 'negative' columns the GRACE reward needs; "
                 "set remove_unused_columns=False."
             )
+
+
+def grace_field_names() -> list[str]:
+    """Names of the fields :class:`GraceGRPOConfig` adds to ``trl.GRPOConfig``, plus the TRL fields GRACE reads."""
+    trl_fields = {f.name for f in fields(GRPOConfig)}
+    return [f.name for f in fields(GraceGRPOConfig) if f.name not in trl_fields] + list(_GRPO_FIELDS_USED)
 
 
 @dataclass
@@ -195,3 +273,13 @@ class GraceDataArguments:
         default=False, metadata={"help": "Drop rows with a missing/empty field (count logged) instead of raising."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N rows."})
+
+    def __post_init__(self) -> None:
+        check_field_types(self, [f.name for f in fields(self)])
+        for name in ("train_data", "train_split", "query_field", "positive_field", "negative_field", "text_field"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be a non-empty text.")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(
+                f"max_train_samples={self.max_train_samples!r} is not allowed; use an integer >= 1 or null."
+            )

@@ -17,6 +17,7 @@ A rollout cut at the length limit gets the fixed ``truncation_penalty`` instead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -196,8 +197,27 @@ def grace_rewards(
     """
     if mode not in ("supervised", "unsupervised"):
         raise ValueError(f"mode={mode!r} is not supported; choose 'supervised' or 'unsupervised'.")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature!r} is not allowed; it must be > 0.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} is not allowed; it must be a finite number > 0.")
+    for name, value in (
+        ("consistency_weight", consistency_weight),
+        ("hard_negative_weight", hard_negative_weight),
+        ("copy_penalty", copy_penalty),
+        ("truncation_penalty", 0.0 if truncation_penalty is None else truncation_penalty),
+    ):
+        if not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number.")
+    if positive.ndim != 2 or query.shape != positive.shape:
+        raise ValueError(
+            f"query {tuple(query.shape)} and positive {tuple(positive.shape)} must both be (n, dim), the same."
+        )
+    if negative is not None and negative.shape != positive.shape:
+        raise ValueError(f"negative {tuple(negative.shape)} must have the shape of positive {tuple(positive.shape)}.")
+    for name, per_rollout in (("finished", finished), ("copy_rate", copy_rate)):
+        if per_rollout is not None and tuple(per_rollout.shape) != (positive.shape[0],):
+            raise ValueError(
+                f"{name} has shape {tuple(per_rollout.shape)}; it needs one value per rollout ({positive.shape[0]},)."
+            )
     query, positive = query.float(), positive.float()
     if mode == "supervised":
         contrastive = contrastive_term(query, positive, None if negative is None else negative.float())

@@ -3,48 +3,78 @@ the policy's own embeddings.
 
 How a batch flows (``../shared/GRACE.md``):
 
-1. The GRPO prompt of a row is its positive document, rendered with :meth:`grace_st.Transformer.preprocess` (the very
-   prompt an inference model builds); TRL samples ``num_generations`` rationales for it (transformers or vLLM).
+1. Each row's GRPO prompt is a record ``{"text", "query", "negative"}`` (the trainer packs the dataset's ``prompt``,
+   ``query`` and ``negative`` columns into it), so the rollout function sees the whole row. The rollout function
+   (TRL's ``rollout_func``) builds the prompt of the positive document with :meth:`grace_st.Transformer.preprocess`
+   (the very prompt an inference model builds) and hands TRL those prompt ids with the rollouts.
 2. With transformers generation (the default), one ``generate`` call writes the ``num_generations`` rollouts of every
    document *and* one rationale for the query and the hard negative of each group (per-row temperatures:
    ``temperature`` for rollouts, ``query_temperature`` for the others), keeping the last-layer states generation
-   computes (:meth:`grace_st.Transformer.generate_rationales` with ``with_states=True``). The reward pools those states
-   with :func:`grace_st.modeling.pool`, the inference code, so no second pass over prompt + rationale is run. With vLLM
-   or non-neutral sampling filters (top-k/top-p/min-p, repetition penalty, ``generation_kwargs``), TRL generates the
-   rollouts and the reward embeds them with :meth:`grace_st.Transformer.embed` and writes the query/negative
-   rationales in a second call (the two-pass reference). Embeddings of all processes are gathered and every rollout
-   is scored with :func:`grace_st.rewards.grace_rewards`.
-3. TRL computes group-relative advantages and the clipped policy loss; checkpoints, PEFT, DeepSpeed and logging are
-   TRL's and transformers'.
+   computes (:meth:`grace_st.Transformer.generate_rationales` with ``with_states=True``). With vLLM (TRL's
+   ``trainer.vllm_generation``) or non-neutral sampling filters (top-k/top-p/min-p, repetition penalty,
+   ``generation_kwargs``), the rollouts are generated on their own with TRL's generation settings and the
+   query/negative rationales in a second call; the reward then embeds the rollouts with a second pass
+   (:meth:`grace_st.Transformer.embed`, the two-pass reference).
+3. The reward function receives what generation kept (an extra field of the rollout function's output), pools it
+   with the inference model's own :class:`grace_st.RationalePooling` and ``Normalize`` modules, gathers the
+   embeddings of all processes and scores every rollout with :func:`grace_st.rewards.grace_rewards`. TRL computes
+   group-relative advantages and the clipped policy loss; checkpoints, PEFT, DeepSpeed and logging are TRL's and
+   transformers'.
 
 Every reward term and the collapse diagnostics (copy rate, distinct rollouts per group, within-group reward std, mean
-length, finish rate) are logged every step under ``grace/*``.
+length, finish rate) are logged every step under ``grace/*`` (through the reward function's ``log_metric``).
+
+Seams: the trainer overrides no private TRL or transformers method. It uses TRL's experimental ``rollout_func``
+(checked at construction; ``pyproject.toml`` caps trl to the tested minor version), the reward-function keywords
+``log_metric`` and extra rollout fields (checked at the first step), and public ``compute_loss``/``train`` and
+callbacks. At every optimisation step it checks that the prompt ids TRL trains on are the GRACE prompt ids its
+rollout function built, so a TRL change that bypasses the rollout function fails loudly instead of training on
+other prompts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import json
 import logging
 import os
-import shutil
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+import grace_st
+from grace_st.backbone import (
+    DEFAULT_BACKBONE_HUB_ID,
+    DEFAULT_BACKBONE_LICENSE,
+    DEFAULT_BACKBONE_NAME,
+    is_default_backbone,
+)
+from grace_st.checkpoints import (
+    CheckpointCompletion,
+    check_writable_folder,
+    checkpoint_folders,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    remove_partial_checkpoints,
+    write_folder,
+)
 from grace_st.config import GraceGRPOConfig
-from grace_st.factory import build_grace_model
-from grace_st.modeling import RationaleBatch, Transformer, pool
 from grace_st.diagnostics import copy_rate, distinct_per_group, group_reward_std
+from grace_st.factory import build_grace_model
+from grace_st.hub import TRAINING_INFO_FILE
+from grace_st.modeling import RationaleBatch, RationalePooling, Transformer
 from grace_st.rewards import grace_rewards
 
 try:
     from accelerate.utils import gather_object
+    from sentence_transformers.base.modules import Normalize
     from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
     from trl import GRPOTrainer
     from trl.models.utils import unwrap_model_for_generation
 except ImportError as error:  # pragma: no cover - depends on the installed extras
@@ -52,7 +82,10 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 
 logger = logging.getLogger(__name__)
 
-_STAGING_PREFIX = "tmp-"
+TESTED_WITH = "trl 1.16 and transformers 5.24"
+_RECORD_KEYS = ("text", "query", "negative")
+_RECORD_COLUMNS = ("prompt", "query", "negative")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class RowTemperature(LogitsProcessor):
@@ -76,13 +109,21 @@ class RowTemperature(LogitsProcessor):
 
 
 @dataclass
-class _JointGeneration:
-    """What :meth:`GraceGRPOTrainer._generate_single_turn` keeps for the reward of the same batch."""
+class GraceRollouts:
+    """What the rollout function keeps for the reward of the same batch (TRL forwards it as an extra field).
 
-    features: dict[str, Any]  # preprocess() of documents + side texts, one left-padded batch
-    rationales: RationaleBatch  # rollouts, then side rationales; states kept from generation
-    completion_ids: list[list[int]]  # the rollouts as handed to TRL
-    n_rollouts: int
+    Attributes:
+        parts: ``(features, rationales)`` pairs, pooled in order: the rollouts of the local rows first, then the
+            query (and negative) rationales. One pair when everything was generated in one call.
+        completion_ids: the rollouts as handed to TRL.
+        firsts: local rows that own the query/negative rationale of their group.
+        supervised: whether hard negatives were written.
+    """
+
+    parts: list[tuple[dict[str, Any], RationaleBatch]]
+    completion_ids: list[list[int]]
+    firsts: list[int]
+    supervised: bool
 
 
 class GraceGRPOTrainer(GRPOTrainer):
@@ -93,12 +134,17 @@ class GraceGRPOTrainer(GRPOTrainer):
             a chat template.
         args: a :class:`grace_st.config.GraceGRPOConfig`.
         train_dataset: rows with ``prompt`` (the positive document, a plain string), ``query`` and ``negative``
-            (``""`` when there is none), e.g. from :func:`grace_st.data.to_grpo_dataset`.
+            (``""`` when there is none), e.g. from :func:`grace_st.data.to_grpo_dataset`. The trainer packs each row
+            into a prompt record ``{"text", "query", "negative"}``: TRL and the reward see that record as ``prompt``.
         eval_dataset: same columns, optional.
         processing_class: the tokenizer; loaded from ``model`` when None.
         callbacks: extra ``TrainerCallback`` objects.
         optimizers: ``(optimizer, scheduler)`` as in ``transformers.Trainer``.
         peft_config: a ``peft.LoraConfig`` to train an adapter instead of the full model.
+
+    Raises:
+        RuntimeError: the installed TRL lacks an extension point GRACE needs (at construction), or TRL bypassed
+            the GRACE rollout function (at the first step).
     """
 
     _tag_names = ["trl", "grpo", "grace"]
@@ -116,50 +162,70 @@ class GraceGRPOTrainer(GRPOTrainer):
     ) -> None:
         if not isinstance(args, GraceGRPOConfig):
             raise TypeError(f"args must be a GraceGRPOConfig, got {type(args).__name__}.")
-        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            columns = getattr(dataset, "column_names", None)
-            if columns is not None and not {"prompt", "query", "negative"} <= set(columns):
-                raise ValueError(
-                    f"{name} has columns {columns}; GRACE needs 'prompt', 'query' and 'negative' "
-                    "(use grace_st.data.to_grpo_dataset)."
-                )
-        super().__init__(
-            model=model,
-            reward_funcs=[self.grace_reward],
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-        )
+        check_trl_seams()
+        if args.use_transformers_continuous_batching:
+            raise ValueError(
+                "use_transformers_continuous_batching=True is not supported by GraceGRPOTrainer: GRACE writes the "
+                "rollouts with model.generate (keeping the states for the reward) or with vLLM (use_vllm=True)."
+            )
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: as_prompt_records(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = as_prompt_records(eval_dataset, "eval_dataset")
+        with warnings.catch_warnings():
+            # rollout_func is experimental in TRL; GRACE checks it here and pins the tested TRL version instead.
+            warnings.filterwarnings("ignore", message="You are using 'rollout_func'", category=UserWarning)
+            super().__init__(
+                model=model,
+                reward_funcs=[self.grace_reward],
+                args=args,
+                train_dataset=as_prompt_records(train_dataset, "train_dataset"),
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                peft_config=peft_config,
+                rollout_func=self.grace_rollout,
+            )
+        self._check_generation_seam()
         # The one inference module; its `model` is pointed at the (unwrapped) policy whenever it is used.
         self.grace_module = Transformer(
             self.accelerator.unwrap_model(self.model),
-            self._tokenizer,
+            self.processing_class,
             system_prompt=args.system_prompt,
             max_new_tokens=args.max_completion_length,
             max_input_tokens=args.max_input_tokens,
         )
+        # The pooling tail of the saved model, so the reward embeds exactly as inference does.
+        self.grace_pooling = RationalePooling(
+            self.grace_module.get_embedding_dimension(), pooling_mode=args.pooling_mode
+        )
+        self.grace_normalize = Normalize()
+        source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", None)
+        self.base_model_source: str | None = source or None
         self._last_collapse_warning = -(10**9)
-        self._batch_inputs: list[dict] | None = None  # rows of the batch being generated (query/negative columns)
-        self._joint: _JointGeneration | None = None  # what that batch's joint generation kept for its reward
+        # Prompt ids of the latest rollouts, per mode: training may reuse its rollouts after an evaluation.
+        self._rollout_prompt_ids: dict[str, set[tuple[int, ...]]] = {}
         if args.max_train_minutes is not None:
             self.add_callback(_TimeBudget(args.max_train_minutes))
+        # First in line: a checkpoint is marked complete as soon as transformers finished it, whatever other
+        # callbacks do in their on_save.
+        self.callback_handler.callbacks.insert(0, CheckpointCompletion())
 
-    # ------------------------------------------------------------------ prompts
-    def _tokenize_prompts(self, prompts: list):
-        """Token ids of the GRACE chat prompts, built by :meth:`grace_st.Transformer.preprocess` (no padding)."""
-        bad = [p for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise ValueError(f"GRACE prompts are plain texts (the positive documents); got {bad[0]!r}.")
-        features = self.grace_module.preprocess(prompts)
-        ids = [
-            row[mask.bool()].tolist()
-            for row, mask in zip(features["input_ids"], features["attention_mask"], strict=True)
-        ]
-        return ids, None, {}
+    def _check_generation_seam(self) -> None:
+        if self.use_vllm:
+            generate = getattr(getattr(self, "vllm_generation", None), "generate", None)
+            needed = {"prompts", "images", "num_generations"}
+            if generate is None or not needed <= set(inspect.signature(generate).parameters):
+                raise RuntimeError(
+                    f"GRACE generates vLLM rollouts with trainer.vllm_generation.generate(prompts, images, "
+                    f"num_generations), which this TRL version does not provide; GRACE is tested with {TESTED_WITH}."
+                )
+        elif not isinstance(getattr(self, "generation_kwargs", None), dict):
+            raise RuntimeError(
+                "GRACE samples rollouts with TRL's trainer.generation_kwargs, which this TRL version does not set; "
+                f"GRACE is tested with {TESTED_WITH}."
+            )
 
     # ------------------------------------------------------------------ embeddings
     def _features(self, texts: list[str]) -> dict[str, Any]:
@@ -178,9 +244,18 @@ class GraceGRPOTrainer(GRPOTrainer):
         """
         return self._pooled(self._features(texts), rationales)
 
+    def _pooled(self, features: dict[str, Any], rationales: RationaleBatch) -> torch.Tensor:
+        """Embeddings through the saved model's pooling and normalisation, from kept states when there are any."""
+        if rationales.states is not None:
+            output = self.grace_module.outputs_from_states(features, rationales)
+        else:
+            output = self.grace_module.embed(features, rationales)
+        output = self.grace_normalize(self.grace_pooling(dict(output)))
+        return output["sentence_embedding"].float()
+
     def rationale_batch(self, completion_ids: list[list[int]]) -> RationaleBatch:
         """Right-padded :class:`RationaleBatch` from TRL's completion ids (each ends with EOS unless it was cut)."""
-        pad = self._tokenizer.pad_token_id
+        pad = self.processing_class.pad_token_id
         width = max((len(ids) for ids in completion_ids), default=0)
         ids = torch.full((len(completion_ids), width), pad, dtype=torch.long)
         mask = torch.zeros((len(completion_ids), width), dtype=torch.long)
@@ -193,15 +268,6 @@ class GraceGRPOTrainer(GRPOTrainer):
         return RationaleBatch(ids.to(self.accelerator.device), mask.to(self.accelerator.device), finished)
 
     # ------------------------------------------------------------------ generation
-    def _generate_and_score_completions(self, inputs):
-        # The rows (with their query and negative columns) are kept for the joint generation of this batch.
-        self._batch_inputs = inputs
-        try:
-            return super()._generate_and_score_completions(inputs)
-        finally:
-            self._batch_inputs = None
-            self._joint = None
-
     def _group_size(self) -> int:
         return self.num_generations if self.model.training else self.num_generations_eval
 
@@ -222,15 +288,15 @@ class GraceGRPOTrainer(GRPOTrainer):
         side_texts = [query[i] for i in firsts] + ([negative[i] for i in firsts] if supervised else [])
         return firsts, side_texts, supervised
 
-    def _joint_generation_possible(self, images, multimodal_fields) -> bool:
+    def joint_generation_possible(self) -> bool:
+        """Whether rollouts and query/negative rationales can be sampled in one ``generate`` call.
+
+        Per-row temperatures are applied by a logits processor that transformers runs after its own sampling
+        filters, so the joint call needs neutral filters; vLLM returns no hidden states.
+        """
         args: GraceGRPOConfig = self.args
         return (
-            self._batch_inputs is not None
-            and not self.use_vllm
-            and not getattr(self, "use_transformers_continuous_batching", False)
-            and not self.tools
-            and images is None
-            and not multimodal_fields
+            not self.use_vllm
             and not args.generation_kwargs
             and args.top_p == 1.0
             and not args.top_k
@@ -238,38 +304,71 @@ class GraceGRPOTrainer(GRPOTrainer):
             and args.repetition_penalty == 1.0
         )
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """Rollouts and the query/negative rationales in one ``generate`` call, keeping the states for the reward.
+    def grace_rollout(self, prompts: list, trainer: GRPOTrainer | None = None) -> dict[str, Any]:
+        """TRL ``rollout_func``: GRACE prompt ids, the rollouts, and what the reward needs (``grace_rollouts``).
 
-        Falls back to TRL's generation (vLLM, continuous batching, sampling filters) when that is not possible; the
-        reward then embeds with a second pass and writes the query/negative rationales itself.
+        Args:
+            prompts: this process's prompt records (``{"text", "query", "negative"}``), each repeated for its group.
+            trainer: the trainer (TRL passes it; unused, this is a bound method).
+
+        Returns:
+            ``prompt_ids``, ``completion_ids``, ``logprobs`` (vLLM only, else None) and ``grace_rollouts`` (a
+            :class:`GraceRollouts`).
         """
-        self._joint = None
-        if not self._joint_generation_possible(images, multimodal_fields):
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
-            )
+        records = [prompt_record(prompt) for prompt in prompts]
+        documents = [record["text"] for record in records]
+        firsts, side_texts, supervised = self._side_plan(
+            [record["query"] for record in records], [record["negative"] for record in records]
+        )
         args: GraceGRPOConfig = self.args
-        rows = self._batch_inputs
-        documents = [row["prompt"] for row in rows]
-        _, side_texts, _ = self._side_plan([row["query"] for row in rows], [row["negative"] for row in rows])
-        features = self._features(documents + side_texts)
-        temperatures = [args.temperature] * len(documents) + [args.query_temperature] * len(side_texts)
-        with self._policy_for_generation():
-            rationales = self.grace_module.generate_rationales(
-                features,
-                with_states=True,
-                do_sample=True,
-                temperature=1.0,
-                top_p=1.0,
-                top_k=0,
-                max_new_tokens=args.max_completion_length,
-                logits_processor=LogitsProcessorList([RowTemperature(torch.tensor(temperatures))]),
-            )
-        ids, mask = rationales.ids.cpu(), rationales.mask.cpu().bool()
-        completion_ids = [ids[i][mask[i]].tolist() for i in range(len(documents))]
-        self._joint = _JointGeneration(features, rationales, completion_ids, len(documents))
-        return completion_ids, None
+        n = len(documents)
+        logprobs = None
+        if self.joint_generation_possible():
+            features = self._features(documents + side_texts)
+            temperatures = [args.temperature] * n + [args.query_temperature] * len(side_texts)
+            with self._policy_for_generation():
+                rationales = self.grace_module.generate_rationales(
+                    features,
+                    with_states=True,
+                    **{**self.generation_kwargs, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None},
+                    logits_processor=LogitsProcessorList([RowTemperature(torch.tensor(temperatures))]),
+                )
+            parts = [(features, rationales)]
+            ids, mask = rationales.ids.cpu(), rationales.mask.cpu().bool()
+            completion_ids = [ids[i][mask[i]].tolist() for i in range(n)]
+        else:
+            features = self._features(documents)
+            if self.use_vllm:
+                _, completion_ids, sampled, _ = self.vllm_generation.generate(
+                    prompts=_unpadded(features, n), images=None, num_generations=self._group_size()
+                )
+                logprobs = [[lp[0] for lp in row] for row in sampled]  # the sampled token's logprob, as TRL keeps it
+                rollouts = self.rationale_batch(completion_ids)
+            else:
+                with self._policy_for_generation():
+                    rollouts = self.grace_module.generate_rationales(features, **self.generation_kwargs)
+                ids, mask = rollouts.ids.cpu(), rollouts.mask.cpu().bool()
+                completion_ids = [ids[i][mask[i]].tolist() for i in range(n)]
+            side_features = self._features(side_texts)
+            with self._policy_for_generation():
+                side = self.grace_module.generate_rationales(
+                    side_features,
+                    with_states=True,
+                    do_sample=True,
+                    temperature=args.query_temperature,
+                    top_p=1.0,
+                    top_k=0,
+                    max_new_tokens=args.max_completion_length,
+                )
+            parts = [(features, rollouts), (side_features, side)]
+        prompt_ids = _unpadded(features, n)
+        self._rollout_prompt_ids["train" if self.model.training else "eval"] = {tuple(row) for row in prompt_ids}
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "logprobs": logprobs,
+            "grace_rollouts": GraceRollouts(parts, completion_ids, firsts, supervised),
+        }
 
     @contextlib.contextmanager
     def _policy_for_generation(self):
@@ -291,54 +390,76 @@ class GraceGRPOTrainer(GRPOTrainer):
                 if was_training:
                     policy.train()
 
-    # ------------------------------------------------------------------ reward
-    def _pooled(self, features: dict[str, Any], rationales: RationaleBatch) -> torch.Tensor:
-        """L2-normalised pooled embeddings, from the states kept during generation when there are any."""
-        if rationales.states is not None:
-            output = self.grace_module.outputs_from_states(features, rationales)
-        else:
-            output = self.grace_module.embed(features, rationales)
-        embeddings = pool(output["token_embeddings"], output["pooling_mask"], self.args.pooling_mode)
-        return F.normalize(embeddings, p=2, dim=1).float()
+    # ------------------------------------------------------------------ the prompt-id check
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's GRPO loss, after checking that its prompt ids are the GRACE prompt ids of the rollouts."""
+        self.check_prompt_ids(inputs)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
-    def grace_reward(self, prompts, completions, completion_ids, query, negative, **kwargs) -> list[float]:
+    def check_prompt_ids(self, inputs: dict[str, Any]) -> None:
+        """Raise unless every row's prompt ids in a loss batch were built by :meth:`grace_rollout` for this batch.
+
+        Raises:
+            RuntimeError: TRL did not generate through the GRACE rollout function (or changed its batch format).
+        """
+        prompt_ids, prompt_mask = inputs.get("prompt_ids"), inputs.get("prompt_mask")
+        if prompt_ids is None or prompt_mask is None:
+            raise RuntimeError(
+                f"TRL's loss batch has no 'prompt_ids'/'prompt_mask' (keys: {sorted(inputs)}); GRACE cannot check "
+                f"that it trains on GRACE prompts. GRACE is tested with {TESTED_WITH}."
+            )
+        rows = {
+            tuple(row[mask.bool()].tolist()) for row, mask in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
+        }
+        built = self._rollout_prompt_ids.get("train" if self.model.training else "eval")
+        if built is None or not rows <= built:
+            raise RuntimeError(
+                "TRL is computing the policy loss on prompt ids that the GRACE rollout function did not build: the "
+                "rollout_func seam was bypassed, so the loss would be conditioned on other prompts than the "
+                f"rollouts. GRACE is tested with {TESTED_WITH}; pin those versions."
+            )
+
+    # ------------------------------------------------------------------ reward
+    def grace_reward(
+        self, prompts, completions, completion_ids, grace_rollouts=None, log_metric=None, **kwargs
+    ) -> list[float]:
         """TRL reward function: the GRACE reward of each local rollout (see :func:`grace_st.rewards.grace_rewards`).
 
         Embeddings of all processes are gathered first, so groups and in-batch negatives span the global batch.
         """
+        if grace_rollouts is None or log_metric is None:
+            raise RuntimeError(
+                "TRL did not pass the rollout function's 'grace_rollouts' field and 'log_metric' to the reward "
+                f"function; GRACE is tested with {TESTED_WITH}."
+            )
+        rollouts: GraceRollouts = grace_rollouts[0]
+        n_local = len(prompts)
+        if any(r is not rollouts for r in grace_rollouts) or rollouts.completion_ids != [
+            list(ids) for ids in completion_ids
+        ]:
+            raise RuntimeError(
+                "The completions the reward received are not the rollouts the GRACE rollout function wrote; "
+                f"GRACE is tested with {TESTED_WITH}."
+            )
         args: GraceGRPOConfig = self.args
         mode = "train" if self.model.training else "eval"
         group_size = self._group_size()
-        n_local = len(prompts)
         offset = self.accelerator.process_index * n_local
-        firsts, side_texts, supervised = self._side_plan(list(query), list(negative))
+        documents = [prompt_record(prompt)["text"] for prompt in prompts]
+        with self._policy_for_generation():
+            embeddings = torch.cat([self._pooled(features, rationales) for features, rationales in rollouts.parts])
+        finished_all = torch.cat([rationales.finished.cpu() for _, rationales in rollouts.parts])
+        positive, side = embeddings[:n_local], embeddings[n_local:]
+        finished, side_finished = finished_all[:n_local], finished_all[n_local:]
+        firsts, supervised = rollouts.firsts, rollouts.supervised
         owner = [max(f for f in firsts if f <= i) for i in range(n_local)]
-        joint = self._joint
-        if (
-            joint is not None
-            and joint.n_rollouts == n_local
-            and joint.completion_ids == list(map(list, completion_ids))
-        ):
-            # Single pass: pool the states generation kept; the side rationales were written in the same call.
-            embeddings = self._pooled(joint.features, joint.rationales)
-            positive, side = embeddings[:n_local], embeddings[n_local:]
-            side_finished = joint.rationales.finished[n_local:]
-            finished = joint.rationales.finished[:n_local]
-        else:
-            with self._policy_for_generation():
-                rollouts = self.rationale_batch(completion_ids)
-                positive = self.embed_with_rationales(list(prompts), rollouts)
-                features = self._features(side_texts)
-                side_rationales = self.grace_module.generate_rationales(
-                    features, with_states=True, do_sample=True, temperature=args.query_temperature, top_p=1.0, top_k=0
-                )
-                side = self._pooled(features, side_rationales)
-            side_finished, finished = side_rationales.finished, rollouts.finished
         index = {f: k for k, f in enumerate(firsts)}
         rows = torch.tensor([index[o] for o in owner], device=side.device)
         query_emb = side[rows]
         negative_emb = side[rows + len(firsts)] if supervised else None
-        source_ids = self.grace_module.text_token_ids(list(prompts))
+        source_ids = self.grace_module.text_token_ids(documents)
         eos = set(self.grace_module.eos_token_ids)
         copies = torch.tensor(
             [
@@ -386,7 +507,7 @@ class GraceGRPOTrainer(GRPOTrainer):
             "grace/query_finish_rate": side_finished.item(),
         }
         for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
+            log_metric(name, value)
         if mode == "train":
             self._check_collapse(metrics)
         local = slice(offset, offset + n_local)
@@ -412,59 +533,120 @@ class GraceGRPOTrainer(GRPOTrainer):
                 metrics["grace/copy_rate"],
             )
 
-    # ------------------------------------------------------------------ checkpoints and the final model
-    def _get_output_dir(self, trial) -> str:
-        staging = getattr(self, "_checkpoint_staging", None)
-        return staging if staging is not None else super()._get_output_dir(trial)
+    # ------------------------------------------------------------------ training, checkpoints and the final model
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """``transformers.Trainer.train``, resuming only from a complete checkpoint.
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into a staging folder, then rename it: a kill never leaves a partial checkpoint."""
-        run_dir = self._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, f"{_STAGING_PREFIX}{name}")
-        if self.args.should_save and os.path.isdir(staging):
-            shutil.rmtree(staging)  # left over by a killed run
-        self.accelerator.wait_for_everyone()
-        self._checkpoint_staging = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._checkpoint_staging = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
-                    os.path.join(staging, name), final
+        ``resume_from_checkpoint=True`` picks the last *complete* checkpoint in ``output_dir`` (one whose save
+        finished; see :mod:`grace_st.checkpoints`); a named checkpoint must be complete. If training fails, the
+        partial ``checkpoint-N`` of a save that was interrupted by the failure is removed.
+        """
+        run_dir = self.args.output_dir
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(run_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True, but {run_dir} holds no complete checkpoint.")
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            folder = os.fspath(resume_from_checkpoint)
+            if not os.path.isfile(os.path.join(folder, "trainer_state.json")):
+                raise ValueError(
+                    f"resume_from_checkpoint={folder!r} is not a checkpoint folder (no trainer_state.json)."
                 )
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        self.accelerator.wait_for_everyone()
+            if not is_complete_checkpoint(folder):
+                logger.warning("Checkpoint %s carries no completion marker; its save may not have finished.", folder)
+        if resume_from_checkpoint and self.args.shuffle_dataset:
+            with open(os.path.join(resume_from_checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+                epoch = json.load(handle).get("epoch") or 0.0
+            if epoch >= 1.0:
+                logger.warning(
+                    "Resuming at epoch %.2f: TRL's GRPO sampler restarts its shuffling on resume, so the data order "
+                    "from here differs from an uninterrupted run (within the first epoch it is the same).",
+                    epoch,
+                )
+        existing = [str(p) for p in checkpoint_folders(run_dir)]
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        except BaseException:
+            if self.args.should_save:
+                remove_partial_checkpoints(run_dir, existing)
+            raise
 
-    def save_grace_model(self, output_dir: str | None = None) -> str:
-        """Save the policy as a GRACE SentenceTransformer folder (LoRA merged, greedy rationales, same prompt).
-
-        The folder loads with ``SentenceTransformer(path, trust_remote_code=True)``. It is written to a staging folder
-        and renamed into place. DeepSpeed ZeRO-3 is not supported here (use ZeRO-2 or save a checkpoint and merge).
+    def training_record(self, training_datasets: list[str] | None = None) -> dict[str, Any]:
+        """What made this model, as written to ``grace_training.json`` (read by the model card and evaluation).
 
         Args:
-            output_dir: target folder; defaults to ``args.final_model_dir`` or ``<output_dir>/grace-model``.
+            training_datasets: the training data sources as given (Hub id, file, ``"sick:..."``, ``"demo"``).
+
+        Returns:
+            A JSON-safe dict: ``grace_st_version``, ``grace_model_name``, ``base_model`` (Hub id or None),
+            ``base_model_source`` (what the trainer was given), ``training_datasets``, ``license`` (the base model's,
+            None when unknown), ``global_step``, ``reward``, ``generation`` and ``config`` (every config field).
+        """
+        args: GraceGRPOConfig = self.args
+        hub_id, license_ = base_model_info(self.base_model_source)
+        return {
+            "grace_st_version": grace_st.__version__,
+            "grace_model_name": args.hub_model_id,
+            "base_model": hub_id,
+            "base_model_source": self.base_model_source,
+            "training_datasets": list(training_datasets) if training_datasets is not None else None,
+            "license": license_,
+            "global_step": self.state.global_step,
+            "reward": {
+                "mode": args.mode,
+                "consistency_weight": args.consistency_weight,
+                "hard_negative_weight": args.hard_negative_weight,
+                "reward_temperature": args.reward_temperature,
+                "truncation_penalty": args.truncation_penalty,
+                "copy_penalty": args.copy_penalty,
+                "copy_min_span": args.copy_min_span,
+            },
+            "generation": {
+                "num_generations": args.num_generations,
+                "max_completion_length": args.max_completion_length,
+                "temperature": args.temperature,
+                "query_temperature": args.query_temperature,
+                "system_prompt": args.system_prompt,
+            },
+            "config": json.loads(args.to_json_string()),
+        }
+
+    def final_model_dir(self) -> str:
+        """Where :meth:`save_grace_model` writes by default: ``final_model_dir`` or ``<output_dir>/grace-model``."""
+        args: GraceGRPOConfig = self.args
+        return args.final_model_dir or os.path.join(args.output_dir, "grace-model")
+
+    def save_grace_model(
+        self,
+        output_dir: str | None = None,
+        *,
+        overwrite: bool = False,
+        training_datasets: list[str] | None = None,
+    ) -> str:
+        """Save the policy as a GRACE SentenceTransformer folder (LoRA merged, greedy rationales, same prompt).
+
+        The folder loads with ``SentenceTransformer(path, trust_remote_code=True)`` and carries the training record
+        ``grace_training.json`` (:meth:`training_record`). It is written to a fresh staging folder beside the target
+        and renamed into place. An existing target is replaced only when it is empty or a previous output of this
+        method (it holds ``grace_training.json``), or with ``overwrite=True``. DeepSpeed ZeRO-3 is not supported here
+        (use ZeRO-2 or save a checkpoint and merge).
+
+        Args:
+            output_dir: target folder; defaults to :meth:`final_model_dir`.
+            overwrite: replace an existing folder whatever it holds. Defaults to False.
+            training_datasets: the data sources to record (``run_training`` passes the one it loaded).
 
         Returns:
             The folder path.
+
+        Raises:
+            FileExistsError: the target holds files this method did not write and ``overwrite`` is False.
         """
         args: GraceGRPOConfig = self.args
-        output_dir = output_dir or args.final_model_dir or os.path.join(args.output_dir, "grace-model")
+        output_dir = output_dir or self.final_model_dir()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            check_writable_folder(output_dir, marker=TRAINING_INFO_FILE, overwrite=overwrite)
             policy = self.accelerator.unwrap_model(self.model)
             # Merge a copy: the trainer keeps its adapter (training may go on after saving).
             merged = copy.deepcopy(policy)
@@ -477,21 +659,133 @@ class GraceGRPOTrainer(GRPOTrainer):
             merged.eval()
             st_model = build_grace_model(
                 merged,
-                copy.deepcopy(self._tokenizer),
+                copy.deepcopy(self.processing_class),
                 system_prompt=args.system_prompt,
                 max_new_tokens=args.inference_max_new_tokens or args.max_completion_length,
                 max_input_tokens=args.max_input_tokens,
                 pooling_mode=args.pooling_mode,
             )
-            staging = output_dir.rstrip("/") + ".tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            st_model.save(staging)
-            if os.path.isdir(output_dir):
-                shutil.rmtree(output_dir)
-            os.replace(staging, output_dir)
+            record = self.training_record(training_datasets)
+
+            def write(path: str) -> None:
+                st_model.save(path)
+                with open(os.path.join(path, TRAINING_INFO_FILE), "w", encoding="utf-8") as handle:
+                    json.dump(record, handle, indent=2)
+
+            write_folder(output_dir, write, marker=TRAINING_INFO_FILE, overwrite=overwrite)
             logger.info("Saved the GRACE model to %s", output_dir)
         self.accelerator.wait_for_everyone()
         return output_dir
+
+
+def check_trl_seams() -> None:
+    """Raise unless the installed TRL has the extension point GRACE builds on (``GRPOTrainer(rollout_func=...)``).
+
+    Raises:
+        RuntimeError: naming the missing seam and the tested versions.
+    """
+    if "rollout_func" not in inspect.signature(GRPOTrainer.__init__).parameters:
+        raise RuntimeError(
+            "trl.GRPOTrainer has no 'rollout_func' argument in this TRL version; GRACE generates its rollouts "
+            f"through it. GRACE is tested with {TESTED_WITH}: pip install 'trl>=1.16,<1.17'."
+        )
+
+
+def prompt_record(prompt: Any) -> dict[str, str]:
+    """Check one GRPO prompt record ``{"text", "query", "negative"}`` (see :func:`as_prompt_records`)."""
+    if not isinstance(prompt, dict) or set(prompt) != set(_RECORD_KEYS):
+        raise ValueError(
+            f"GRACE prompts are records {{'text', 'query', 'negative'}} built by GraceGRPOTrainer; got {prompt!r}."
+        )
+    for key in _RECORD_KEYS:
+        if not isinstance(prompt[key], str):
+            raise ValueError(f"The {key!r} of a GRACE row must be a string, got {prompt[key]!r}.")
+    return prompt
+
+
+def as_prompt_records(dataset, name: str):
+    """The dataset with its ``prompt``/``query``/``negative`` columns packed into one ``prompt`` record per row.
+
+    A ``datasets.Dataset`` is wrapped lazily (``with_transform``), an ``IterableDataset`` mapped lazily; the other
+    columns (``query`` and ``negative`` included) pass through unchanged.
+    """
+    if dataset is None:
+        return None
+    from datasets import Dataset, IterableDataset
+
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(dataset, (Dataset, IterableDataset)) or (
+        columns is not None and not set(_RECORD_COLUMNS) <= set(columns)
+    ):
+        raise ValueError(
+            f"{name} has columns {columns}; GRACE needs a datasets.Dataset or IterableDataset with 'prompt', 'query' "
+            "and 'negative' (use grace_st.data.to_grpo_dataset)."
+        )
+
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        missing = [column for column in _RECORD_COLUMNS if column not in batch]
+        if missing and isinstance(dataset, Dataset):
+            return batch  # some columns were read on their own (e.g. dataset["query"]): nothing to pack
+        if missing:
+            raise ValueError(f"{name} rows lack the column(s) {missing}; GRACE needs 'prompt', 'query', 'negative'.")
+        packed = dict(batch)  # every column stays readable; only "prompt" becomes the record
+        packed["prompt"] = [
+            {"text": text, "query": query, "negative": negative}
+            for text, query, negative in zip(batch["prompt"], batch["query"], batch["negative"], strict=True)
+        ]
+        return packed
+
+    if isinstance(dataset, Dataset):
+        return dataset.with_transform(pack)
+    return dataset.map(pack, batched=True)
+
+
+def base_model_info(source: str | None) -> tuple[str | None, str | None]:
+    """``(Hub id, licence)`` of the backbone a run started from, as far as local files tell (no network).
+
+    The default backbone is SmolLM2-135M-Instruct (apache-2.0). A Hub id is kept as given; a local folder gives the
+    Hub id recorded in its ``config.json`` (``_name_or_path``) if any. The licence comes from the model card metadata
+    (``license:``) of the folder or of the Hub cache, when present.
+
+    Args:
+        source: what the trainer was given (Hub id, folder, ``"default"``) or the model config's ``name_or_path``.
+
+    Returns:
+        ``(hub_id or None, license or None)``.
+    """
+    if source in (None, "", DEFAULT_BACKBONE_NAME) or (os.path.isdir(source) and is_default_backbone(source)):
+        return DEFAULT_BACKBONE_HUB_ID, DEFAULT_BACKBONE_LICENSE
+    readme: str | None = None
+    hub_id: str | None = None
+    if os.path.isdir(source):
+        config_path = os.path.join(source, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as handle:
+                recorded = json.load(handle).get("_name_or_path")
+            if isinstance(recorded, str) and _HUB_ID.match(recorded) and not os.path.exists(recorded):
+                hub_id = recorded
+        readme = os.path.join(source, "README.md")
+    elif _HUB_ID.match(source):
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = source
+        cached = try_to_load_from_cache(source, "README.md")
+        readme = cached if isinstance(cached, str) else None
+    if hub_id == DEFAULT_BACKBONE_HUB_ID:
+        return hub_id, DEFAULT_BACKBONE_LICENSE
+    license_ = None
+    if readme and os.path.isfile(readme):
+        from huggingface_hub import metadata_load
+
+        value = (metadata_load(readme) or {}).get("license")
+        license_ = value if isinstance(value, str) else None
+    return hub_id, license_
+
+
+def _unpadded(features: dict[str, Any], n: int) -> list[list[int]]:
+    """The first ``n`` prompts of a :meth:`grace_st.Transformer.preprocess` batch, without their left padding."""
+    ids, mask = features["input_ids"][:n].cpu(), features["attention_mask"][:n].cpu().bool()
+    return [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
 class _TimeBudget(TrainerCallback):
@@ -546,7 +840,9 @@ def run_training(training_args: GraceGRPOConfig, model_args, data_args, resume_f
     trainer = GraceGRPOTrainer(
         model=name, args=training_args, train_dataset=dataset, peft_config=get_peft_config(model_args)
     )
+    # Refuse a final folder that cannot be written before training, not after it.
+    check_writable_folder(trainer.final_model_dir(), marker=TRAINING_INFO_FILE)
     if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last", "latest"):
         resume_from_checkpoint = True
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    return trainer, trainer.save_grace_model()
+    return trainer, trainer.save_grace_model(training_datasets=[data_args.train_data])

@@ -34,7 +34,8 @@ def batch():
 
 
 def test_doctests():
-    assert doctest.testmod(rewards).failed == 0
+    result = doctest.testmod(rewards)
+    assert result.failed == 0 and result.attempted >= 10  # the examples really ran
 
 
 def test_supervised_terms_match_the_formula(batch):
@@ -90,7 +91,7 @@ def test_truncated_rollouts_get_the_fixed_penalty(batch):
     assert result.total[1].item() == -1.0
     assert result.truncated.tolist() == [False, True, False, False]
     unpenalised = grace_rewards(q, d, neg, 2, finished=finished, truncation_penalty=None)
-    assert unpenalised.total[1].item() != -1.0
+    assert unpenalised.total[1].item() == pytest.approx(grace_rewards(q, d, neg, 2).total[1].item())
     assert torch.equal(unpenalised.total[[0, 2, 3]], result.total[[0, 2, 3]])
 
 
@@ -122,6 +123,18 @@ def test_bad_arguments_raise(batch):
         grace_rewards(q, d, neg, 2, mode="weird")
     with pytest.raises(ValueError, match="temperature"):
         grace_rewards(q, d, neg, 2, temperature=0)
+    with pytest.raises(ValueError, match="temperature=nan"):
+        grace_rewards(q, d, neg, 2, temperature=float("nan"))
+    with pytest.raises(ValueError, match="copy_penalty=inf"):
+        grace_rewards(q, d, neg, 2, copy_penalty=float("inf"))
+    with pytest.raises(ValueError, match=r"query \(4, 2\) and positive \(4, 3\)"):
+        grace_rewards(q[:, :2], d, neg, 2)
+    with pytest.raises(ValueError, match=r"negative \(2, 3\)"):
+        grace_rewards(q, d, neg[:2], 2)
+    with pytest.raises(ValueError, match=r"finished has shape \(3,\)"):
+        grace_rewards(q, d, neg, 2, finished=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"copy_rate has shape \(4, 1\)"):
+        grace_rewards(q, d, neg, 2, copy_rate=torch.zeros(4, 1))
 
 
 def test_copy_rate():

@@ -38,7 +38,7 @@ def main() -> None:
 
     class RecordingTrainer(GraceGRPOTrainer):
         def _pooled(self, features, rationales):
-            # The first call of a step pools the local rollouts first (followed by the query/negative rationales
+            # The reward's first call pools the local rollouts first (followed by the query/negative rationales
             # when they were generated in the same call).
             embeddings = super()._pooled(features, rationales)
             record.setdefault("local_positive", embeddings[: self.args.per_device_train_batch_size].detach().cpu())
