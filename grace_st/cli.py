@@ -65,8 +65,8 @@ An upload then pins the card's usage snippet to the commit it made (revision=...
 
 
 def shipped_task_folder() -> Path:
-    """Folder of the local mteb task specs shipped with grace_st (``grace_st/tasks/*.yaml``, package data)."""
-    return Path(str(resources.files("grace_st") / "tasks"))
+    """Folder of the local mteb task specs shipped with grace_st (``grace_st/task_specs/*.yaml``, package data)."""
+    return Path(str(resources.files("grace_st") / "task_specs"))
 
 
 class _TrainFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -122,7 +122,7 @@ def eval_parser() -> argparse.ArgumentParser:
         "--local-task",
         nargs="*",
         default=[],
-        help="Local task spec files, or names of the specs shipped in grace_st/tasks (e.g. sts13_headlines).",
+        help="Local task spec files, or names of the specs shipped in grace_st/task_specs (e.g. sts13_headlines).",
     )
     parser.add_argument(
         "--data-dir", default=None, help="Data folder of local specs (default: $GRACE_ST_DATA or ../shared/data)."

@@ -240,7 +240,9 @@ def _examples_and_latency(model_path: Path, texts: Sequence[str], device: str | 
     module = model[0]
     lengths = [int(o["rationale_mask"].sum()) for o in outputs]
     return {
-        "examples": [{"text": t, "rationale": _rationale_text(o)} for t, o in zip(texts, outputs, strict=True)],
+        "examples": [
+            {"text": t, "rationale": _rationale_text(module, o)} for t, o in zip(texts, outputs, strict=True)
+        ],
         "seconds_per_text": seconds / len(texts),
         "rationale_tokens": sum(lengths) / len(lengths),
         "device": _describe_device(model.device),
@@ -248,8 +250,8 @@ def _examples_and_latency(model_path: Path, texts: Sequence[str], device: str | 
     }
 
 
-def _rationale_text(output: dict[str, Any]) -> str:
-    """The rationale of one ``encode(..., output_value=None)`` item (the card's usage snippet shows the same read)."""
+def _rationale_text(module: Any, output: dict[str, Any]) -> str:
+    """The rationale of one ``encode(..., output_value=None)`` item; the card's usage snippet shows the same read."""
     return output["rationale"].strip()
 
 
@@ -365,6 +367,7 @@ def _describe_data_source(source: str) -> tuple[str, str | None]:
 _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "grace_st_version": str,
     "base_model": str,
+    "base_model_source": str,
     "training_datasets": list,
     "license": str,
     "global_step": int,
@@ -380,8 +383,8 @@ def training_summary(record: dict[str, Any], config: dict[str, Any] | None = Non
 
     Args:
         record: the training record the trainer saved with the model (``{}`` when there is none).
-        config: the model's ``config.json``; its ``_name_or_path`` names the base model when the record's
-            ``base_model`` is a local folder.
+        config: the model's ``config.json``; its ``_name_or_path`` names the base model when the record has no Hub
+            id for it.
 
     Returns:
         None for an untrained model (no record); else a dict with ``base_model`` (Hub id or None),
@@ -411,12 +414,16 @@ def training_summary(record: dict[str, Any], config: dict[str, Any] | None = Non
     if not all(isinstance(source, str) for source in sources):
         raise ValueError(f"{TRAINING_INFO_FILE}: 'training_datasets' must be a list of strings, got {sources!r}.")
     described = [_describe_data_source(source) for source in sources]
-    recorded_base = record.get("base_model")
-    base_model = _hub_id(recorded_base) or _hub_id((config or {}).get("_name_or_path"))
+    # ``base_model`` is the Hub id (None when the trainer knew none); ``base_model_source`` what the trainer was given.
+    sources_of_base = [record.get("base_model"), record.get("base_model_source")]
+    base_model = next(filter(None, map(_hub_id, sources_of_base)), None) or _hub_id(
+        (config or {}).get("_name_or_path")
+    )
+    local_base = next((source for source in sources_of_base if source), None)
     if base_model is not None:
         base_text = base_model
-    elif recorded_base:
-        base_text = f"local folder {Path(recorded_base).name}"
+    elif local_base:
+        base_text = f"local folder {Path(local_base).name}"
     else:
         base_text = "unknown"
     settings = [(f"reward: {key}", value) for key, value in sorted((record.get("reward") or {}).items())] + [

@@ -382,10 +382,14 @@ def test_item12_untrained_model_is_described_as_untrained(tiny_grace_dir):
     assert card.data.datasets is None and card.data.base_model is None
 
 
-def test_item12_local_base_model_and_bad_record(tiny_grace_dir, tiny_backbone_dir, tmp_path):
+@pytest.mark.parametrize("shape", ["trainer", "path in base_model"])
+def test_item12_local_base_model_and_bad_record(shape, tiny_grace_dir, tiny_backbone_dir, tmp_path):
     from huggingface_hub import ModelCard
 
-    record = {**RECORD, "base_model": tiny_backbone_dir, "training_datasets": ["demo"], "global_step": 0}
+    base = {"base_model": None, "base_model_source": tiny_backbone_dir}  # as the trainer writes a local base model
+    if shape != "trainer":
+        base = {"base_model": tiny_backbone_dir}
+    record = {**RECORD, **base, "training_datasets": ["demo"], "global_step": 0}
     folder = _grace_copy_with_record(tiny_grace_dir, tmp_path, record)
     card = ModelCard(hub.render_card(folder, "org/x"))
     assert card.data.base_model is None and card.data.datasets is None and card.data.license is None
@@ -412,3 +416,44 @@ def test_results_table_uses_the_shared_formatter():
     assert text.splitlines()[1].startswith("|:")  # markdown_table's rule line
     assert _table_cells(text, "A")[4:] == ["50.00", "–", "–", "–"]
     assert _table_cells(text, "B")[4:] == ["25.00", "0.12", "7.2", "1.00"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the trainer writes grace_training.json only with the trainer helper's branch (issue 12 item 12); once "
+    "merged this passes, and strict=True fails it until this marker is removed",
+)
+def test_item12_trained_with_the_cli_then_published(tiny_backbone_dir, tmp_path):
+    """A model trained one step with ``grace-st-train`` gets a card that says how it was made."""
+    pytest.importorskip("trl", reason='needs the train extra: pip install "grace-st[train]"')
+    from huggingface_hub import ModelCard
+
+    from grace_st import cli
+
+    rows = [
+        {"query": "where is the cat", "positive": "A cat sleeps on the sofa.", "negative": "A dog runs outside."},
+        {"query": "market news", "positive": "Stocks fell sharply today.", "negative": "The team won the match."},
+    ]
+    data = tmp_path / "triplets.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = {
+        "model_name_or_path": tiny_backbone_dir,
+        "train_data": str(data),
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": "1",
+        "per_device_train_batch_size": "4",
+        "num_generations": "2",
+        "max_completion_length": "8",
+        "use_cpu": "true",
+        "bf16": "false",
+        "report_to": "none",
+        "save_strategy": "no",
+        "gradient_checkpointing": "false",
+        "disable_tqdm": "true",
+    }
+    cli.train([item for key, value in flags.items() for item in (f"--{key}", value)])
+    model = tmp_path / "run" / "grace-model"
+    card = ModelCard(hub.render_card(model, "org/trained"))
+    assert "untrained" not in card.text and "for 1 optimizer steps" in card.text
+    assert "local file `triplets.jsonl`" in card.text and card.data.datasets is None
+    assert f"`local folder {Path(tiny_backbone_dir).name}`" in card.text

@@ -57,7 +57,7 @@ def test_package_data_covers_every_data_file_of_the_package():
     }
     assert data_files - shipped == set(), "add a glob to [tool.setuptools.package-data] in pyproject.toml"
     assert SHIPPED_CARD_TEMPLATE in shipped and PACKAGE / "data" / "demo_train.jsonl" in shipped
-    assert {"data/*", "tasks/*.yaml", "templates/*.md"} <= set(_package_data_globs())
+    assert {"data/*", "task_specs/*.yaml", "templates/*.md"} <= set(_package_data_globs())
 
 
 def _walks_up(tree: ast.AST) -> list[str]:
@@ -188,8 +188,8 @@ def test_wheel_has_the_runtime_files_and_imports_from_site(installed):
     assert (site / "grace_st" / "templates" / "grace_model_card.md").read_bytes() == CARD_TEMPLATE.read_bytes()
     for name in ("demo_train.jsonl", "demo_dev.jsonl"):
         assert (site / "grace_st" / "data" / name).is_file()
-    for spec in (PACKAGE / "tasks").glob("*.yaml"):
-        assert (site / "grace_st" / "tasks" / spec.name).is_file()
+    for spec in (PACKAGE / "task_specs").glob("*.yaml"):
+        assert (site / "grace_st" / "task_specs" / spec.name).is_file()
     for command in ("grace-st-train", "grace-st-eval", "grace-st-publish"):
         assert (site / "bin" / command).is_file()
     done = _run(installed, [sys.executable, "-c", "import grace_st, grace_st.hub; print(grace_st.__file__)"])
@@ -236,10 +236,10 @@ def test_installed_local_task_evaluation_outside_the_checkout(installed, shared_
 
 @pytest.mark.slow
 def test_installed_shipped_task_evaluation_outside_the_checkout(installed, shared_data, tmp_path):
-    """A local task named by its shipped spec (grace_st/tasks/*.yaml, package data)."""
+    """A local task named by its shipped spec (grace_st/task_specs/*.yaml, package data)."""
     pytest.importorskip("mteb", reason='needs the eval extra: pip install "grace-st[eval]"')
-    if not (PACKAGE / "tasks" / "sick_trial_relatedness.yaml").is_file():
-        pytest.skip("the task specs have not moved to grace_st/tasks yet (issue 11 point 5, evaluation side)")
+    if not (PACKAGE / "task_specs" / "sick_trial_relatedness.yaml").is_file():
+        pytest.skip("the task specs have not moved to grace_st/task_specs yet (issue 11 point 5, evaluation side)")
     command = [str(installed["site"] / "bin" / "grace-st-eval"), "--model", f"tiny={installed['model']}"]
     command += ["--local-task", "sick_trial_relatedness", "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
     done = _run(installed, command, GRACE_ST_DATA=str(shared_data))
