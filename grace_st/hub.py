@@ -390,8 +390,8 @@ def training_summary(record: dict[str, Any], config: dict[str, Any] | None = Non
         None for an untrained model (no record); else a dict with ``base_model`` (Hub id or None),
         ``base_model_text`` (how the card names it), ``data`` (card text per source), ``hub_datasets`` (Hub ids only,
         for the card metadata), ``global_step``, ``license``, ``model_name``, ``grace_st_version``, ``settings`` (a
-        markdown table of the reward and generation settings) and ``config_json`` (the full training configuration,
-        token values redacted).
+        markdown table of the reward and generation settings), ``system_prompt`` (of the training rollouts) and
+        ``config_json`` (the full training configuration, token values redacted).
 
     Raises:
         ValueError: a known field of the record has the wrong type.
@@ -426,9 +426,10 @@ def training_summary(record: dict[str, Any], config: dict[str, Any] | None = Non
         base_text = f"local folder {Path(local_base).name}"
     else:
         base_text = "unknown"
-    settings = [(f"reward: {key}", value) for key, value in sorted((record.get("reward") or {}).items())] + [
-        (f"generation: {key}", value) for key, value in sorted((record.get("generation") or {}).items())
-    ]
+    generation = dict(record.get("generation") or {})
+    system_prompt = generation.pop("system_prompt", None)  # shown as text below the table, not as a cell
+    settings = [(f"reward: {key}", value) for key, value in sorted((record.get("reward") or {}).items())]
+    settings += [(f"generation: {key}", value) for key, value in sorted(generation.items())]
     return {
         "base_model": base_model,
         "base_model_text": base_text,
@@ -438,6 +439,7 @@ def training_summary(record: dict[str, Any], config: dict[str, Any] | None = Non
         "license": record.get("license"),
         "model_name": record.get("grace_model_name"),
         "grace_st_version": record.get("grace_st_version") or "unknown",
+        "system_prompt": system_prompt,
         "settings": markdown_table(["setting", "value"], [(k, _setting_text(v)) for k, v in settings])
         if settings
         else None,

@@ -364,7 +364,7 @@ def test_item12_card_says_what_made_a_trained_model(tiny_grace_dir, tmp_path):
     assert "(https://huggingface.co/datasets/sentence-transformers/all-nli)" in text
     assert _table_cells(text, "reward: copy_penalty")[1] == "0.25"
     assert _table_cells(text, "generation: num_generations")[1] == "4"
-    assert _table_cells(text, "generation: system_prompt")[1] == '"Describe the text."'
+    assert "System prompt during training:\n\n```text\nDescribe the text.\n```" in text
     assert '"learning_rate": 1e-06' in text
     assert "hf_secret" not in text and '"hub_token": "<redacted>"' in text
     assert "{{" not in text and "{%" not in text
@@ -389,12 +389,16 @@ def test_item12_local_base_model_and_bad_record(shape, tiny_grace_dir, tiny_back
     base = {"base_model": None, "base_model_source": tiny_backbone_dir}  # as the trainer writes a local base model
     if shape != "trainer":
         base = {"base_model": tiny_backbone_dir}
-    record = {**RECORD, **base, "training_datasets": ["demo"], "global_step": 0}
+    prompt = json.loads(Path(tiny_grace_dir, "grace_config.json").read_text())["system_prompt"]
+    generation = {**RECORD["generation"], "system_prompt": prompt}
+    record = {**RECORD, **base, "training_datasets": ["demo"], "global_step": 0, "generation": generation}
     folder = _grace_copy_with_record(tiny_grace_dir, tmp_path, record)
     card = ModelCard(hub.render_card(folder, "org/x"))
     assert card.data.base_model is None and card.data.datasets is None and card.data.license is None
     assert f"`local folder {Path(tiny_backbone_dir).name}`" in card.text
     assert "demo triplets bundled with grace_st" in card.text and "weights are the base model's" in card.text
+    assert "generated during training with the system prompt above" in card.text
+    assert "System prompt during training" not in card.text
     bad = _grace_copy_with_record(tiny_grace_dir, tmp_path / "bad", {**RECORD, "global_step": "120"})
     with pytest.raises(ValueError, match="'global_step' is '120'"):
         hub.render_card(bad, "org/x")
@@ -454,6 +458,6 @@ def test_item12_trained_with_the_cli_then_published(tiny_backbone_dir, tmp_path)
     cli.train([item for key, value in flags.items() for item in (f"--{key}", value)])
     model = tmp_path / "run" / "grace-model"
     card = ModelCard(hub.render_card(model, "org/trained"))
-    assert "untrained" not in card.text and "for 1 optimizer steps" in card.text
+    assert "untrained" not in card.text and "for 1 optimizer step." in card.text
     assert "local file `triplets.jsonl`" in card.text and card.data.datasets is None
     assert f"`local folder {Path(tiny_backbone_dir).name}`" in card.text
