@@ -61,8 +61,9 @@ def test_package_data_covers_every_data_file_of_the_package():
 
 
 def _walks_up(tree: ast.AST) -> list[str]:
-    """Code (not docstrings) that resolves files above the package: ``.parents[...]``, ``.parent.parent``,
-    ``".."`` and the names of checkout files (``pyproject.toml``, ``model_cards``)."""
+    """Code (not docstrings) that resolves files above the package: ``.parents[...]``, ``.parent.parent``, ``".."``
+    next to ``__file__``, and the names of checkout files (``pyproject.toml``, ``model_cards``). A path relative to the
+    working directory (``Path.cwd() / ".."``) is a user-facing default, not a walk up the checkout."""
     docstrings = {
         id(node.body[0].value)
         for node in ast.walk(tree)
@@ -79,10 +80,15 @@ def _walks_up(tree: ast.AST) -> list[str]:
             isinstance(node, ast.Attribute) and node.attr == "parent" and getattr(node.value, "attr", None) == "parent"
         ):
             found.append(f"line {node.lineno}: .parent.parent")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            if node.value in ("..", "pyproject.toml", "model_cards") or node.value.startswith("../"):
+        elif isinstance(node, ast.Constant) and node.value in ("pyproject.toml", "model_cards"):
+            if id(node) not in docstrings:
                 found.append(f"line {node.lineno}: {node.value!r}")
-    return found
+        elif isinstance(node, (ast.BinOp, ast.Call)):
+            names = {getattr(sub, "id", None) for sub in ast.walk(node)}
+            texts = {sub.value for sub in ast.walk(node) if isinstance(sub, ast.Constant)}
+            if "__file__" in names and any(isinstance(t, str) and t.split("/")[0] == ".." for t in texts):
+                found.append(f"line {node.lineno}: '..' from __file__")
+    return sorted(set(found))
 
 
 def test_library_does_not_walk_up_the_checkout():
@@ -92,7 +98,14 @@ def test_library_does_not_walk_up_the_checkout():
         if (found := _walks_up(ast.parse(path.read_text(encoding="utf-8"))))
     }
     assert set(offenders) <= _STILL_WALKING_UP, offenders
-    assert _walks_up(ast.parse("from pathlib import Path\nROOT = Path(__file__).resolve().parents[1]\n"))
+    for code in [
+        "ROOT = Path(__file__).resolve().parents[1]",
+        "ROOT = Path(__file__).parent.parent",
+        "CARD = os.path.join(os.path.dirname(__file__), '..', 'model_cards')",
+        "ROOT = os.path.join(os.path.dirname(__file__), '../x')",
+    ]:
+        assert _walks_up(ast.parse(code)), code
+    assert not _walks_up(ast.parse("DATA = Path.cwd() / '..' / 'shared' / 'data'"))
 
 
 # ------------------------------------------------------------------------------------------- installed from a wheel
