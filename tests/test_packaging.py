@@ -142,6 +142,15 @@ def _editable_sources() -> list[str]:
     return roots
 
 
+def _setuptools_version() -> tuple[int, ...]:
+    import importlib.metadata
+
+    try:
+        return tuple(int(part) for part in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0,)
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory, tiny_backbone_dir):
     """A non-editable install of the checkout in SITE, an environment that uses it, and a tiny saved GRACE model."""
@@ -159,7 +168,9 @@ def installed(tmp_path_factory, tiny_backbone_dir):
         if (REPO / name).is_file():  # a file deleted but not yet committed is not part of the clone
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, clone / name)
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+    if _setuptools_version() >= (77,):  # pyproject's build requirement: build offline with this environment's
+        pip += ["--no-build-isolation", "--no-index"]
     done = subprocess.run(pip + ["--target", str(site), str(clone)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     guard.mkdir()
