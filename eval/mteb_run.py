@@ -7,10 +7,10 @@ Usage:
         --compare "contrastive (+CL)=outputs/cl-sick" --local-task sick_trial_relatedness sts13_headlines
     python eval/mteb_run.py --model runs/grace-sick --benchmark "MTEB(eng, v1)" --output-dir runs/mteb   # Hub access
 
-All flags: python eval/mteb_run.py --help (the command line is grace_st.evaluation.main).
+All flags: python eval/mteb_run.py --help (the command line is grace_st.cli.evaluate, installed as grace-st-eval).
 """
 
-from grace_st.evaluation import main
+from grace_st.cli import evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

@@ -19,7 +19,6 @@ import pytest
 from grace_st import hub
 from grace_st.hub import build_publish_folder, folder_revision, model_files, upload_folder
 
-REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["A man is playing a guitar.", "Kids are running in a park.", "The stock market fell today."]
 
 
@@ -111,8 +110,10 @@ def test_card_has_real_numbers_and_parseable_metadata(publish_dir):
     assert card.data.license == "apache-2.0" and card.data.library_name == "sentence-transformers"
     assert card.data.model_name == "grace-org/tiny-grace"
     text = card.text
-    assert f"| TinySTS | STS | test | cosine_spearman | {score:.2f} |" in text
-    assert 'SentenceTransformer("grace-org/tiny-grace", trust_remote_code=True)' in text
+    (table_row,) = [line for line in text.splitlines() if line.startswith("| TinySTS ")]
+    cells = [cell.strip() for cell in table_row.strip("|").split("|")]
+    assert cells[:5] == ["TinySTS", "STS", "test", "cosine_spearman", f"{score:.2f}"]
+    assert 'SentenceTransformer("grace-org/tiny-grace", trust_remote_code=True, revision=' in text
     assert "| tiny GRACE |" in text  # the comparison table
     assert "s per text" in text and "**Rationale:**" in text and "arXiv 2510.04506" in text
     assert "{{" not in text and "{%" not in text
@@ -158,23 +159,6 @@ def test_build_refuses_a_non_empty_target(tiny_grace_dir, tmp_path):
         build_publish_folder(tiny_grace_dir, tmp_path, measure_examples=False)
 
 
-def test_publish_script_dry_run(tiny_grace_dir, results_dir, tmp_path, capsys):
-    import importlib.util
-
-    script = importlib.util.spec_from_file_location("publish", REPO / "eval" / "publish.py")
-    module = importlib.util.module_from_spec(script)
-    script.loader.exec_module(module)
-    target = tmp_path / "dry"
-    argv = ["--model", tiny_grace_dir, "--repo-id", "org/name", "--dry-run", str(target)]
-    module.main(argv + ["--results-dir", str(results_dir), "--no-examples"])
-    assert "nothing was uploaded" in capsys.readouterr().out
-    assert (target / "results" / "TinySTS.json").is_file() and "Does the rationale help?" in (
-        target / "README.md"
-    ).read_text()
-    with pytest.raises(SystemExit):
-        module.main(["--model", tiny_grace_dir, "--repo-id", "no-namespace", "--dry-run", str(tmp_path / "x")])
-
-
 # ------------------------------------------------------------------------------------------- Hub stand-in
 class FakeHub(BaseHTTPRequestHandler):
     """The four Hub API endpoints ``HfApi.create_repo`` + ``upload_folder`` use (without hf_xet), on 127.0.0.1.
@@ -204,7 +188,9 @@ class FakeHub(BaseHTTPRequestHandler):
         if self.path == "/api/repos/create":
             payload = json.loads(body)
             repo_id = f"{payload['organization']}/{payload['name']}"
-            self.repos.setdefault(repo_id, {"private": payload.get("visibility") == "private", "files": {}})
+            self.repos.setdefault(
+                repo_id, {"private": payload.get("visibility") == "private", "files": {}, "commits": []}
+            )
             return self._reply(200, {"url": f"{endpoint}/{repo_id}", "name": repo_id})
         if self.path == "/api/validate-yaml":
             import yaml
@@ -226,11 +212,14 @@ class FakeHub(BaseHTTPRequestHandler):
             )
         if parts[4] == "commit":
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            committed = {}
             for line in lines:
                 if line["key"] == "file":
                     value = line["value"]
-                    self.repos[repo_id]["files"][value["path"]] = base64.b64decode(value["content"])
+                    committed[value["path"]] = base64.b64decode(value["content"])
+            self.repos[repo_id]["files"].update(committed)
             oid = hashlib.sha1(body).hexdigest()
+            self.repos[repo_id]["commits"].append((oid, committed))
             return self._reply(200, {"commitUrl": f"{endpoint}/{repo_id}/commit/{oid}", "commitOid": oid})
         return self._reply(404, {"error": f"unknown endpoint {self.path}"})
 
@@ -257,7 +246,9 @@ def test_upload_to_local_hub_stand_in(fake_hub, publish_dir, capsys, caplog):
     repo = FakeHub.repos["grace-org/tiny-grace"]
     assert repo["private"] is True
     local = {p.relative_to(publish_dir).as_posix(): p.read_bytes() for p in publish_dir.rglob("*") if p.is_file()}
-    assert repo["files"] == local
+    (first_oid, first), (_, second) = repo["commits"]
+    assert first == local  # the folder as built, then the card pinned to that commit (test_item2_...)
+    assert set(second) == {"README.md"} and repo["files"] == {**local, "README.md": second["README.md"]}
     assert {path for _, path, _ in FakeHub.requests} >= {
         "/api/repos/create",
         "/api/validate-yaml",
@@ -287,3 +278,181 @@ def test_results_rows_fall_back_to_mteb_registry(tmp_path):
     (tmp_path / "STS13.json").write_text(json.dumps(result))
     (row,) = hub.read_results(tmp_path)
     assert row["type"] == "STS" and row["dataset"] == "mteb/sts13-sts" and row["metric"] == "cosine_spearman"
+
+
+def test_item2_card_pins_the_revision_of_the_uploaded_code(fake_hub, publish_dir):
+    """Issue 12 item 2: the usage snippet loads remote code, so it pins ``revision=`` and says why."""
+    import re
+
+    local_card = (publish_dir / "README.md").read_text()
+    pins = re.findall(
+        r'SentenceTransformer\("grace-org/tiny-grace", trust_remote_code=True, revision="([^"]+)"\)', local_card
+    )
+    assert len(pins) == 1, "the usage snippet must pin revision="
+    assert pins[0] == hub.REVISION_PLACEHOLDER  # the commit is not known before the upload
+    assert "runs on your machine" in local_card and "later pushes" in local_card
+
+    url = upload_folder(publish_dir, "grace-org/tiny-grace")
+    repo = FakeHub.repos["grace-org/tiny-grace"]
+    (code_oid, code_files), (_, card_files) = repo["commits"]
+    assert "grace_st.py" in code_files and url.endswith(code_oid)  # the pinned commit holds the module code
+    pinned = card_files["README.md"].decode()
+    assert f'trust_remote_code=True, revision="{code_oid}")' in pinned
+    assert hub.REVISION_PLACEHOLDER not in pinned
+    assert pinned == local_card.replace(hub.REVISION_PLACEHOLDER, code_oid)
+    assert (publish_dir / "README.md").read_text() == local_card  # the local folder is left as built
+
+
+RECORD = {
+    "grace_st_version": "0.1.0",
+    "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "training_datasets": ["sick:/home/me/data/SICK_train.txt", "sentence-transformers/all-nli", "my_pairs.jsonl"],
+    "license": None,
+    "global_step": 120,
+    "reward": {
+        "mode": "supervised",
+        "consistency_weight": 0.1,
+        "hard_negative_weight": 1.0,
+        "reward_temperature": 0.05,
+        "truncation_penalty": 0.5,
+        "copy_penalty": 0.25,
+        "copy_min_span": 4,
+    },
+    "generation": {
+        "num_generations": 4,
+        "max_completion_length": 48,
+        "temperature": 1.0,
+        "query_temperature": 0.0,
+        "system_prompt": "Describe the text.",
+    },
+    "config": {"learning_rate": 1e-06, "max_steps": 120, "hub_token": "hf_secretSECRET", "output_dir": "runs/x"},
+}
+
+
+def _grace_copy_with_record(tiny_grace_dir, tmp_path, record):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_grace_dir, folder)
+    if record is not None:
+        (folder / hub.TRAINING_INFO_FILE).write_text(json.dumps(record))
+    return folder
+
+
+def _table_cells(text: str, first: str) -> list[str]:
+    """The cells of the markdown table row of ``text`` whose first cell is ``first``."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if "|" in line]
+    (row,) = [row for row in rows if row[0] == first]
+    return row
+
+
+def test_item12_card_says_what_made_a_trained_model(tiny_grace_dir, tmp_path):
+    """Issue 12 item 12: a trained model's card names its base model, data, steps and settings (not "untrained")."""
+    from huggingface_hub import ModelCard
+
+    folder = _grace_copy_with_record(tiny_grace_dir, tmp_path, RECORD)
+    card = ModelCard(hub.render_card(folder, "org/grace-sick"))
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.datasets == ["sentence-transformers/all-nli"]  # Hub ids only; local sources are in the text
+    assert card.data.license == "apache-2.0"  # the known backbone's licence, as the record names none
+    text = card.text
+    assert "untrained" not in text and "No GRACE training information" not in text
+    assert _table_cells(text, "backbone") == ["backbone", "`HuggingFaceTB/SmolLM2-135M-Instruct`"]
+    assert "by grace_st 0.1.0" in text and "for 120 optimizer steps" in text
+    assert "SICK triplets built from a local copy of `SICK_train.txt`" in text and "/home/me" not in text
+    assert "local file `my_pairs.jsonl`" in text
+    assert "(https://huggingface.co/datasets/sentence-transformers/all-nli)" in text
+    assert _table_cells(text, "reward: copy_penalty")[1] == "0.25"
+    assert _table_cells(text, "generation: num_generations")[1] == "4"
+    assert "System prompt during training:\n\n```text\nDescribe the text.\n```" in text
+    assert '"learning_rate": 1e-06' in text
+    assert "hf_secret" not in text and '"hub_token": "<redacted>"' in text
+    assert "{{" not in text and "{%" not in text
+    # An explicit licence and a record licence win over the fallback.
+    assert ModelCard(hub.render_card(folder, "org/x", license="mit")).data.license == "mit"
+    folder_b = _grace_copy_with_record(tiny_grace_dir, tmp_path / "b", {**RECORD, "license": "cc-by-4.0"})
+    assert ModelCard(hub.render_card(folder_b, "org/x")).data.license == "cc-by-4.0"
+
+
+def test_item12_untrained_model_is_described_as_untrained(tiny_grace_dir):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(hub.render_card(tiny_grace_dir, "org/untrained"))
+    assert "*untrained* GRACE model" in card.text and "optimizer steps" not in card.text
+    assert card.data.datasets is None and card.data.base_model is None
+
+
+@pytest.mark.parametrize("shape", ["trainer", "path in base_model"])
+def test_item12_local_base_model_and_bad_record(shape, tiny_grace_dir, tiny_backbone_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    base = {"base_model": None, "base_model_source": tiny_backbone_dir}  # as the trainer writes a local base model
+    if shape != "trainer":
+        base = {"base_model": tiny_backbone_dir}
+    prompt = json.loads(Path(tiny_grace_dir, "grace_config.json").read_text())["system_prompt"]
+    generation = {**RECORD["generation"], "system_prompt": prompt}
+    record = {**RECORD, **base, "training_datasets": ["demo"], "global_step": 0, "generation": generation}
+    folder = _grace_copy_with_record(tiny_grace_dir, tmp_path, record)
+    card = ModelCard(hub.render_card(folder, "org/x"))
+    assert card.data.base_model is None and card.data.datasets is None and card.data.license is None
+    assert f"`local folder {Path(tiny_backbone_dir).name}`" in card.text
+    assert "demo triplets bundled with grace_st" in card.text and "weights are the base model's" in card.text
+    assert "generated during training with the system prompt above" in card.text
+    assert "System prompt during training" not in card.text
+    bad = _grace_copy_with_record(tiny_grace_dir, tmp_path / "bad", {**RECORD, "global_step": "120"})
+    with pytest.raises(ValueError, match="'global_step' is '120'"):
+        hub.render_card(bad, "org/x")
+
+
+def test_results_table_uses_the_shared_formatter():
+    rows = [
+        {"task": "A", "type": "STS", "split": "test", "metric": "m", "score": 0.5, "diagnostics": None},
+        {
+            "task": "B",
+            "type": "STS",
+            "split": "test",
+            "metric": "m",
+            "score": 0.25,
+            "diagnostics": {"copy_rate": 0.125, "mean_length": 7.25, "finish_rate": 1.0},
+        },
+    ]
+    text = hub.results_table(rows)
+    assert text.splitlines()[1].startswith("|:")  # markdown_table's rule line
+    assert _table_cells(text, "A")[4:] == ["50.00", "–", "–", "–"]
+    assert _table_cells(text, "B")[4:] == ["25.00", "0.12", "7.2", "1.00"]
+
+
+def test_item12_trained_with_the_cli_then_published(tiny_backbone_dir, tmp_path):
+    """A model trained one step with ``grace-st-train`` gets a card that says how it was made."""
+    pytest.importorskip("trl", reason='needs the train extra: pip install "grace-st[train]"')
+    from huggingface_hub import ModelCard
+
+    from grace_st import cli
+
+    rows = [
+        {"query": "where is the cat", "positive": "A cat sleeps on the sofa.", "negative": "A dog runs outside."},
+        {"query": "market news", "positive": "Stocks fell sharply today.", "negative": "The team won the match."},
+    ]
+    data = tmp_path / "triplets.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = {
+        "model_name_or_path": tiny_backbone_dir,
+        "train_data": str(data),
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": "1",
+        "per_device_train_batch_size": "4",
+        "num_generations": "2",
+        "max_completion_length": "8",
+        "use_cpu": "true",
+        "bf16": "false",
+        "report_to": "none",
+        "save_strategy": "no",
+        "gradient_checkpointing": "false",
+        "disable_tqdm": "true",
+    }
+    cli.train([item for key, value in flags.items() for item in (f"--{key}", value)])
+    model = tmp_path / "run" / "grace-model"
+    card = ModelCard(hub.render_card(model, "org/trained"))
+    assert "untrained" not in card.text and "for 1 optimizer step." in card.text
+    assert "local file `triplets.jsonl`" in card.text and card.data.datasets is None
+    assert f"`local folder {Path(tiny_backbone_dir).name}`" in card.text
