@@ -789,7 +789,7 @@ class GraceEncoder(AbsEncoder):
                 continue
             mask = output["rationale_mask"].bool()
             rationale = [int(t) for t in output["rationale_ids"][mask].tolist() if int(t) not in eos]
-            stats.add(text, output["rationale"], rationale, ids, bool(output["rationale_finished"]))
+            stats.add(text, module.decode_rationale(output), rationale, ids, bool(output["rationale_finished"]))
         return np.stack(rows)
 
 

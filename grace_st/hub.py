@@ -211,7 +211,9 @@ def _examples_and_latency(model_path: Path, texts: Sequence[str], device: str | 
     module = model[0]
     lengths = [int(o["rationale_mask"].sum()) for o in outputs]
     return {
-        "examples": [{"text": t, "rationale": o["rationale"].strip()} for t, o in zip(texts, outputs, strict=True)],
+        "examples": [
+            {"text": t, "rationale": module.decode_rationale(o).strip()} for t, o in zip(texts, outputs, strict=True)
+        ],
         "seconds_per_text": seconds / len(texts),
         "rationale_tokens": sum(lengths) / len(lengths),
         "device": _describe_device(model.device),

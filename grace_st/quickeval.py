@@ -70,7 +70,7 @@ def encode(model, texts: Sequence[str], batch_size: int = 16) -> Encoded:
         copied += copy_rate(ids, source) * len(ids)
         finished += float(bool(item["rationale_finished"]))
         if len(examples) < 3:
-            examples.append((text, item["rationale"]))
+            examples.append((text, module.decode_rationale(item)))
     return Encoded(
         embeddings,
         finished / len(texts),
