@@ -163,6 +163,12 @@ def _change_eos_ids(model):
     module.model.generation_config.eos_token_id = [module.tokenizer.eos_token_id, first[1]]
 
 
+def _change_tokenizer(model):
+    from tokenizers import normalizers
+
+    model[0].tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()  # "A man" now tokenizes as "a man"
+
+
 def _change_weights_in_place(model):
     with torch.no_grad():
         model[0].model.get_input_embeddings().weight.mul_(1.5)
@@ -192,6 +198,7 @@ def _change_truncate_dim(model):
         _change_pooling_mode,
         _change_chat_template,
         _change_eos_ids,
+        _change_tokenizer,
         _change_weights_in_place,
         _swap_the_lm,
         _change_truncate_dim,
