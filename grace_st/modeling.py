@@ -69,11 +69,9 @@ def check_texts(inputs: Any, name: str = "texts") -> list[str]:
         ...
         TypeError: texts[1] is 3 (int); GRACE encodes strings only.
     """
-    if isinstance(inputs, str):
-        return check_texts([inputs], name)
     if isinstance(inputs, (bytes, bytearray, Mapping)) or not isinstance(inputs, Iterable):
         raise TypeError(f"{name} must be a string or a list of strings, got {type(inputs).__name__}: {inputs!r:.80}.")
-    texts = list(inputs)
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"{name}[{index}] is {text!r:.80} ({type(text).__name__}); GRACE encodes strings only.")
@@ -225,7 +223,6 @@ class Transformer(InputModule):
         if self.tokenizer.pad_token_id is None:  # padding positions are masked out everywhere
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.__dict__.update(options)
-        self._template_cache: dict[tuple[str, str | None], tuple[list[int], list[int]]] = {}
         self.generation_backend = None
 
     @property
@@ -266,18 +263,14 @@ class Transformer(InputModule):
 
     # ------------------------------------------------------------------ prompt
     def template_pieces(self) -> tuple[list[int], list[int]]:
-        """Token ids of the chat prompt before and after the user text (cached per system prompt and template)."""
-        key = (self.system_prompt, self.tokenizer.chat_template)
-        if key not in self._template_cache:
-            messages = [{"role": "user", "content": _TEXT_PLACEHOLDER}]
-            if self.system_prompt:
-                messages.insert(0, {"role": "system", "content": self.system_prompt})
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            if rendered.count(_TEXT_PLACEHOLDER) != 1:
-                raise ValueError("The chat template does not place the user message verbatim in the prompt.")
-            pieces = rendered.split(_TEXT_PLACEHOLDER)  # the template's own special tokens are parsed here
-            self._template_cache[key] = tuple(self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces)
-        return self._template_cache[key]
+        """Token ids of the chat prompt before and after the user text (the system prompt in the chat template)."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": _TEXT_PLACEHOLDER})
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if rendered.count(_TEXT_PLACEHOLDER) != 1:
+            raise ValueError("The chat template does not place the user message verbatim in the prompt.")
+        before, after = rendered.split(_TEXT_PLACEHOLDER)  # the template's own special tokens are parsed here
+        return tuple(self.tokenizer([before, after], add_special_tokens=False)["input_ids"])
 
     @property
     def span_start(self) -> int:
@@ -357,13 +350,8 @@ class Transformer(InputModule):
                 sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             return self.rationale_batch(sequences[:, input_ids.shape[1] :])
         with torch.no_grad(), _LastLayerStates(self.model) as captured:
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                return_dict_in_generate=True,
-                output_hidden_states=captured.needs_hidden_states,
-                **kwargs,
-            )
+            kwargs.update(return_dict_in_generate=True, output_hidden_states=captured.needs_hidden_states)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             generated = out.sequences[:, input_ids.shape[1] :]
             if captured.needs_hidden_states:
                 captured.states = [step[-1] for step in out.hidden_states]

@@ -236,6 +236,9 @@ def test_item3_prompt_and_backend_are_part_of_the_key(model, tmp_path):
     assert cache_keys(model, TEXTS, None) == plain, "the key is stable"
 
     class Backend:
+        def generate(self, module, features, **generate_kwargs):
+            raise AssertionError("not called: only the key is computed")
+
         def __repr__(self) -> str:
             return "Backend(engine='other')"
 
