@@ -27,6 +27,7 @@ __all__ = [
     "RationaleBatch",
     "RationalePooling",
     "Transformer",
+    "__version__",
     "build_grace_model",
     "cache_dir",
     "default_backbone",
