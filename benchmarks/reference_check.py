@@ -42,7 +42,7 @@ def run(batch_size: int) -> tuple[np.ndarray, list[str]]:
     model = grace_st.from_backbone(grace_st.default_backbone(), device="cpu")
     items = model.encode(sentences(), batch_size=batch_size, output_value=None)
     embeddings = np.stack([torch.as_tensor(item["sentence_embedding"]).float().numpy() for item in items])
-    return embeddings, [item["rationale"] for item in items]
+    return embeddings, [model[0].decode_rationale(item) for item in items]
 
 
 def main() -> None:

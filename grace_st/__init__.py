@@ -3,35 +3,38 @@
 from __future__ import annotations
 
 from grace_st.backbone import cache_dir, default_backbone, resolve_backbone
+from grace_st.encoding import EncodedCorpus, encode_corpus
 from grace_st.factory import build_grace_model, from_backbone
 from grace_st.modeling import (
     DEFAULT_SYSTEM_PROMPT,
     RationaleBatch,
     RationalePooling,
     Transformer,
+    __version__,
     pool,
     pooling_span_mask,
     rationale_mask,
 )
 
-# Saved models name their module classes "grace_st.<Class>": a published folder carries modeling.py as grace_st.py,
-# and sentence-transformers resolves such one-dot references to that file when the package is not installed.
+# Saved models name their module classes "grace_st.<Class>": model.save() copies modeling.py into the folder as
+# grace_st.py, and sentence-transformers resolves such one-dot references to that file when grace_st is not installed.
 Transformer.__module__ = __name__
 RationalePooling.__module__ = __name__
 
-__version__ = "0.1.0"
-
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
+    "EncodedCorpus",
     "RationaleBatch",
     "RationalePooling",
     "Transformer",
+    "__version__",
     "build_grace_model",
     "cache_dir",
     "default_backbone",
+    "encode_corpus",
     "from_backbone",
     "pool",
     "pooling_span_mask",
-    "resolve_backbone",
     "rationale_mask",
+    "resolve_backbone",
 ]

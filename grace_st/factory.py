@@ -43,10 +43,12 @@ def from_backbone(
             (``revision``, ``attn_implementation``...).
         processor_kwargs: extra arguments for ``AutoTokenizer.from_pretrained``.
         **options: :class:`grace_st.Transformer` options: ``system_prompt``, ``rationale_mode``, ``max_new_tokens``,
-            ``max_input_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``.
+            ``max_input_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+            ``single_pass`` (each type- and range-checked).
 
     Returns:
-        A ``SentenceTransformer``; ``model.encode(texts, output_value=None)`` also returns each text's rationale.
+        A ``SentenceTransformer``. Rationales: :func:`grace_st.encode_corpus`, or
+        ``model[0].decode_rationale(item)`` for each item of ``model.encode(texts, output_value=None)``.
     """
     unknown = sorted(set(options) - set(_TRANSFORMER_OPTIONS))
     if unknown:

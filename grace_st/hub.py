@@ -253,7 +253,7 @@ def _examples_and_latency(model_path: Path, texts: Sequence[str], device: str | 
 
 def _rationale_text(module: Any, output: dict[str, Any]) -> str:
     """The rationale of one ``encode(..., output_value=None)`` item; the card's usage snippet shows the same read."""
-    return output["rationale"].strip()
+    return module.decode_rationale(output).strip()
 
 
 def _describe_device(device: Any) -> str:

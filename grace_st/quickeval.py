@@ -18,10 +18,7 @@ from grace_st.diagnostics import RationaleStats, rationale_stats
 from grace_st.model_kind import is_grace_model
 from grace_st.tables import markdown_table
 
-try:
-    from grace_st.encoding import encode_corpus
-except ImportError:  # TEMPORARY: until grace_st.encoding (another branch) is merged
-    from grace_st._corpus_fallback import encode_corpus
+from grace_st.encoding import encode_corpus
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VARIED_TEXTS = ["A man is playing a guitar.", "The stock market fell sharply.", "Cats sleep most of the day."]
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +25,14 @@ def default_backbone_dir() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory, default_backbone_dir) -> str:
-    """A saved tiny random LlamaForCausalLM (2 layers, hidden 32) with SmolLM2's real tokenizer and chat template."""
+    """A saved tiny random LlamaForCausalLM (2 layers, hidden 32) with SmolLM2's real tokenizer and chat template.
+
+    Its weights are drawn with a large std (0.2), so greedy rationales differ between texts and between steps (the
+    fixture checks it): a model that writes the same token everywhere would hide row-order and masking mistakes.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from grace_st.modeling import Transformer
 
     tokenizer = AutoTokenizer.from_pretrained(default_backbone_dir)
     config = LlamaConfig(
@@ -40,9 +47,14 @@ def tiny_backbone_dir(tmp_path_factory, default_backbone_dir) -> str:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=0.2,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
+    module = Transformer(model, tokenizer, max_new_tokens=8)
+    rows = module.generate_rationales(module.preprocess(VARIED_TEXTS)).ids.tolist()
+    assert len({tuple(row) for row in rows}) == len(rows), "greedy rationales of different texts must differ"
+    assert all(len(set(row)) >= 3 for row in rows), "each rationale must use several distinct tokens"
     path = tmp_path_factory.mktemp("tiny-backbone")
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

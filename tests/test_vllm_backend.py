@@ -1,4 +1,4 @@
-"""Tests of the optional vLLM generation backend (grace_st/modeling.py) with a fake ``vllm`` module.
+"""Tests of the optional vLLM generation backend (grace_st/vllm_backend.py) with a fake ``vllm`` module.
 
 vLLM needs a GPU and is not installed here: the fake's ``LLM.generate`` runs the same tiny HF model's ``generate`` on
 the token ids it is given, one prompt at a time, and returns objects shaped like vLLM's ``RequestOutput``.
@@ -7,19 +7,22 @@ the token ids it is given, one prompt at a time, and returns objects shaped like
 from __future__ import annotations
 
 import copy
+import doctest
 import json
+import pickle
 import sys
 import threading
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import grace_st
-from grace_st.modeling import vllm_sampling_kwargs
+import grace_st.vllm_backend
+from grace_st.encoding import encode_corpus
+from grace_st.vllm_backend import VLLMBackend, vllm_sampling_kwargs
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -85,20 +88,10 @@ class FakeVLLM:
         self.module.SamplingParams = SamplingParams
 
 
-@pytest.fixture(scope="module")
-def backbone_dir(tiny_backbone_dir, tmp_path_factory) -> str:
-    """The tiny backbone with larger random weights, so that greedy rationales differ between texts and steps.
-
-    The shared tiny model writes the same token over and over, which would hide mistakes.
-    """
-    config = AutoConfig.from_pretrained(tiny_backbone_dir)
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("diverse-backbone")
-    model.save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_backbone_dir).save_pretrained(path)
-    return str(path)
+@pytest.fixture
+def backbone_dir(tiny_backbone_dir) -> str:
+    """The shared tiny backbone (its greedy rationales differ between texts and between steps)."""
+    return tiny_backbone_dir
 
 
 @pytest.fixture
@@ -130,6 +123,10 @@ def _model(backbone_dir, **options):
     return grace_st.from_backbone(backbone_dir, max_new_tokens=8, device="cpu", **options)
 
 
+def _rationales(model, items) -> list[str]:
+    return [model[0].decode_rationale(item) for item in items]
+
+
 def _forbid_transformers_generate(model) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the transformers generate ran although the vllm backend is selected")
@@ -141,12 +138,12 @@ def _forbid_transformers_generate(model) -> None:
 def test_vllm_backend_gives_the_transformers_embeddings_and_rationales(backbone_dir, fake_vllm):
     expected = _model(backbone_dir).encode(TEXTS, output_value=None, batch_size=len(TEXTS))
     model = _model(backbone_dir)
-    model[0].set_generation_backend("vllm")
+    model[0].generation_backend = VLLMBackend()
     _forbid_transformers_generate(model)
     got = model.encode(TEXTS, output_value=None, batch_size=len(TEXTS))
     assert len(fake_vllm.prompts) == len(TEXTS), "every rationale must come from the vLLM engine"
-    assert [item["rationale"] for item in got] == [item["rationale"] for item in expected]
-    assert all(item["rationale"] for item in got)
+    assert _rationales(model, got) == _rationales(model, expected)
+    assert all(_rationales(model, got)) and len(set(_rationales(model, got))) == len(TEXTS)
     delta = max(
         float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max())
         for a, b in zip(got, expected, strict=True)
@@ -159,7 +156,7 @@ def test_vllm_backend_gives_the_transformers_embeddings_and_rationales(backbone_
 
 def test_vllm_prompts_are_the_chat_prompts_without_padding(backbone_dir, fake_vllm):
     model = _model(backbone_dir)
-    model[0].set_generation_backend("vllm")
+    model[0].generation_backend = VLLMBackend()
     model.encode(TEXTS, batch_size=len(TEXTS))
     tokenizer = model[0].tokenizer
     rendered = {
@@ -186,7 +183,7 @@ def test_vllm_rationale_batch_equals_the_transformers_one_when_rows_stop_early(
     stop = next(token for i, token in enumerate(row) if i >= 2 and token not in row[:i])
     module.model.generation_config.eos_token_id = [module.tokenizer.eos_token_id, stop]
     reference = module.generate_rationales(features)
-    module.set_generation_backend("vllm")
+    module.generation_backend = VLLMBackend()
     got = module.generate_rationales(features)
     assert stop in fake_vllm.sampling[-1]["stop_token_ids"]
     assert bool(reference.finished[0]) and int(reference.mask[0].sum()) < reference.mask.shape[1]
@@ -198,7 +195,7 @@ def test_vllm_rationale_batch_equals_the_transformers_one_when_rows_stop_early(
 
 def test_vllm_rows_cut_short_are_padded_without_counting_the_padding(backbone_dir, fake_vllm):
     module = _model(backbone_dir)[0]
-    module.set_generation_backend("vllm")
+    module.generation_backend = VLLMBackend()
     eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
     assert pad == eos  # the padding could pass for an EOS: it must still not finish a row
     # Row 0 stops on EOS; row 1 is cut short without one (e.g. at the engine's context limit); row 2 fills the width.
@@ -212,7 +209,7 @@ def test_vllm_rows_cut_short_are_padded_without_counting_the_padding(backbone_di
 # ---------------------------------------------------------------- decoding settings
 def test_sampling_params_carry_the_greedy_settings(backbone_dir, fake_vllm):
     model = grace_st.from_backbone(backbone_dir, max_new_tokens=5, repetition_penalty=1.3, device="cpu")
-    model[0].set_generation_backend("vllm")
+    model[0].generation_backend = VLLMBackend()
     model.encode(TEXTS[:2])
     params = fake_vllm.sampling[-1]
     assert params["temperature"] == 0.0
@@ -226,7 +223,7 @@ def test_sampling_params_carry_the_sampling_settings(backbone_dir, fake_vllm):
     module = grace_st.from_backbone(
         backbone_dir, max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9, top_k=5, device="cpu"
     )[0]
-    module.set_generation_backend("vllm")
+    module.generation_backend = VLLMBackend()
     features = module.preprocess(TEXTS[:2])
     module.generate_rationales(features)
     params = fake_vllm.sampling[-1]
@@ -257,8 +254,7 @@ def test_vllm_sampling_kwargs_translation():
 # ---------------------------------------------------------------- engine
 def test_engine_is_built_lazily_once_from_the_model_folder(backbone_dir, fake_vllm):
     model = _model(backbone_dir)
-    model[0].set_generation_backend("vllm", gpu_memory_utilization=0.5)
-    assert model[0].generation_backend == "vllm"
+    model[0].generation_backend = VLLMBackend(gpu_memory_utilization=0.5)
     assert fake_vllm.engines == [], "the engine must be built on first use only"
     model.encode(TEXTS[:2])
     model.encode(TEXTS[2:])
@@ -268,26 +264,38 @@ def test_engine_is_built_lazily_once_from_the_model_folder(backbone_dir, fake_vl
 def test_in_memory_model_must_be_saved_first(backbone_dir, fake_vllm, tmp_path):
     model = _model(backbone_dir)
     model[0].model.config._name_or_path = ""
-    with pytest.raises(ValueError, match=r"Save the model first.*model=path"):
-        model[0].set_generation_backend("vllm")
-    assert model[0].generation_backend == "transformers"
+    model[0].generation_backend = VLLMBackend()
+    with pytest.raises(ValueError, match=r"Save the model first.*VLLMBackend\(model=path\)"):
+        model.encode(TEXTS[:1])
+    assert fake_vllm.engines == []
     model.save(str(tmp_path / "saved"))
-    model[0].set_generation_backend("vllm", model=str(tmp_path / "saved"))
+    model[0].generation_backend = VLLMBackend(model=str(tmp_path / "saved"))
     model.encode(TEXTS[:1])
     assert fake_vllm.engines[0]["model"] == str(tmp_path / "saved")
 
 
 def test_copied_module_leaves_the_engine_behind(backbone_dir, fake_vllm):
     model = _model(backbone_dir)
-    model[0].set_generation_backend("vllm")
+    model[0].generation_backend = VLLMBackend()
     expected = model.encode(TEXTS[:2])
     clone = copy.deepcopy(model[0])
-    assert clone.generation_backend == "vllm" and clone._vllm_engine is None
-    assert model[0]._vllm_engine is not None, "copying must not drop the original's engine"
+    assert isinstance(clone.generation_backend, VLLMBackend) and clone.generation_backend._engine is None
+    assert model[0].generation_backend._engine is not None, "copying must not drop the original's engine"
     features = clone.preprocess(TEXTS[:2])
     assert clone.generate_rationales(features).ids.shape[0] == 2
     assert len(fake_vllm.engines) == 2
     np.testing.assert_allclose(model.encode(TEXTS[:2]), expected, atol=1e-6)
+
+
+def test_backend_with_an_engine_pickles_for_multi_process_encoding(backbone_dir, fake_vllm):
+    model = _model(backbone_dir)
+    model[0].generation_backend = VLLMBackend(gpu_memory_utilization=0.5)
+    expected = model.encode(TEXTS[:2])
+    restored = pickle.loads(pickle.dumps(model[0].generation_backend))  # the engine holds a lock: not picklable
+    assert restored._engine is None and restored.engine_kwargs["gpu_memory_utilization"] == 0.5
+    model[0].generation_backend = restored
+    np.testing.assert_allclose(model.encode(TEXTS[:2]), expected, atol=1e-6)
+    assert len(fake_vllm.engines) == 2, "the unpickled copy builds its own engine on first use"
 
 
 # ---------------------------------------------------------------- options and errors
@@ -296,44 +304,40 @@ def test_missing_vllm_raises_an_import_error_that_says_how_to_install(backbone_d
     model.encode(TEXTS[:2])
     assert no_vllm == [], "the default backend must not import vllm"
     with pytest.raises(ImportError, match=r"pip install vllm.*GPU|GPU.*pip install vllm"):
-        model[0].set_generation_backend("vllm")
-    with pytest.raises(ImportError, match="pip install vllm"):
-        model[0].generation_backend = "vllm"
-    assert no_vllm and model[0].generation_backend == "transformers"
+        VLLMBackend()
+    assert no_vllm and model[0].generation_backend is None
 
 
-@pytest.mark.parametrize("bad", ["vlm", "VLLM", "", None])
-def test_bad_backend_name_is_refused(backbone_dir, bad):
+@pytest.mark.parametrize("bad", ["vllm", "transformers", 3])
+def test_a_backend_must_have_a_generate_method(backbone_dir, bad):
     module = _model(backbone_dir)[0]
-    with pytest.raises(ValueError, match=rf"{bad!r}.*'transformers', 'vllm'"):
-        module.set_generation_backend(bad)
-    with pytest.raises(ValueError, match=rf"{bad!r}"):
+    with pytest.raises(ValueError, match=rf"generation_backend={bad!r} is not allowed.*VLLMBackend\(\)"):
         module.generation_backend = bad
-    assert module.generation_backend == "transformers"
-
-
-def test_engine_options_need_the_vllm_backend(backbone_dir):
-    with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        _model(backbone_dir)[0].set_generation_backend("transformers", gpu_memory_utilization=0.5)
+    assert module.generation_backend is None
 
 
 def test_backend_is_not_saved(backbone_dir, fake_vllm, tmp_path):
     model = _model(backbone_dir)
-    model[0].set_generation_backend("vllm", gpu_memory_utilization=0.5)
+    model[0].generation_backend = VLLMBackend(gpu_memory_utilization=0.5)
     model.save(str(tmp_path / "saved"))
     config = json.loads((tmp_path / "saved" / "grace_config.json").read_text())
-    assert set(config) == set(grace_st.Transformer.config_keys)
-    assert "vllm" not in json.dumps(config) and "gpu_memory_utilization" not in json.dumps(config)
+    assert set(config) == {*grace_st.Transformer.config_keys, "grace_st_version"}
+    assert "vllm" not in json.dumps(config).lower() and "gpu_memory_utilization" not in json.dumps(config)
     reloaded = grace_st.Transformer.load(str(tmp_path / "saved"))
-    assert reloaded.generation_backend == "transformers"
+    assert reloaded.generation_backend is None
 
 
 def test_embedding_cache_keeps_the_backends_apart(backbone_dir, fake_vllm, tmp_path):
     model = _model(backbone_dir)
-    model[0].embedding_cache_dir = str(tmp_path / "cache")
-    expected = model.encode(TEXTS)
-    model[0].set_generation_backend("vllm")
-    got = model.encode(TEXTS)
+    expected = encode_corpus(model, TEXTS, cache_dir=tmp_path)
+    model[0].generation_backend = VLLMBackend()
+    got = encode_corpus(model, TEXTS, cache_dir=tmp_path)
     assert len(fake_vllm.prompts) == len(TEXTS), "entries of the transformers backend must not be reused"
-    assert len(list(Path(tmp_path / "cache").rglob("*.npy"))) == 2 * len(TEXTS)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert len(list(tmp_path.rglob("*.npz"))) == 2 * len(TEXTS)
+    np.testing.assert_allclose(got.embeddings, expected.embeddings, atol=1e-5)
+    assert got.rationales == expected.rationales
+
+
+def test_doctests_of_the_module_pass():
+    result = doctest.testmod(grace_st.vllm_backend)
+    assert result.attempted >= 1 and result.failed == 0

@@ -146,7 +146,7 @@ def main() -> None:
     items = trained.encode(TEXTS, output_value=None)
     print("\nrationales of the trained model")
     for index, (text, item) in enumerate(zip(TEXTS, items, strict=True)):
-        print(f"[{index}] {text}\n    {item['rationale']!r}")
+        print(f"[{index}] {text}\n    {trained[0].decode_rationale(item)!r}")
     embeddings = trained.encode(TEXTS, convert_to_tensor=True)
     similarity = trained.similarity(embeddings, embeddings)
     print("cosine similarity\n     " + "".join(f"{j:>7}" for j in range(len(TEXTS))))

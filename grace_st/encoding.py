@@ -1,0 +1,284 @@
+"""Corpus encoding with GRACE models: one call that de-duplicates texts, consults an optional on-disk embedding cache
+and returns each text's rationale with its embedding.
+
+``model.encode`` stays plain sentence-transformers; :func:`encode_corpus` is the explicit API for evaluation and for
+large corpora::
+
+    from grace_st.encoding import encode_corpus
+
+    corpus = encode_corpus(model, texts, batch_size=16, cache_dir="~/.cache/grace-embeddings")
+    corpus.embeddings  # (len(texts), dim) float32, in the order of `texts`
+    corpus.rationales  # one string per text
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import uuid
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentence_transformers
+import torch
+import transformers
+
+from grace_st.modeling import Transformer, __version__, check_texts
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "grace-embedding-cache-2"  # part of every key: entries of another format are never read
+
+
+@dataclass
+class EncodedCorpus:
+    """What :func:`encode_corpus` returns, one row per input text, in the caller's order.
+
+    Attributes:
+        embeddings: ``(n, dim)`` float32 on the CPU.
+        rationales: rationale text per text (``""`` in rationale_mode ``"none"`` and for models that are not GRACE).
+        rationale_ids: rationale token ids per text, the closing EOS excluded.
+        finished: per text, True where the rationale ended with an EOS before ``max_new_tokens``.
+    """
+
+    embeddings: np.ndarray
+    rationales: list[str]
+    rationale_ids: list[list[int]]
+    finished: list[bool]
+
+
+def encode_corpus(
+    model: sentence_transformers.SentenceTransformer,
+    texts: list[str],
+    *,
+    batch_size: int = 32,
+    prompt_name: str | None = None,
+    prompt: str | None = None,
+    normalize_embeddings: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    show_progress_bar: bool | None = None,
+) -> EncodedCorpus:
+    """Encode a list of texts: each distinct text is encoded once, cached rows are reused, rationales come back too.
+
+    Args:
+        model: a GRACE ``SentenceTransformer`` (any other model works too, without rationales or cache).
+        texts: the texts (a string, list or other iterable of strings); a bad entry raises naming its index.
+        batch_size: texts per forward batch. Defaults to 32.
+        prompt_name: a saved prompt of the model (e.g. ``"query"``); ignored when ``prompt`` is given. Defaults to
+            the model's ``default_prompt_name``.
+        prompt: a prompt prepended to every text. Defaults to None.
+        normalize_embeddings: L2-normalise the rows. Defaults to True.
+        cache_dir: folder of an on-disk :class:`EmbeddingCache` shared across calls and processes; None (the default)
+            caches nothing. A folder that cannot be written is warned about and the embeddings are still returned.
+        show_progress_bar: passed to ``model.encode``.
+
+    Returns:
+        An :class:`EncodedCorpus`.
+
+    Raises:
+        TypeError / ValueError: ``texts`` is not a list of strings, or one holds a lone surrogate (named by index);
+            unknown ``prompt_name``; ``cache_dir`` with a model that is not GRACE.
+    """
+    texts = check_texts(texts)
+    module = model[0]
+    is_grace = isinstance(module, Transformer)
+    if cache_dir is not None and not is_grace:
+        raise ValueError(f"cache_dir needs a GRACE model; the first module is {type(module).__name__}.")
+    prompt = resolve_prompt(model, prompt, prompt_name)
+    unique = list(dict.fromkeys(texts))
+    entries: list[CacheEntry | None] = [None] * len(unique)
+    keys: list[str] = []
+    cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        keys = cache_keys(model, unique, prompt)
+        entries = [cache.get(key, model.get_embedding_dimension()) for key in keys]
+    missing = [i for i, entry in enumerate(entries) if entry is None]
+    if missing:
+        fresh = _encode(model, [unique[i] for i in missing], prompt, batch_size, show_progress_bar, is_grace)
+        for i, entry in zip(missing, fresh, strict=True):
+            entries[i] = entry
+            if cache is not None:
+                cache.put(keys[i], entry)
+    dim = model.get_embedding_dimension() or 0
+    rows = np.stack([e.embedding for e in entries]) if entries else np.empty((0, dim), dtype=np.float32)
+    if normalize_embeddings and len(rows):
+        rows = torch.nn.functional.normalize(torch.from_numpy(rows), p=2, dim=1).numpy()
+    where = {text: i for i, text in enumerate(unique)}
+    order = [where[text] for text in texts]
+    # A finished rationale's last id is the EOS that closed it.
+    ids_of = [entry.ids[: len(entry.ids) - int(entry.finished)].tolist() for entry in entries]
+    texts_of = [module.decode_ids(ids) if is_grace else "" for ids in ids_of]
+    return EncodedCorpus(
+        embeddings=np.ascontiguousarray(rows[order], dtype=np.float32),
+        rationales=[texts_of[i] for i in order],
+        rationale_ids=[list(ids_of[i]) for i in order],
+        finished=[entries[i].finished for i in order],
+    )
+
+
+@dataclass
+class CacheEntry:
+    """One text's cached result: the model's embedding (before optional normalisation), its rationale ids (closing
+    EOS included, as the model wrote them) and whether the rationale finished."""
+
+    embedding: np.ndarray
+    ids: np.ndarray
+    finished: bool
+
+
+def _encode(model, texts, prompt, batch_size, show_progress_bar, is_grace) -> list[CacheEntry]:
+    if not is_grace:
+        rows = model.encode(texts, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        empty = np.zeros(0, dtype=np.int64)
+        return [CacheEntry(np.asarray(row, dtype=np.float32), empty, False) for row in rows]
+    items = model.encode(
+        texts, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar, output_value=None
+    )
+    return [
+        CacheEntry(
+            item["sentence_embedding"].detach().float().cpu().numpy(),
+            item["rationale_ids"][item["rationale_mask"].bool()].cpu().numpy().astype(np.int64),
+            bool(item["rationale_finished"]),
+        )
+        for item in items
+    ]
+
+
+def resolve_prompt(model, prompt: str | None, prompt_name: str | None) -> str | None:
+    """The prompt ``model.encode`` would use: ``prompt``, else the saved prompt ``prompt_name``, else the default."""
+    if prompt is not None:
+        return prompt
+    name = prompt_name if prompt_name is not None else model.default_prompt_name
+    if name is None:
+        return None
+    if name not in model.prompts:
+        raise ValueError(f"prompt_name={name!r} is not a prompt of this model; its prompts: {sorted(model.prompts)}.")
+    return model.prompts[name]
+
+
+# ---------------------------------------------------------------------------------------------------- cache keys
+_WEIGHTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer of ``model`` (names, dtypes, shapes, bytes).
+
+    Hashing all weights is slow for large models, so the hash is kept per model object and recomputed only when a
+    tensor was replaced, moved or changed in place: the probe compares each tensor's storage address and its in-place
+    version counter (``Tensor._version``, bumped by ``mul_``, ``copy_``, optimizer steps and ``load_state_dict``).
+    """
+    tensors = model.state_dict(keep_vars=True)
+    probe = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for name, t in tensors.items())
+    known = _WEIGHTS.get(model)
+    if known is not None and known[0] == probe:
+        return known[1]
+    digest = hashlib.blake2b(digest_size=20)
+    for name, tensor in sorted(tensors.items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        data = tensor.detach().cpu().contiguous().reshape(-1)  # reshape: 0-dim tensors (per-tensor scales) too
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    _WEIGHTS[model] = (probe, digest.hexdigest())
+    return _WEIGHTS[model][1]
+
+
+def cache_keys(model, texts: list[str], prompt: str | None) -> list[str]:
+    """Cache key of each text: everything that changes its embedding or rationale.
+
+    Covered: the weights (:func:`weights_fingerprint`), the LM config, every module's saved options, the chat prompt
+    around the text (system prompt and chat template, as token ids), the text's own token ids as the prompt builder
+    makes them (so any tokenizer change that alters them), the generation config (EOS ids, ...), the generation
+    backend, the model's ``truncate_dim``, the device type and the torch / transformers / grace_st versions.
+    """
+    module = model[0]
+    lm = module.model
+    drop = {"_name_or_path", "transformers_version"}  # where the weights came from does not change them
+    settings = {
+        "format": CACHE_FORMAT,
+        "weights": weights_fingerprint(model),
+        "lm_config": {k: v for k, v in lm.config.to_dict().items() if k not in drop},
+        "generation_config": {k: v for k, v in lm.generation_config.to_dict().items() if k not in drop},
+        "modules": [[type(m).__name__, m.get_config_dict()] for m in model],
+        "template": module.template_pieces(),
+        "eos": module.eos_token_ids,
+        "pad": module.tokenizer.pad_token_id,
+        "backend": None if module.generation_backend is None else repr(module.generation_backend),
+        "truncate_dim": model.truncate_dim,
+        "prompt": prompt,
+        "device": model.device.type,
+        "versions": [torch.__version__, transformers.__version__, __version__],
+    }
+    base = json.dumps(settings, sort_keys=True, default=str)
+    ids = module.text_token_ids([(prompt or "") + text for text in texts])
+    return [hashlib.blake2b(f"{base}\0{row}".encode(), digest_size=20).hexdigest() for row in ids]
+
+
+# ---------------------------------------------------------------------------------------------------- the cache
+class EmbeddingCache:
+    """On-disk cache of :class:`CacheEntry` rows, one small file per key (see :func:`cache_keys`).
+
+    Entries are written atomically (temporary file + rename) with a checksum and the umask's permissions, so several
+    processes and users may share a folder. A corrupt entry, or one of the wrong shape or dtype, is recomputed and
+    rewritten, never returned. A failed write removes its temporary file, warns once and leaves the result intact.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder).expanduser()
+        self._warned = False
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npz"
+
+    def get(self, key: str, dim: int | None = None) -> CacheEntry | None:
+        """The entry of ``key``, or None when it is absent, corrupt or not a ``(dim,)`` float32 embedding."""
+        try:
+            blob = self.path(key).read_bytes()
+        except OSError:
+            return None
+        digest, payload = blob[:16], blob[16:]
+        try:
+            if hashlib.blake2b(payload, digest_size=16).digest() != digest:
+                raise ValueError("checksum mismatch")
+            with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+                entry = CacheEntry(data["embedding"], data["ids"], data["finished"])
+            ok = entry.embedding.dtype == np.float32 and entry.embedding.ndim == 1
+            ok = ok and (dim is None or entry.embedding.shape == (dim,)) and entry.ids.ndim == 1
+            if not (
+                ok and entry.ids.dtype == np.int64 and entry.finished.dtype == np.bool_ and entry.finished.ndim == 0
+            ):
+                raise ValueError("unexpected shape or dtype")
+        except (ValueError, OSError, KeyError) as error:
+            logger.warning("Embedding cache entry %s is invalid (%s); recomputing it.", self.path(key), error)
+            return None
+        entry.finished = bool(entry.finished)
+        return entry
+
+    def put(self, key: str, entry: CacheEntry) -> bool:
+        """Write ``entry``; returns False (after one warning per cache) when the folder cannot be written."""
+        buffer = io.BytesIO()
+        np.savez(buffer, embedding=entry.embedding, ids=entry.ids, finished=np.bool_(entry.finished))
+        payload = buffer.getvalue()
+        path = self.path(key)
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # os.open with 0o666 lets the umask decide the permissions (mkstemp would force 0600).
+            handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                with os.fdopen(handle, "wb") as f:
+                    f.write(hashlib.blake2b(payload, digest_size=16).digest() + payload)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as error:
+            if not self._warned:
+                logger.warning(
+                    "Cannot write the embedding cache in %s (%s); results are not cached.", self.folder, error
+                )
+                self._warned = True
+            return False
+        return True
