@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 
 from grace_st.diagnostics import RationaleStats, rationale_stats
+from grace_st.encoding import encode_corpus
 from grace_st.model_kind import is_grace_model
 from grace_st.tables import markdown_table
-
-from grace_st.encoding import encode_corpus
 
 
 @dataclass
