@@ -28,7 +28,8 @@ import sentence_transformers
 import torch
 import transformers
 
-from grace_st.modeling import Transformer, __version__, check_texts
+from grace_st.model_kind import is_grace_model
+from grace_st.modeling import __version__, check_texts
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def encode_corpus(
     """
     texts = check_texts(texts)
     module = model[0]
-    is_grace = isinstance(module, Transformer)
+    is_grace = is_grace_model(model)
     if cache_dir is not None and not is_grace:
         raise ValueError(f"cache_dir needs a GRACE model; the first module is {type(module).__name__}.")
     prompt = resolve_prompt(model, prompt, prompt_name)
