@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from grace_st.backbone import DEFAULT_BACKBONE_HUB_ID, DEFAULT_BACKBONE_LICENSE
+from grace_st.model_kind import folder_kind, folder_parameters
+from grace_st.modeling import MODULE_FILE_NAME
 from grace_st.tables import format_cell, markdown_table
 
 logger = logging.getLogger(__name__)
 
-MODULE_FILE_NAME = "grace_st.py"
 TRAINING_INFO_FILE = "grace_training.json"
 RESULTS_FOLDER = "results"
 DIAGNOSTICS_FOLDER = "grace_diagnostics"
@@ -58,7 +59,7 @@ EXAMPLE_TEXTS: tuple[str, ...] = (
 _ROOT_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model")
 _EXCLUDED_ROOT_FILES = {"README.md", MODULE_FILE_NAME, "trainer_state.json", "training_args.json"}
 # Hub repo ids as the Hub accepts them (``org/name``); anything else in a training record is described as local.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 _LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow")
 
 
@@ -110,15 +111,14 @@ def model_files(model_path: str | os.PathLike) -> list[Path]:
         ValueError: the folder is not a saved GRACE model, or it holds pickled (``.bin``/``.pt``) weights only.
     """
     folder = Path(model_path)
-    modules = folder / "modules.json"
-    if not modules.is_file():
+    if not (folder / "modules.json").is_file():
         raise ValueError(
             f"{folder} is not a saved SentenceTransformer (no modules.json). Build and save a GRACE model first, e.g. "
             "grace_st.from_backbone(path).save(folder)."
         )
-    entries = json.loads(modules.read_text(encoding="utf-8"))
-    if not any(entry.get("type", "").startswith("grace_st.") for entry in entries):
+    if folder_kind(folder) != "grace":
         raise ValueError(f"{folder} is not a GRACE model: modules.json names no grace_st module.")
+    entries = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
     files = [
         p.relative_to(folder)
         for p in sorted(folder.iterdir())
@@ -332,7 +332,7 @@ def render_card(
             grace_config=grace_config,
             pooling_mode=pooling.get("pooling_mode", "mean"),
             embed_dim=config.get("hidden_size"),
-            n_parameters=_count_parameters(folder),
+            n_parameters=folder_parameters(folder)[0],
             prompts={k: v for k, v in (st_config.get("prompts") or {}).items() if v},
             training=training,
             results=list(results),
@@ -346,7 +346,7 @@ def render_card(
 
 def _hub_id(value: Any) -> str | None:
     """``value`` if it reads as a Hub repo id (``org/name``, not an existing local path), else None."""
-    if not isinstance(value, str) or not _HUB_ID.match(value) or Path(value).expanduser().exists():
+    if not isinstance(value, str) or not HUB_ID.match(value) or Path(value).expanduser().exists():
         return None
     if value.lower().endswith(_LOCAL_DATA_SUFFIXES):
         return None
@@ -462,21 +462,6 @@ def _redact(config: dict[str, Any]) -> dict[str, Any]:
         key: "<redacted>" if key.lower().endswith("token") and isinstance(value, str) and value else value
         for key, value in config.items()
     }
-
-
-def _count_parameters(folder: Path) -> int | None:
-    from safetensors import safe_open
-
-    total = 0
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="numpy") as handle:
-            for key in handle.keys():
-                shape = handle.get_slice(key).get_shape()
-                count = 1
-                for size in shape:
-                    count *= size
-                total += count
-    return total or None
 
 
 # ---------------------------------------------------------------------------------------------------------- publish

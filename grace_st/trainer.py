@@ -40,7 +40,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ from grace_st.checkpoints import (
 from grace_st.config import GraceGRPOConfig
 from grace_st.diagnostics import copy_rate, distinct_per_group, group_reward_std
 from grace_st.factory import build_grace_model
-from grace_st.hub import TRAINING_INFO_FILE
+from grace_st.hub import HUB_ID, TRAINING_INFO_FILE
 from grace_st.modeling import RationaleBatch, RationalePooling, Transformer
 from grace_st.rewards import grace_rewards
 
@@ -85,7 +84,6 @@ logger = logging.getLogger(__name__)
 TESTED_WITH = "trl 1.16 and transformers 5.24"
 _RECORD_KEYS = ("text", "query", "negative")
 _RECORD_COLUMNS = ("prompt", "query", "negative")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class RowTemperature(LogitsProcessor):
@@ -762,10 +760,10 @@ def base_model_info(source: str | None) -> tuple[str | None, str | None]:
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as handle:
                 recorded = json.load(handle).get("_name_or_path")
-            if isinstance(recorded, str) and _HUB_ID.match(recorded) and not os.path.exists(recorded):
+            if isinstance(recorded, str) and HUB_ID.match(recorded) and not os.path.exists(recorded):
                 hub_id = recorded
         readme = os.path.join(source, "README.md")
-    elif _HUB_ID.match(source):
+    elif HUB_ID.match(source):
         from huggingface_hub import try_to_load_from_cache
 
         hub_id = source

@@ -456,3 +456,11 @@ def test_item12_trained_with_the_cli_then_published(tiny_backbone_dir, tmp_path)
     assert "untrained" not in card.text and "for 1 optimizer step." in card.text
     assert "local file `triplets.jsonl`" in card.text and card.data.datasets is None
     assert f"`local folder {Path(tiny_backbone_dir).name}`" in card.text
+
+
+def test_doctests():
+    import doctest
+
+    import grace_st.hub
+
+    assert doctest.testmod(grace_st.hub).failed == 0
