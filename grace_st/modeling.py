@@ -27,7 +27,22 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from sentence_transformers.base.modules import InputModule, Module
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+try:  # The decode engine; its block moves into this file at merge (then this import goes).
+    from grace_st._decode import RowTemperature, decode, unsupported_reason
+except ImportError:  # A published copy of this file where grace_st is not installed: model.generate only.
+    RowTemperature = decode = None
+
+    def unsupported_reason(model, generate_kwargs):
+        return "grace_st._decode is not installed"
+
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +55,8 @@ RationaleMode = Literal["generate", "none", "echo"]
 RATIONALE_MODES: tuple[str, ...] = ("generate", "none", "echo")
 GenerationBackend = Literal["transformers", "vllm"]
 GENERATION_BACKENDS: tuple[str, ...] = ("transformers", "vllm")
+DecodePath = Literal["engine", "generate"]
+DECODE_PATHS: tuple[str, ...] = ("engine", "generate")
 POOLING_MODES: tuple[str, ...] = ("mean", "lasttoken")
 # Marks where the user text goes when the chat template is rendered once per system prompt.
 _TEXT_PLACEHOLDER = "\u2063GRACE_ST_TEXT\u2063"
@@ -137,8 +154,10 @@ class Transformer(InputModule):
             rationale (same embedding within float tolerance; the two-pass path stays as the reference).
             Defaults to True.
 
-    Runtime settings (not saved in ``grace_config.json``): ``embedding_cache_dir`` (see :class:`EmbeddingCache`) and
-    the generation backend (see :meth:`set_generation_backend`: ``"transformers"`` or ``"vllm"``).
+    Runtime settings (not saved in ``grace_config.json``): ``embedding_cache_dir`` (see :class:`EmbeddingCache`), the
+    generation backend (see :meth:`set_generation_backend`: ``"transformers"`` or ``"vllm"``), ``decode_path`` (see
+    :meth:`generate_rationales`: ``"engine"`` or the reference ``"generate"``) and ``decode_counts`` (None, or a dict
+    the engine adds its ``decode_row_steps`` and ``prompt_tokens`` to).
     """
 
     config_file_name = "grace_config.json"
@@ -213,6 +232,9 @@ class Transformer(InputModule):
         self._generation_backend: str = "transformers"
         self._vllm_engine_kwargs: dict[str, Any] = {}
         self._vllm_engine: Any = None
+        # How the transformers backend writes rationales with states (a runtime setting, not saved).
+        self._decode_path: str = "engine"
+        self.decode_counts: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -372,6 +394,22 @@ class Transformer(InputModule):
         self._vllm_engine_kwargs = engine_kwargs
         self._vllm_engine = None  # built on first use, with the options given here
 
+    @property
+    def decode_path(self) -> str:
+        """How rationales with states are written by the transformers backend (a runtime setting, not saved).
+
+        ``"engine"`` (default): :func:`grace_st._decode.decode`, which runs the shared prompt prefix once and drops
+        finished rows from the batch; used when :func:`grace_st._decode.unsupported_reason` allows it (eager/sdpa
+        attention, ...), otherwise ``"generate"``: ``model.generate`` plus one cached step, the reference.
+        """
+        return self._decode_path
+
+    @decode_path.setter
+    def decode_path(self, value: DecodePath) -> None:
+        if value not in DECODE_PATHS:
+            raise ValueError(f"decode_path={value!r} is not supported; choose one of {DECODE_PATHS}.")
+        self._decode_path = value
+
     def generate_rationales(
         self, features: dict[str, Any], with_states: bool = False, **generate_kwargs
     ) -> RationaleBatch:
@@ -381,8 +419,10 @@ class Transformer(InputModule):
             features: output of :meth:`preprocess` on the model's device.
             with_states: also keep the last-layer hidden states that generation computes (prefill + decode steps),
                 completed by one decode step for the final token, so no second pass over prompt + rationale is
-                needed (see :meth:`embed` for the two-pass reference).
-            **generate_kwargs: overrides of :meth:`generation_kwargs` (e.g. ``temperature`` in training).
+                needed (see :meth:`embed` for the two-pass reference). Written by the decode engine unless
+                ``decode_path="generate"`` (see :attr:`decode_path`).
+            **generate_kwargs: overrides of :meth:`generation_kwargs` (e.g. ``temperature`` in training;
+                ``temperature`` may be a ``(batch,)`` tensor of per-row temperatures).
 
         Returns:
             The rationales as a :class:`RationaleBatch` (``states`` set when ``with_states``, except with the
@@ -397,9 +437,23 @@ class Transformer(InputModule):
                 features["echo_ids"], features["echo_mask"], torch.ones(input_ids.shape[0], dtype=torch.bool)
             )
         kwargs = {**self.generation_kwargs(), **generate_kwargs}
+        row_temperatures = isinstance(kwargs.get("temperature"), torch.Tensor)
         if self._generation_backend == "vllm":
+            if row_temperatures:
+                raise ValueError("Per-row temperatures (a tensor) are not supported by the 'vllm' backend.")
             # vLLM returns no hidden states: `states` stays unset and callers use the two-pass `embed`.
             return self._generate_with_vllm(features, kwargs)
+        if with_states and self._decode_path == "engine":
+            before, _ = self._template_pieces(self.system_prompt)
+            reason = unsupported_reason(self.model, kwargs) or ("no shared prompt prefix" if not before else None)
+            batch = None if reason else self._generate_with_engine(features, kwargs, len(before))
+            if batch is not None:
+                return batch
+            logger.debug("Decode engine not used (%s); using model.generate.", reason or "states not captured")
+        if row_temperatures:
+            # `generate` takes one temperature: per-row temperatures become a logits processor.
+            processors = [*(kwargs.get("logits_processor") or []), RowTemperature(kwargs["temperature"])]
+            kwargs.update(temperature=1.0, logits_processor=LogitsProcessorList(processors))
         if not with_states:
             with torch.no_grad():
                 sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -438,6 +492,38 @@ class Transformer(InputModule):
             logger.warning(
                 "Could not capture the last-layer states during generation; using a second forward pass instead."
             )
+        return batch
+
+    def _generate_with_engine(
+        self, features: dict[str, Any], kwargs: dict[str, Any], prefix_len: int
+    ) -> RationaleBatch | None:
+        """:meth:`generate_rationales` with states, by the decode engine (:attr:`decode_path`); None if impossible."""
+        sampling = {}
+        if kwargs["do_sample"]:
+            # Unset sampling settings fall back to the LM's generation config, as in `generate`.
+            sampling = {
+                key: self.model.generation_config.to_dict().get(key) if kwargs.get(key) is None else kwargs[key]
+                for key in ("temperature", "top_k", "top_p")
+            }
+        eos = kwargs["eos_token_id"]
+        with torch.no_grad():
+            result = decode(
+                self.model,
+                features["input_ids"],
+                features["attention_mask"],
+                features["text_start"],
+                prefix_len,
+                max_new_tokens=kwargs["max_new_tokens"],
+                eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                pad_token_id=kwargs["pad_token_id"],
+                do_sample=bool(kwargs["do_sample"]),
+                counts=self.decode_counts,
+                **sampling,
+            )
+        if result is None:
+            return None
+        batch = self._rationale_batch(result[0])
+        batch.states = result[1]
         return batch
 
     def _generate_with_vllm(self, features: dict[str, Any], generate_kwargs: dict[str, Any]) -> RationaleBatch:

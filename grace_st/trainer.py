@@ -36,14 +36,19 @@ import torch
 import torch.nn.functional as F
 
 from grace_st.config import GraceGRPOConfig
-from grace_st.factory import build_grace_model
-from grace_st.modeling import RationaleBatch, Transformer, pool
 from grace_st.diagnostics import copy_rate, distinct_per_group, group_reward_std
+from grace_st.factory import build_grace_model
+from grace_st.modeling import (
+    RationaleBatch,
+    RowTemperature,  # noqa: F401  (re-exported: it used to live here)
+    Transformer,
+    pool,
+)
 from grace_st.rewards import grace_rewards
 
 try:
     from accelerate.utils import gather_object
-    from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
+    from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
     from trl import GRPOTrainer
     from trl.models.utils import unwrap_model_for_generation
@@ -53,26 +58,6 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 logger = logging.getLogger(__name__)
 
 _STAGING_PREFIX = "tmp-"
-
-
-class RowTemperature(LogitsProcessor):
-    """Divides the logits of each row by that row's own sampling temperature.
-
-    Lets one ``generate`` call sample the GRPO rollouts (``temperature``) and the query/negative rationales
-    (``query_temperature``) together. Pass ``temperature=1.0`` to ``generate`` so no global temperature is applied too.
-
-    Args:
-        temperatures: ``(batch,)`` temperatures, all > 0.
-    """
-
-    def __init__(self, temperatures: torch.Tensor) -> None:
-        temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
-        if temperatures.ndim != 1 or bool((temperatures <= 0).any()):
-            raise ValueError(f"temperatures must be a 1-D tensor of values > 0, got {temperatures.tolist()!r}.")
-        self.temperatures = temperatures
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.temperatures.to(device=scores.device, dtype=scores.dtype).unsqueeze(1)
 
 
 @dataclass
@@ -260,11 +245,10 @@ class GraceGRPOTrainer(GRPOTrainer):
                 features,
                 with_states=True,
                 do_sample=True,
-                temperature=1.0,
+                temperature=torch.tensor(temperatures),  # per row; re-indexed by the decode engine as rows finish
                 top_p=1.0,
                 top_k=0,
                 max_new_tokens=args.max_completion_length,
-                logits_processor=LogitsProcessorList([RowTemperature(torch.tensor(temperatures))]),
             )
         ids, mask = rationales.ids.cpu(), rationales.mask.cpu().bool()
         completion_ids = [ids[i][mask[i]].tolist() for i in range(len(documents))]

@@ -322,6 +322,7 @@ def test_single_pass_matches_the_two_pass_reference(tiny_backbone_dir):
 @pytest.mark.parametrize(("single_pass", "long_calls"), [(True, 1), (False, 2)])
 def test_single_pass_runs_no_second_forward_over_the_sequence(tiny_backbone_dir, single_pass, long_calls):
     model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6, single_pass=single_pass)
+    model[0].decode_path = "generate"  # the decode engine's forward calls: tests/test_decode.py
     lengths = []
     handle = model[0].model.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
@@ -336,13 +337,13 @@ def test_single_pass_runs_no_second_forward_over_the_sequence(tiny_backbone_dir,
 # ---------------------------------------------------------------- repeated work
 def _count_generate_rows(model):
     rows = []
-    original = model[0].model.generate
+    original = model[0].generate_rationales
 
-    def counting_generate(*args, **kwargs):
-        rows.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
+    def counting_generate(features, *args, **kwargs):
+        rows.append(features["input_ids"].shape[0])
+        return original(features, *args, **kwargs)
 
-    model[0].model.generate = counting_generate
+    model[0].generate_rationales = counting_generate
     return rows
 
 
