@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -255,3 +261,27 @@ def test_engine_equals_the_reference_on_the_real_backbone(default_backbone_dir, 
         for a, b in zip(reference, engine, strict=True)
     )
     assert delta < 1e-5
+
+
+# ---------------------------------------------------------------- benchmarks/gpu_check.py
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_exits_cleanly_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    done = subprocess.run([sys.executable, str(GPU_CHECK)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout
+
+
+def test_gpu_check_runs_on_a_tiny_cpu_config(default_backbone_dir, tmp_path):
+    command = [sys.executable, str(GPU_CHECK), "--device", "cpu", "--tiny", "--texts", "40"]
+    command += ["--batch-sizes", "8,32", "--new-tokens", "4", "--repeats", "1", "--tokenizer", default_backbone_dir]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["ok"] and summary["agreement"]["rationale_tokens_engine"] == [4]
+    assert set(summary["throughput"]) == {"8", "32"}
+    assert summary["throughput"]["32"]["engine"]["texts_per_s"] > 0
