@@ -8,13 +8,15 @@ code of published models). :func:`decode` replaces ``model.generate`` + the fina
 - each row's own part of the prompt (user text + assistant header) is left-padded *after* the prefix, so padding sits
   between prefix and text; explicit position ids and the attention mask give every real token the position and
   context it has in the left-padded prompt of ``model.generate`` (the embeddings do not change);
-- a row leaves the batch (its cache rows are dropped) right after its last token has been fed once for its state, so
-  no decode step is spent on finished rows.
+- every token is fed once (its state is part of the embedding), and finished rows leave the batch (their cache rows
+  are dropped) once at most half of the batch's rows are still writing: fewer decode row-steps, one cache copy per
+  halving, and no step with a few rows fewer than a full batch (on MKL, a matrix product with 9-15 rows costs more
+  than one with 16: ``benchmarks/encode_speed.py``).
 
 Supported: decoder-only LMs whose decoder ends with a ``norm`` module (Llama, Qwen2/3, Mistral, ...), ``eager`` or
 ``sdpa`` attention, full attention in every layer (no sliding window), greedy or sampled decoding with temperature
 (one value or one per row), top-k and top-p. :func:`unsupported_reason` says why anything else (flash attention,
-which ignores a padding mask in the middle of a row; repetition penalty; other generation-config processors) must use
+whose unpadding does not expect padding inside a row; repetition penalty; other generation-config processors) must use
 ``model.generate`` instead.
 """
 
@@ -137,8 +139,10 @@ def decode(
     if bool((own_mask.bool() & (attention_mask[:, own_start:] == 0)).any()):
         raise ValueError("decode: padding after text_start; the prompts must be left-padded.")
 
-    # Logits of the last prompt position only, where the model supports it (as `generate` does).
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    # Logits of the last prompt position only, where the model (or a wrapper passing keywords on: PEFT) takes it.
+    params = inspect.signature(model.forward).parameters
+    keeps = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    last_only = {"logits_to_keep": 1} if keeps else {}
     captured: list[torch.Tensor] = []
     hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
     try:

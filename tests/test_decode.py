@@ -184,6 +184,24 @@ def test_per_row_temperatures_follow_their_rows_as_rows_leave(tiny_backbone_dir)
             assert module.decode_counts["decode_row_steps"] == 4 * 2 + 2 * (sampled.ids.shape[1] - 2)
 
 
+def test_engine_serves_a_peft_wrapped_policy(tiny_backbone_dir):
+    """The trainer hands the engine its policy, a PeftModel when training LoRA adapters."""
+    peft = pytest.importorskip("peft")
+    module = _model(tiny_backbone_dir)[0]
+    module.model = peft.get_peft_model(module.model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in module.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a trained adapter: changes the output
+    features = module.preprocess(TEXTS)
+    _split_rows(module, features, 10)
+    reference, engine = _both_paths(module, features)
+    assert module.decode_counts["decode_row_steps"] > 0, "the engine was not used"
+    assert torch.equal(engine.ids, reference.ids)
+    seen = module.outputs_from_states(features, reference)["attention_mask"].bool()
+    assert float((engine.states - reference.states)[seen].abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize(
     ("kwargs", "reason"),
     [({"repetition_penalty": 1.3}, "repetition_penalty"), ({"num_beams": 2}, "num_beams")],
