@@ -30,7 +30,7 @@ from typing import Any
 
 from grace_st.backbone import DEFAULT_BACKBONE_HUB_ID, DEFAULT_BACKBONE_LICENSE
 from grace_st.model_kind import folder_kind, folder_parameters
-from grace_st.modeling import MODULE_FILE_NAME
+from grace_st.modeling import ENGINE_FILE_NAME, MODULE_FILE_NAME
 from grace_st.tables import format_cell, markdown_table
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ EXAMPLE_TEXTS: tuple[str, ...] = (
 )
 # Top-level files of a saved GRACE model that belong in the published repo (weights, configs, tokenizer).
 _ROOT_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model")
-_EXCLUDED_ROOT_FILES = {"README.md", MODULE_FILE_NAME, "trainer_state.json", "training_args.json"}
+_EXCLUDED_ROOT_FILES = {"README.md", "trainer_state.json", "training_args.json"}
+_CODE_FILES = (MODULE_FILE_NAME, ENGINE_FILE_NAME)  # the model's remote code, written by model.save()
 # Hub repo ids as the Hub accepts them (``org/name``); anything else in a training record is described as local.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 _LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow")
@@ -66,13 +67,6 @@ _LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", "
 def default_template() -> str:
     """Text of the model card template shipped with grace_st (package data)."""
     return resources.files("grace_st").joinpath(*TEMPLATE_RESOURCE).read_text(encoding="utf-8")
-
-
-def module_source() -> Path:
-    """The module file a publish folder carries as ``grace_st.py`` when the saved model has none of its own."""
-    import grace_st.modeling
-
-    return Path(grace_st.modeling.__file__)
 
 
 def folder_revision(folder: str | os.PathLike) -> str:
@@ -123,8 +117,14 @@ def model_files(model_path: str | os.PathLike) -> list[Path]:
         p.relative_to(folder)
         for p in sorted(folder.iterdir())
         if p.is_file()
-        and ((p.suffix in _ROOT_SUFFIXES and p.name not in _EXCLUDED_ROOT_FILES) or p.name == MODULE_FILE_NAME)
+        and ((p.suffix in _ROOT_SUFFIXES and p.name not in _EXCLUDED_ROOT_FILES) or p.name in _CODE_FILES)
     ]
+    missing = sorted(name for name in _CODE_FILES if not (folder / name).is_file())
+    if missing:
+        raise ValueError(
+            f"{folder} lacks the module code {missing} (saved by an older grace_st): load it with "
+            "SentenceTransformer(folder, trust_remote_code=True) and save it again with model.save()."
+        )
     if not any(p.suffix == ".safetensors" for p in files):
         raise ValueError(f"{folder} has no .safetensors weights; GRACE models are published as safetensors only.")
     for entry in entries:
@@ -528,8 +528,6 @@ def _fill_publish_folder(
     for relative in files:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / relative, target / relative)
-    # Once model.save() writes the module file itself, this line (and module_source) can go.
-    _add_module_file_if_missing(target)
 
     rows: list[dict[str, Any]] = []
     if results_dir is not None:
@@ -548,12 +546,6 @@ def _fill_publish_folder(
     (target / "README.md").write_text(card, encoding="utf-8")
     if folder_revision(target) != folder_revision(source):
         raise RuntimeError("The publish folder's model files differ from the source model; refusing to continue.")
-
-
-def _add_module_file_if_missing(target: Path) -> None:
-    """Copy :func:`module_source` to ``target/grace_st.py`` unless the saved model brought its own module file."""
-    if not (target / MODULE_FILE_NAME).exists():
-        shutil.copy2(module_source(), target / MODULE_FILE_NAME)
 
 
 def upload_folder(

@@ -17,7 +17,16 @@ from typing import Any, Literal, Protocol
 
 import torch
 from sentence_transformers.base.modules import InputModule, Module
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+# The decode engine ships beside this file (saved and published folders carry both files).
+from ._decode import RowTemperature, decode, unsupported_reason
 
 __version__ = "0.1.0"  # the grace_st version; saved in grace_config.json as "grace_st_version"
 
@@ -31,6 +40,8 @@ RationaleMode = Literal["generate", "none", "echo"]
 RATIONALE_MODES: tuple[str, ...] = ("generate", "none", "echo")
 POOLING_MODES: tuple[str, ...] = ("mean", "lasttoken")
 MODULE_FILE_NAME = "grace_st.py"
+ENGINE_FILE_NAME = "_decode.py"
+DECODE_PATHS: tuple[str, ...] = ("engine", "generate")
 _TEXT_PLACEHOLDER = "\u2063GRACE_ST_TEXT\u2063"  # where the user text goes when the chat template is rendered
 _REAL = (int, float)
 # Saved option -> (accepted types, check, what is allowed). bool is never accepted for a number, nor 0/1 for a bool.
@@ -224,6 +235,21 @@ class Transformer(InputModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.__dict__.update(options)
         self.generation_backend = None
+        # Runtime settings (not saved): "engine" (``_decode.py``) or the reference "generate" for states from
+        # generation; a dict the engine adds its work counts to (benchmarks).
+        self._decode_path = "engine"
+        self.decode_counts: dict[str, int] | None = None
+
+    @property
+    def decode_path(self) -> str:
+        """Runtime setting: ``"engine"`` (default) or the reference ``"generate"`` (``model.generate`` + a hook)."""
+        return self._decode_path
+
+    @decode_path.setter
+    def decode_path(self, value: str) -> None:
+        if value not in DECODE_PATHS:
+            raise ValueError(f"decode_path={value!r} is not supported; choose one of {DECODE_PATHS}.")
+        self._decode_path = value
 
     @property
     def generation_backend(self) -> GenerationBackend | None:
@@ -345,6 +371,13 @@ class Transformer(InputModule):
         kwargs = {**self.generation_kwargs(), **generate_kwargs}
         if self.generation_backend is not None:
             return self.generation_backend.generate(self, features, **kwargs)
+        if with_states and self.decode_path == "engine":
+            batch = self._generate_with_engine(features, kwargs)
+            if batch is not None:
+                return batch
+        if isinstance(kwargs.get("temperature"), torch.Tensor):  # `generate` takes one temperature: a processor
+            processors = [*(kwargs.get("logits_processor") or []), RowTemperature(kwargs["temperature"])]
+            kwargs.update(temperature=1.0, logits_processor=LogitsProcessorList(processors))
         if not with_states:
             with torch.no_grad():
                 sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -375,6 +408,39 @@ class Transformer(InputModule):
             logger.warning(
                 "Could not capture the last-layer states during generation; using a second forward pass instead."
             )
+        return batch
+
+    def _generate_with_engine(self, features: dict[str, Any], kwargs: dict[str, Any]) -> RationaleBatch | None:
+        """:meth:`generate_rationales` with states by the decode engine (``_decode.py``: the shared prompt prefix runs
+        once, finished rows leave the batch); None where it does not apply (then ``model.generate`` is used)."""
+        prefix_len = len(self.template_pieces[0])
+        if prefix_len == 0 or unsupported_reason(self.model, kwargs) is not None:
+            return None
+        sampling = {}
+        if kwargs["do_sample"]:  # unset sampling settings fall back to the LM's generation config, as in `generate`
+            defaults = self.model.generation_config.to_dict()
+            sampling = {
+                k: defaults.get(k) if kwargs.get(k) is None else kwargs[k] for k in ("temperature", "top_k", "top_p")
+            }
+        eos = kwargs["eos_token_id"]
+        with torch.no_grad():
+            result = decode(
+                self.model,
+                features["input_ids"],
+                features["attention_mask"],
+                features["text_start"],
+                prefix_len,
+                max_new_tokens=kwargs["max_new_tokens"],
+                eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                pad_token_id=kwargs["pad_token_id"],
+                do_sample=bool(kwargs["do_sample"]),
+                counts=self.decode_counts,
+                **sampling,
+            )
+        if result is None:
+            return None
+        batch = self.rationale_batch(result[0])
+        batch.states = result[1]
         return batch
 
     def rationale_batch(self, generated: torch.Tensor | Sequence[Sequence[int]]) -> RationaleBatch:
@@ -463,6 +529,8 @@ class Transformer(InputModule):
         with open(os.path.join(output_path, self.config_file_name), "w", encoding="utf-8") as f:
             json.dump({**self.get_config_dict(), "grace_st_version": __version__}, f, indent=4)
         shutil.copyfile(os.path.abspath(__file__), os.path.join(output_path, MODULE_FILE_NAME))
+        engine = os.path.join(os.path.dirname(os.path.abspath(__file__)), ENGINE_FILE_NAME)
+        shutil.copyfile(engine, os.path.join(output_path, ENGINE_FILE_NAME))
 
     @classmethod
     def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> Transformer:

@@ -73,7 +73,7 @@ from grace_st.rewards import grace_rewards
 try:
     from accelerate.utils import gather_object
     from sentence_transformers.base.modules import Normalize
-    from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOTrainer
     from trl.models.utils import unwrap_model_for_generation
 except ImportError as error:  # pragma: no cover - depends on the installed extras
@@ -84,26 +84,6 @@ logger = logging.getLogger(__name__)
 TESTED_WITH = "trl 1.16 and transformers 5.24"
 _RECORD_KEYS = ("text", "query", "negative")
 _RECORD_COLUMNS = ("prompt", "query", "negative")
-
-
-class RowTemperature(LogitsProcessor):
-    """Divides the logits of each row by that row's own sampling temperature.
-
-    Lets one ``generate`` call sample the GRPO rollouts (``temperature``) and the query/negative rationales
-    (``query_temperature``) together. Pass ``temperature=1.0`` to ``generate`` so no global temperature is applied too.
-
-    Args:
-        temperatures: ``(batch,)`` temperatures, all > 0.
-    """
-
-    def __init__(self, temperatures: torch.Tensor) -> None:
-        temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
-        if temperatures.ndim != 1 or bool((temperatures <= 0).any()):
-            raise ValueError(f"temperatures must be a 1-D tensor of values > 0, got {temperatures.tolist()!r}.")
-        self.temperatures = temperatures
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.temperatures.to(device=scores.device, dtype=scores.dtype).unsqueeze(1)
 
 
 @dataclass
@@ -328,8 +308,11 @@ class GraceGRPOTrainer(GRPOTrainer):
                 rationales = self.grace_module.generate_rationales(
                     features,
                     with_states=True,
-                    **{**self.generation_kwargs, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None},
-                    logits_processor=LogitsProcessorList([RowTemperature(torch.tensor(temperatures))]),
+                    # per-row temperatures; the decode engine re-indexes them as finished rows leave the batch
+                    **{
+                        **self.generation_kwargs,
+                        **{"top_p": 1.0, "top_k": 0, "min_p": None, "temperature": torch.tensor(temperatures)},
+                    },
                 )
             parts = [(features, rationales)]
             ids, mask = rationales.ids.cpu(), rationales.mask.cpu().bool()

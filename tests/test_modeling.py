@@ -518,6 +518,7 @@ def test_single_pass_matches_the_two_pass_reference(tiny_backbone_dir):
 @pytest.mark.parametrize(("single_pass", "long_calls"), [(True, 1), (False, 2)])
 def test_single_pass_runs_no_second_forward_over_the_sequence(tiny_backbone_dir, single_pass, long_calls):
     model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6, single_pass=single_pass)
+    model[0].decode_path = "generate"  # the reference path; the decode engine's calls: tests/test_decode.py
     lengths = []
     handle = model[0].model.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
@@ -531,6 +532,7 @@ def test_single_pass_runs_no_second_forward_over_the_sequence(tiny_backbone_dir,
 
 def test_single_pass_falls_back_to_two_pass_when_states_are_not_captured(tiny_backbone_dir, caplog):
     model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6)
+    model[0].decode_path = "generate"  # the engine's own fallback: tests/test_decode.py
     expected = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6, single_pass=False).encode(TEXTS)
     # A decoder whose `norm` is not on the forward path (as after copying/merging wrapped models).
     detached = torch.nn.Module()

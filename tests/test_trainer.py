@@ -381,16 +381,6 @@ def test_unsupervised_mode_uses_other_texts_as_negatives(tiny_dir, tmp_path):
     assert logs and logs[0]["grace/hard_negative"] != 0.0  # two groups per batch: the other text is a negative
 
 
-def test_row_temperature_divides_each_row_by_its_own_value():
-    from grace_st.trainer import RowTemperature
-
-    scores = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
-    out = RowTemperature(torch.tensor([1.0, 0.5]))(torch.zeros(2, 1, dtype=torch.long), scores)
-    assert out.tolist() == [[1.0, 2.0], [2.0, 4.0]]
-    with pytest.raises(ValueError, match="temperatures"):
-        RowTemperature(torch.tensor([1.0, 0.0]))
-
-
 # ---------------------------------------------------------------------- item 6: the final model folder
 def test_item6_save_refuses_a_folder_it_did_not_write(tiny_dir, tmp_path):
     trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path), train_dataset=tiny_dataset())
