@@ -104,7 +104,7 @@ def timed(fn) -> tuple[float, float]:
 def work_counts(model, texts: list[str], batch_size: int) -> tuple[dict[str, dict[str, int]], list, list]:
     """Work of the reference path and of the engine on the same batches (untimed), and both paths' outputs."""
     module = model[0]
-    prefix_len = len(module._template_pieces(module.system_prompt)[0])
+    prefix_len = len(module.template_pieces()[0])
     counts = {"reference": {}, "engine": {}}
     outputs = {}
     for path in ("generate", "engine"):
@@ -140,7 +140,11 @@ def work_counts(model, texts: list[str], batch_size: int) -> tuple[dict[str, dic
 
 
 def compare(reference: list[dict], engine: list[dict]) -> tuple[int, float]:
-    differ = sum(a["rationale"] != b["rationale"] for a, b in zip(reference, engine, strict=True))
+
+    def ids(item: dict) -> list[int]:
+        return item["rationale_ids"][item["rationale_mask"].bool()].tolist()
+
+    differ = sum(ids(a) != ids(b) for a, b in zip(reference, engine, strict=True))
     delta = max(
         float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max())
         for a, b in zip(reference, engine, strict=True)

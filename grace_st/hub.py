@@ -119,14 +119,14 @@ def model_files(model_path: str | os.PathLike) -> list[Path]:
         if p.is_file()
         and ((p.suffix in _ROOT_SUFFIXES and p.name not in _EXCLUDED_ROOT_FILES) or p.name in _CODE_FILES)
     ]
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ValueError(f"{folder} has no .safetensors weights; GRACE models are published as safetensors only.")
     missing = sorted(name for name in _CODE_FILES if not (folder / name).is_file())
     if missing:
         raise ValueError(
             f"{folder} lacks the module code {missing} (saved by an older grace_st): load it with "
             "SentenceTransformer(folder, trust_remote_code=True) and save it again with model.save()."
         )
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise ValueError(f"{folder} has no .safetensors weights; GRACE models are published as safetensors only.")
     for entry in entries:
         if entry.get("path"):
             sub = folder / entry["path"]

@@ -413,7 +413,7 @@ class Transformer(InputModule):
     def _generate_with_engine(self, features: dict[str, Any], kwargs: dict[str, Any]) -> RationaleBatch | None:
         """:meth:`generate_rationales` with states by the decode engine (``_decode.py``: the shared prompt prefix runs
         once, finished rows leave the batch); None where it does not apply (then ``model.generate`` is used)."""
-        prefix_len = len(self.template_pieces[0])
+        prefix_len = len(self.template_pieces()[0])
         if prefix_len == 0 or unsupported_reason(self.model, kwargs) is not None:
             return None
         sampling = {}

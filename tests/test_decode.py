@@ -75,7 +75,7 @@ def test_engine_equals_the_reference_path_greedy(tiny_backbone_dir, attention):
     # Rows left the batch: fewer decode row-steps than rows x steps, and the prefix ran once.
     width = reference.ids.shape[1]
     assert int(reference.mask.sum()) <= module.decode_counts["decode_row_steps"] < len(TEXTS) * width
-    prefix_len = len(module._template_pieces(module.system_prompt)[0])
+    prefix_len = len(module.template_pieces()[0])
     own_width = features["input_ids"].shape[1] - int(features["text_start"].min())
     assert module.decode_counts["prompt_tokens"] == prefix_len + len(TEXTS) * own_width
     # Every readout of forward: the same states where the masks look, the same masks.
@@ -99,7 +99,7 @@ def test_encode_with_the_engine_equals_encode_with_the_reference(tiny_backbone_d
     engine = model.encode(TEXTS, batch_size=3, output_value=None)
     assert model[0].decode_counts["decode_row_steps"] > 0, "the engine was not used"
     for a, b in zip(reference, engine, strict=True):
-        assert a["rationale"] == b["rationale"]
+        assert model[0].decode_rationale(a) == model[0].decode_rationale(b)
         assert float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max()) < 1e-5
         assert torch.equal(a["rationale_ids"], b["rationale_ids"]) and torch.equal(
             a["pooling_mask"], b["pooling_mask"]
@@ -118,7 +118,7 @@ def test_engine_runs_no_forward_over_the_whole_sequence(tiny_backbone_dir):
         module.generate_rationales(features, with_states=True)
     finally:
         handle.remove()
-    prefix_len = len(module._template_pieces(module.system_prompt)[0])
+    prefix_len = len(module.template_pieces()[0])
     # The prefix for one row, then each row's own tokens, then one token per step.
     assert lengths[0] == (1, prefix_len)
     assert lengths[1] == (len(TEXTS), features["input_ids"].shape[1] - int(features["text_start"].min()))
@@ -246,7 +246,7 @@ def test_rows_with_different_prefixes_are_refused(tiny_backbone_dir):
     features = module.preprocess(TEXTS[:2])
     ids = features["input_ids"].clone()
     ids[1, int(features["text_start"][1]) - 2] += 1
-    prefix_len = len(module._template_pieces(module.system_prompt)[0])
+    prefix_len = len(module.template_pieces()[0])
     with pytest.raises(ValueError, match="prefix"):
         decode(module.model, ids, features["attention_mask"], features["text_start"], prefix_len, 4, [2], 2)
 
@@ -273,7 +273,7 @@ def test_engine_equals_the_reference_on_the_real_backbone(default_backbone_dir, 
     reference = model.encode(texts, batch_size=8, output_value=None)
     model[0].decode_path = "engine"
     engine = model.encode(texts, batch_size=8, output_value=None)
-    assert [a["rationale"] for a in reference] == [b["rationale"] for b in engine]
+    assert [model[0].decode_rationale(a) for a in reference] == [model[0].decode_rationale(b) for b in engine]
     delta = max(
         float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max())
         for a, b in zip(reference, engine, strict=True)

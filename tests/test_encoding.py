@@ -26,13 +26,13 @@ def model(tiny_backbone_dir):
 
 def count_generated_rows(model) -> list[int]:
     rows: list[int] = []
-    original = model[0].model.generate
+    original = model[0].generate_rationales  # counts rows whichever decode path writes them
 
-    def counting_generate(*args, **kwargs):
-        rows.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
+    def counting_generate(features, *args, **kwargs):
+        rows.append(features["input_ids"].shape[0])
+        return original(features, *args, **kwargs)
 
-    model[0].model.generate = counting_generate
+    model[0].generate_rationales = counting_generate
     return rows
 
 
