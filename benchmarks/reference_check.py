@@ -4,8 +4,10 @@ Usage:
     .venv/bin/python benchmarks/reference_check.py --save /tmp/grace-ref.npz      # on the version you trust
     .venv/bin/python benchmarks/reference_check.py --compare /tmp/grace-ref.npz   # on the changed version
 
-The sentences are the first 20 distinct sentences of STS 2013 headlines (../shared/data); the model is the untrained
-default backbone with the default GRACE settings (greedy, 128 new tokens), encoded in batches of 8. ``--compare``
+The sentences are the first 20 distinct sentences of STS 2013 headlines (``sts2013/headlines.test.tsv`` of the data
+folder: --data-dir, else $GRACE_ST_DATA, else ../shared/data from the working directory; read with
+grace_st.readers.read_pairs); the model is the untrained default backbone with the default GRACE settings (greedy,
+128 new tokens), encoded in batches of 8. ``--compare``
 prints the largest absolute embedding difference and the number of rationales that differ, and exits non-zero when
 either check fails (max |diff| >= 1e-5 or any rationale differs).
 """
@@ -13,34 +15,28 @@ either check fails (max |diff| >= 1e-5 or any rationale differs).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import grace_st
+from grace_st.readers import read_pairs, resolve_data_path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sts2013" / "headlines.test.tsv"
-
-
-def sentences(n: int = 20) -> list[str]:
-    seen: dict[str, None] = {}
-    with open(DATA, encoding="utf-8") as f:
-        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            for text in row[1:3]:
-                seen.setdefault(text, None)
-            if len(seen) >= n:
-                break
-    return list(seen)[:n]
+HEADLINES = "sts2013/headlines.test.tsv"
 
 
-def run(batch_size: int) -> tuple[np.ndarray, list[str]]:
+def sentences(n: int = 20, data_dir: str | None = None) -> list[str]:
+    """The first ``n`` distinct sentences of STS 2013 headlines, in file order (sentence1 before sentence2)."""
+    distinct = dict.fromkeys(text for pair in read_pairs(resolve_data_path(HEADLINES, data_dir)) for text in pair[:2])
+    return list(distinct)[:n]
+
+
+def run(batch_size: int, data_dir: str | None = None) -> tuple[np.ndarray, list[str]]:
     model = grace_st.from_backbone(grace_st.default_backbone(), device="cpu")
-    items = model.encode(sentences(), batch_size=batch_size, output_value=None)
+    items = model.encode(sentences(data_dir=data_dir), batch_size=batch_size, output_value=None)
     embeddings = np.stack([torch.as_tensor(item["sentence_embedding"]).float().numpy() for item in items])
     return embeddings, [model[0].decode_rationale(item) for item in items]
 
@@ -51,10 +47,11 @@ def main() -> None:
     group.add_argument("--save", help="write the reference .npz here")
     group.add_argument("--compare", help="compare with this reference .npz")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--data-dir", default=None, help="data folder (default: $GRACE_ST_DATA or ../shared/data)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    embeddings, rationales = run(args.batch_size)
+    embeddings, rationales = run(args.batch_size, args.data_dir)
     print(f"encoded {len(rationales)} sentences in {time.perf_counter() - start:.1f} s")
     if args.save:
         np.savez(args.save, embeddings=embeddings, rationales=json.dumps(rationales))

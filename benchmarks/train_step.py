@@ -26,6 +26,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,20 +42,21 @@ def child(kind: str, config_path: str, steps: int, learning_rate: float) -> None
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 
-    import grace_st
+    from grace_st.backbone import resolve_backbone
     from grace_st.config import GraceGRPOConfig
     from grace_st.data import demo_data_path, load_triplets, to_grpo_dataset
     from grace_st.trainer import GraceGRPOTrainer
 
     torch.set_num_threads(1)
     options = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    workdir = tempfile.TemporaryDirectory(prefix=f"grace-train-step-{kind}-")  # nothing is saved; removed at the end
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     grace_fields = {f.name for f in dataclasses.fields(GraceGRPOConfig)}
     trl_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     model_args = ModelConfig(**{k: v for k, v in options.items() if k in model_fields})
     common = {k: v for k, v in options.items() if k in grace_fields}
     common.update(
-        output_dir=f"/tmp/grace-train-step-{kind}",
+        output_dir=workdir.name,
         max_steps=steps,
         learning_rate=learning_rate,
         save_strategy="no",
@@ -63,8 +65,7 @@ def child(kind: str, config_path: str, steps: int, learning_rate: float) -> None
         disable_tqdm=True,
         max_train_minutes=None,
     )
-    backbone = grace_st.default_backbone() if model_args.model_name_or_path in (None, "default") else None
-    backbone = backbone or model_args.model_name_or_path
+    backbone = resolve_backbone(model_args.model_name_or_path)
     triplets = load_triplets(demo_data_path("train"))
     if kind == "grace":
         args = GraceGRPOConfig(**common)
@@ -110,6 +111,7 @@ def child(kind: str, config_path: str, steps: int, learning_rate: float) -> None
     )
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workdir.cleanup()
     print(json.dumps({"kind": kind, "times": times, "tokens": tokens, "peak_rss_mib": peak}))
 
 
@@ -119,12 +121,13 @@ def prompt_tokens_match(config_path: str) -> bool:
     from transformers import AutoTokenizer
 
     import grace_st
+    from grace_st.backbone import resolve_backbone
     from grace_st.config import GraceGRPOConfig
     from grace_st.data import demo_data_path, load_triplets
 
     options = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
     system_prompt = options.get("system_prompt") or GraceGRPOConfig.system_prompt
-    backbone = grace_st.default_backbone()
+    backbone = resolve_backbone(options.get("model_name_or_path"))
     document = load_triplets(demo_data_path("train"))["positive"][0]
     model = grace_st.from_backbone(backbone, system_prompt=system_prompt, device="cpu")
     features = model[0].preprocess([document])

@@ -7,14 +7,24 @@ on (query, positive, negative) rows: in-batch negatives plus the hard negative.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from sentence_transformers import SentenceTransformer
+from transformers import PrinterCallback, TrainerCallback
 
 from grace_st.backbone import resolve_backbone
 from grace_st.factory import from_backbone
 
 logger = logging.getLogger(__name__)
+
+
+class _LogToLogger(TrainerCallback):
+    """Sends each training log dict to this module's logger (INFO, as JSON) instead of printing it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logger.info("step %d: %s", state.global_step, json.dumps(logs, default=str))
 
 
 def train_contrastive(
@@ -93,6 +103,9 @@ def train_contrastive(
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model, scale=scale)
     )
+    # transformers prints every log dict to stdout (PrinterCallback, as disable_tqdm=True); a library logs instead.
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_LogToLogger())
     trainer.train()
     if peft_config is not None:
         transformer.model = transformer.model.merge_and_unload()

@@ -23,6 +23,9 @@ How a batch flows (``../shared/GRACE.md``):
 
 Every reward term and the collapse diagnostics (copy rate, distinct rollouts per group, within-group reward std, mean
 length, finish rate) are logged every step under ``grace/*`` (through the reward function's ``log_metric``).
+``grace/copy_rate`` is token-weighted over each generation batch, as evaluation reports it
+(:class:`grace_st.diagnostics.RationaleStats`; not logged for a batch without rationale tokens); the copy-penalty
+reward term uses each rollout's own rate.
 
 Seams: the trainer overrides no private TRL or transformers method. It uses TRL's experimental ``rollout_func``
 (checked at construction; ``pyproject.toml`` caps trl to the tested minor version), the reward-function keywords
@@ -64,11 +67,12 @@ from grace_st.checkpoints import (
     write_folder,
 )
 from grace_st.config import GraceGRPOConfig
-from grace_st.diagnostics import copy_rate, distinct_per_group, group_reward_std
+from grace_st.diagnostics import RationaleStats, copy_rate, distinct_per_group, group_reward_std, rationale_stats
 from grace_st.factory import build_grace_model
 from grace_st.hub import HUB_ID, TRAINING_INFO_FILE
 from grace_st.modeling import RationaleBatch, RationalePooling, Transformer
 from grace_st.rewards import grace_rewards
+from grace_st.tables import format_cell
 
 try:
     from accelerate.utils import gather_object
@@ -442,13 +446,17 @@ class GraceGRPOTrainer(GRPOTrainer):
         negative_emb = side[rows + len(firsts)] if supervised else None
         source_ids = self.grace_module.text_token_ids(documents)
         eos = set(self.grace_module.eos_token_ids)
+        rationale_ids = [[t for t in ids if t not in eos] for ids in completion_ids]
         copies = torch.tensor(
-            [
-                copy_rate([t for t in ids if t not in eos], src, args.copy_min_span)
-                for ids, src in zip(completion_ids, source_ids, strict=True)
-            ],
+            [copy_rate(ids, src, args.copy_min_span) for ids, src in zip(rationale_ids, source_ids, strict=True)],
             device=positive.device,
         )
+        # The logged copy rate is token-weighted over the global batch, as evaluation reports it (RationaleStats);
+        # the per-rollout rates above are the reward term.
+        local_stats = rationale_stats(rationale_ids, source_ids, finished.tolist(), min_span=args.copy_min_span)
+        totals = torch.tensor([[local_stats.copied_tokens, local_stats.tokens]], device=positive.device)
+        copied_tokens, tokens = self.accelerator.gather(totals).sum(dim=0).tolist()  # over all processes
+        batch_copy_rate = RationaleStats(tokens=int(tokens), copied_tokens=copied_tokens).copy_rate
         gather = self.accelerator.gather
         # Within a group the first row's query (and negative) is used, so groups split across processes stay coherent.
         all_positive, all_query = gather(positive), gather(query_emb)
@@ -480,7 +488,7 @@ class GraceGRPOTrainer(GRPOTrainer):
             "grace/copy_penalty": (args.copy_penalty * rewards.copy_rate).mean().item(),
             "grace/truncation_rate": rewards.truncated.float().mean().item(),
             "grace/total": rewards.total.mean().item(),
-            "grace/copy_rate": rewards.copy_rate.mean().item(),
+            "grace/copy_rate": batch_copy_rate,
             "grace/distinct_per_group": distinct_per_group(all_ids, group_size),
             "grace/group_reward_std": group_reward_std(rewards.total, group_size),
             "grace/mean_length": lengths.mean().item(),
@@ -488,13 +496,14 @@ class GraceGRPOTrainer(GRPOTrainer):
             "grace/query_finish_rate": side_finished.item(),
         }
         for name, value in metrics.items():
-            log_metric(name, value)
+            if value is not None:  # no copy rate for a batch without rationale tokens (all rollouts empty)
+                log_metric(name, value)
         if mode == "train":
             self._check_collapse(metrics)
         local = slice(offset, offset + n_local)
         return rewards.total[local].tolist()
 
-    def _check_collapse(self, metrics: dict[str, float]) -> None:
+    def _check_collapse(self, metrics: dict[str, float | None]) -> None:
         args: GraceGRPOConfig = self.args
         step = self.state.global_step
         std, distinct = metrics["grace/group_reward_std"], metrics["grace/distinct_per_group"]
@@ -504,14 +513,14 @@ class GraceGRPOTrainer(GRPOTrainer):
             self._last_collapse_warning = step
             logger.warning(
                 "Step %d: possible collapse - within-group reward std %.4f (warn < %s), distinct rollouts per group "
-                "%.2f (warn < %s), copy rate %.2f. Consider beta > 0 (KL), copy_penalty > 0, a lower learning rate or "
+                "%.2f (warn < %s), copy rate %s. Consider beta > 0 (KL), copy_penalty > 0, a lower learning rate or "
                 "larger groups.",
                 step,
                 std,
                 args.collapse_reward_std,
                 distinct,
                 args.collapse_distinct,
-                metrics["grace/copy_rate"],
+                format_cell(metrics["grace/copy_rate"], 2),
             )
 
     # ------------------------------------------------------------------ training, checkpoints and the final model

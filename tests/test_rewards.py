@@ -1,4 +1,4 @@
-"""The GRACE reward terms on hand-built embeddings, and the rationale diagnostics."""
+"""The GRACE reward terms on hand-built embeddings (the rationale diagnostics are tested in test_diagnostics.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import grace_st.rewards as rewards
-from grace_st.diagnostics import copy_rate, distinct_per_group, group_reward_std
 from grace_st.rewards import (
     consistency_term,
     contrastive_term,
@@ -135,19 +134,3 @@ def test_bad_arguments_raise(batch):
         grace_rewards(q, d, neg, 2, finished=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"copy_rate has shape \(4, 1\)"):
         grace_rewards(q, d, neg, 2, copy_rate=torch.zeros(4, 1))
-
-
-def test_copy_rate():
-    assert copy_rate([], [1, 2, 3]) == 0.0
-    assert copy_rate([1, 2, 3, 4], [9, 1, 2, 3, 4, 9]) == 1.0
-    assert copy_rate([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4]) == 0.5
-    assert copy_rate([1, 2, 3], [1, 2, 3, 4], min_span=4) == 1.0  # shorter than the span: copied as a whole
-    assert copy_rate([1, 2, 9], [1, 2, 3, 4], min_span=4) == 0.0
-
-
-def test_group_diagnostics():
-    assert distinct_per_group([[1], [1], [1], [1]], 2) == 1.0
-    assert distinct_per_group([[1], [2], [3], [3]], 2) == 1.5
-    assert group_reward_std(torch.tensor([0.0, 0.0, 1.0, 3.0]), 2) == pytest.approx(0.5)
-    with pytest.raises(ValueError):
-        distinct_per_group([[1], [2], [3]], 2)

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 import grace_st
 from grace_st.checkpoints import CHECKPOINT_COMPLETE_FILE, last_complete_checkpoint
 from grace_st.config import GraceGRPOConfig
-from grace_st.diagnostics import distinct_per_group
+from grace_st.diagnostics import copy_rate, distinct_per_group, rationale_stats
 from grace_st.factory import build_grace_model
 from grace_st.hub import TRAINING_INFO_FILE
 from grace_st.modeling import RationaleBatch
@@ -92,15 +92,18 @@ def tiny_dir(tiny_backbone_dir, tmp_path) -> str:
 
 
 class _Recorder:
-    """Wraps a trainer's rollout function (TRL calls ``trainer.rollout_func``) and keeps each output."""
+    """Wraps a trainer's rollout function (TRL calls ``trainer.rollout_func``) and keeps each call's prompts and
+    output."""
 
     def __init__(self, trainer: GraceGRPOTrainer) -> None:
+        self.prompts: list[list[dict]] = []
         self.outputs: list[dict] = []
         self.inner = trainer.rollout_func
         trainer.rollout_func = self
 
     def __call__(self, prompts, trainer):
         out = self.inner(prompts, trainer)
+        self.prompts.append(list(prompts))
         self.outputs.append(out)
         return out
 
@@ -315,6 +318,51 @@ def test_vllm_rollouts_are_scored_with_the_two_pass_reference(tiny_dir, tmp_path
     assert logged["grace/finish_rate"] == 1.0 and logged["grace/mean_length"] == 3.0
 
 
+def test_logged_copy_rate_is_token_weighted_and_the_penalty_per_rollout(tiny_dir, tmp_path):
+    """``grace/copy_rate`` is the evaluation's token-weighted rate of the batch; the copy penalty uses each rollout's
+    own rate. Rollouts of different lengths and copy rates (written by a fake vLLM engine) tell the two apart."""
+    trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path, copy_penalty=0.5), train_dataset=tiny_dataset())
+    eos = trainer.grace_module.eos_token_ids[0]
+    rows = records()
+    sources = trainer.grace_module.text_token_ids([row["text"] for row in rows])
+    # Row 0 copies its whole text (>= 6 tokens), rows 1-3 write 2 new tokens each; row 3 is cut (no EOS).
+    written = [sources[0] + [eos], [101, 102, eos], [103, 104, eos], [105, 106]]
+
+    class FakeVLLMGeneration:
+        def generate(self, prompts, images, num_generations, profiler=None):
+            return prompts, written, [[[-0.5]] * len(row) for row in written], None
+
+    trainer.use_vllm = True
+    trainer.vllm_generation = FakeVLLMGeneration()
+    out = trainer.grace_rollout(rows)
+    logged, log_metric = _metric_log()
+    trainer.grace_reward(
+        prompts=rows,
+        completions=None,
+        completion_ids=out["completion_ids"],
+        grace_rollouts=[out["grace_rollouts"]] * 4,
+        log_metric=log_metric,
+    )
+    rationales = [sources[0], [101, 102], [103, 104], [105, 106]]
+    weighted = rationale_stats(rationales, sources, [True, True, True, False]).copy_rate
+    assert weighted == pytest.approx(len(sources[0]) / (len(sources[0]) + 6))
+    per_rollout = [copy_rate(r, s) for r, s in zip(rationales, sources, strict=True)]
+    assert per_rollout == [1.0, 0.0, 0.0, 0.0] and weighted > 0.5 > sum(per_rollout) / 4  # the two differ here
+    assert logged["grace/copy_rate"] == pytest.approx(weighted)
+    assert logged["grace/copy_penalty"] == pytest.approx(0.5 * sum(per_rollout) / 4)
+    written[:] = [[eos]] * 4  # every rollout empty: no rationale tokens, so the batch has no copy rate to log
+    out = trainer.grace_rollout(rows)
+    logged, log_metric = _metric_log()
+    trainer.grace_reward(
+        prompts=rows,
+        completions=None,
+        completion_ids=out["completion_ids"],
+        grace_rollouts=[out["grace_rollouts"]] * 4,
+        log_metric=log_metric,
+    )
+    assert "grace/copy_rate" not in logged and logged["grace/copy_penalty"] == 0.0
+
+
 # ---------------------------------------------------------------------- training
 def test_smoke_training_logs_every_term_from_the_rollouts_and_saves_a_grace_model(tiny_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
@@ -330,8 +378,15 @@ def test_smoke_training_logs_every_term_from_the_rollouts_and_saves_a_grace_mode
     for key in (*TERMS, *DIAGNOSTICS, "reward"):
         assert all(key in entry for entry in logs), key
     # The diagnostics are computed from the very rollouts the rollout function wrote.
-    for entry, out in zip(logs, recorder.outputs, strict=True):
+    eos = set(trainer.grace_module.eos_token_ids)
+    for entry, prompts, out in zip(logs, recorder.prompts, recorder.outputs, strict=True):
         completions = out["completion_ids"]
+        stats = rationale_stats(
+            [[t for t in ids if t not in eos] for ids in completions],
+            trainer.grace_module.text_token_ids([prompt["text"] for prompt in prompts]),
+            [bool(ids) and ids[-1] in eos for ids in completions],
+        )
+        assert entry["grace/copy_rate"] == pytest.approx(stats.copy_rate)
         assert entry["grace/distinct_per_group"] == distinct_per_group(completions, 2)
         assert entry["grace/mean_length"] == pytest.approx(sum(map(len, completions)) / len(completions))
         assert entry["grace/total"] == pytest.approx(entry["reward"], abs=1e-5)

@@ -9,8 +9,13 @@ Steps (no network needed; the data is bundled in grace_st/data/):
    and the untrained GRACE model;
 2. trains the "+CL" baseline (same backbone and pooling, MultipleNegativesRankingLoss) on the bundled training set;
 3. trains GRACE with GRPO (training/configs/demo.yaml: LoRA, 2 documents x 4 rollouts, 24 steps, a time cap);
-4. prints the table (triplet accuracy, MRR@10 over the dev corpus, rationale finish/copy rates), the reward trend and a
-   few rationales, and saves the trained model (load it with SentenceTransformer(path, trust_remote_code=True)).
+4. prints the reward trend, a few rationales of the trained model and, last, the table (triplet accuracy, MRR@10 over
+   the dev corpus, rationale finish/copy rates); saves the trained model (load it with
+   SentenceTransformer(path, trust_remote_code=True)).
+
+The terminal shows progress and the summary; the full log (Python logging at INFO, every training log dict as JSON,
+warnings) goes to demo.log in the output folder. A re-run replaces the demo's own outputs in that folder (it carries
+the marker file .grace_demo) and refuses a folder the demo did not write.
 """
 
 from __future__ import annotations
@@ -19,19 +24,27 @@ import argparse
 import json
 import logging
 import os
+import re
+import shutil
 import statistics
+import sys
 import time
+from pathlib import Path
 
+import datasets
 import torch
+import transformers
 from sentence_transformers import SentenceTransformer
+from transformers import PrinterCallback, ProgressCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
 import grace_st
+from grace_st.backbone import resolve_backbone
 from grace_st.config import GraceDataArguments, GraceGRPOConfig
 from grace_st.contrastive import train_contrastive
-from grace_st.data import demo_data_path, load_triplets
+from grace_st.data import demo_data_path, load_training_data, load_triplets
 from grace_st.quickeval import format_table, triplet_scores
-from grace_st.trainer import run_training
+from grace_st.trainer import GraceGRPOTrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXTS = [
@@ -41,15 +54,107 @@ TEXTS = [
     "Borrowing costs went up after the monetary policy decision.",
 ]
 COLUMNS = ["accuracy", "mrr@10", "finish_rate", "copy_rate", "mean_length", "seconds"]
+LOG_FILE = "demo.log"
+MARKER = ".grace_demo"
+# What a demo run writes into its output folder (a re-run removes these, and nothing else; README.md is the model card
+# TRL writes beside the checkpoints).
+OUTPUTS = (LOG_FILE, "demo_results.json", "grace-model", "contrastive-model", "contrastive-model.trainer", "README.md")
+# Warnings raised inside dependencies, not by our calls: kept in the log file, not shown on the terminal.
+# - transformers 5 deprecates `is_gradient_checkpointing`, which TRL's unwrap_model_for_generation and peft read.
+DEPENDENCY_WARNINGS = re.compile(r"`is_gradient_checkpointing` is deprecated")
+
+logger = logging.getLogger("grace_demo")
+
+
+class ProgressBarLogToFile(ProgressCallback):
+    """transformers' training progress bar; each log dict goes to the log file (JSON) instead of under the bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logger.info("step %d: %s", state.global_step, json.dumps(logs, default=str))
+
+
+class _TerminalFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not DEPENDENCY_WARNINGS.search(record.getMessage())
+
+
+def prepare_output_dir(folder: Path) -> None:
+    """Create the output folder, or remove the outputs of an earlier demo run in it.
+
+    Raises:
+        SystemExit: the folder holds files and no earlier demo run wrote it (no marker, no demo_results.json).
+    """
+    if folder.is_file():
+        raise SystemExit(f"--output-dir {folder} is a file; choose a folder.")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not ((folder / MARKER).is_file() or (folder / "demo_results.json").is_file()):
+            raise SystemExit(
+                f"{folder} exists and holds files that no demo run wrote (no {MARKER}); refusing to write into it. "
+                "Choose another folder with --output-dir, or empty it yourself."
+            )
+        previous = [folder / name for name in OUTPUTS] + sorted(folder.glob("checkpoint-*"))
+        for path in previous:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("Written by training/demo.py: a re-run replaces the demo's outputs here.\n")
+
+
+def setup_logging(log_path: Path) -> None:
+    """INFO and up of grace_st and the demo, and warnings of everything, to ``log_path``; warnings to the terminal."""
+    to_file = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setLevel(logging.WARNING)
+    to_terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    to_terminal.addFilter(_TerminalFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [to_file, to_terminal]
+    root.setLevel(logging.WARNING)  # dependencies: warnings only
+    for name in ("grace_st", "grace_demo"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.captureWarnings(True)  # Python warnings become log records (py.warnings), filtered as above
+    # transformers logs through its own stderr handler: route it through ours instead.
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    # Bars of loading/saving weights and of dataset maps take no time here; the training bar stays.
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def reward_trend(log_history: list[dict]) -> tuple[float, float, int]:
-    """Mean total reward of the first and the last quarter of the logged training steps, and the step count."""
+    """Mean total reward of the first and the last quarter of the logged generation batches, and their count."""
     rewards = [entry["reward"] for entry in log_history if "reward" in entry and "grace/total" in entry]
     if not rewards:
         return float("nan"), float("nan"), 0
     quarter = max(1, len(rewards) // 4)
     return statistics.fmean(rewards[:quarter]), statistics.fmean(rewards[-quarter:]), len(rewards)
+
+
+def train_grace(backbone: str, training_args: GraceGRPOConfig, model_args: ModelConfig, data_args: GraceDataArguments):
+    """Train GRACE as ``grace_st.trainer.run_training`` does, with the progress bar that logs to the file."""
+    init_kwargs = dict(training_args.model_init_kwargs or {})
+    if model_args.dtype not in (None, "auto"):
+        init_kwargs.setdefault("dtype", model_args.dtype)
+    if model_args.attn_implementation is not None:
+        init_kwargs.setdefault("attn_implementation", model_args.attn_implementation)
+    training_args.model_init_kwargs = init_kwargs
+    trainer = GraceGRPOTrainer(
+        model=backbone,
+        args=training_args,
+        train_dataset=load_training_data(data_args, training_args.mode),
+        peft_config=get_peft_config(model_args),
+    )
+    # transformers' default progress callback (or printer, with disable_tqdm) writes every log dict to the terminal.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ProgressBarLogToFile())
+    trainer.train()
+    return trainer, trainer.save_grace_model(training_datasets=[data_args.train_data])
 
 
 def main() -> None:
@@ -69,7 +174,6 @@ def main() -> None:
     )
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
 
     overrides = []
@@ -82,8 +186,14 @@ def main() -> None:
     training_args, model_args, data_args = TrlParser(
         (GraceGRPOConfig, ModelConfig, GraceDataArguments)
     ).parse_args_and_config(["--config", cli.config, *overrides])
-    output_dir = training_args.output_dir
-    backbone = grace_st.default_backbone()
+    output_dir = Path(training_args.output_dir)
+    prepare_output_dir(output_dir)
+    log_path = output_dir / LOG_FILE
+    setup_logging(log_path)
+    logger.info("config %s, overrides %s", cli.config, overrides)
+    print(f"full log: {log_path}")
+
+    backbone = resolve_backbone(model_args.model_name_or_path)  # the config's; "default": the embedded SmolLM2
     inference = {
         "system_prompt": training_args.system_prompt,
         "max_new_tokens": training_args.inference_max_new_tokens or training_args.max_completion_length,
@@ -97,6 +207,7 @@ def main() -> None:
     def score(name: str, model) -> None:
         scores = triplet_scores(model, dev, batch_size=cli.batch_size)
         results.append((name, scores))
+        logger.info("%s: %s", name, json.dumps(scores, default=str))
         print(
             f"  {name}: accuracy {scores['accuracy']:.3f}  mrr@10 {scores['mrr@10']:.3f}  ({scores['seconds']:.0f} s)"
         )
@@ -111,7 +222,7 @@ def main() -> None:
         model = train_contrastive(
             backbone,
             train,
-            os.path.join(output_dir, "contrastive-model"),
+            str(output_dir / "contrastive-model"),
             system_prompt=training_args.system_prompt,
             epochs=1,
             batch_size=16,
@@ -124,17 +235,18 @@ def main() -> None:
 
     budget = f"budget {training_args.max_train_minutes} min, at most {training_args.max_steps} steps"
     print(f"[3/3] GRACE training (GRPO, {budget})")
-    trainer, path = run_training(training_args, model_args, data_args)
-    first, last, steps = reward_trend(trainer.state.log_history)
+    trainer, path = train_grace(backbone, training_args, model_args, data_args)
+    first, last, batches = reward_trend(trainer.state.log_history)
     trained = SentenceTransformer(path, trust_remote_code=True, device="cpu")
     score("GRACE trained", trained)
 
-    print("\nDev set: bundled demo triplets (grace_st/data/demo_dev.jsonl), held out from training")
-    print(format_table(results, COLUMNS))
-    print(f"\nGRACE: {steps} GRPO steps; mean total reward first quarter {first:.3f} -> last quarter {last:.3f}")
-    last_log = next((e for e in reversed(trainer.state.log_history) if "grace/copy_rate" in e), {})
     print(
-        "last step: copy rate {:.2f}, distinct rollouts/group {:.2f}, within-group reward std {:.3f}, "
+        f"\nGRACE: {trainer.state.global_step} GRPO steps ({batches} generated batches); mean total reward, first "
+        f"quarter {first:.3f} -> last quarter {last:.3f}"
+    )
+    last_log = next((e for e in reversed(trainer.state.log_history) if "grace/distinct_per_group" in e), {})
+    print(
+        "last batch: copy rate {:.2f}, distinct rollouts/group {:.2f}, within-group reward std {:.3f}, "
         "finish rate {:.2f}, mean length {:.1f}".format(
             last_log.get("grace/copy_rate", float("nan")),
             last_log.get("grace/distinct_per_group", float("nan")),
@@ -143,13 +255,13 @@ def main() -> None:
             last_log.get("grace/mean_length", float("nan")),
         )
     )
-    items = trained.encode(TEXTS, output_value=None)
-    print("\nrationales of the trained model")
+    items = trained.encode(TEXTS, output_value=None, show_progress_bar=False)
+    print("\nrationales of the trained model, and the cosine similarity of the texts")
     for index, (text, item) in enumerate(zip(TEXTS, items, strict=True)):
         print(f"[{index}] {text}\n    {trained[0].decode_rationale(item)!r}")
-    embeddings = trained.encode(TEXTS, convert_to_tensor=True)
+    embeddings = torch.stack([torch.as_tensor(item["sentence_embedding"]) for item in items])
     similarity = trained.similarity(embeddings, embeddings)
-    print("cosine similarity\n     " + "".join(f"{j:>7}" for j in range(len(TEXTS))))
+    print("     " + "".join(f"{j:>7}" for j in range(len(TEXTS))))
     for i, row in enumerate(similarity.tolist()):
         print(f"[{i}]  " + "".join(f"{value:7.3f}" for value in row))
 
@@ -157,12 +269,16 @@ def main() -> None:
         "results": {name: {k: v for k, v in scores.items() if k != "examples"} for name, scores in results},
         "reward_first_quarter": first,
         "reward_last_quarter": last,
-        "grpo_steps": steps,
+        "grpo_steps": trainer.state.global_step,
+        "generated_batches": batches,
         "total_seconds": time.perf_counter() - started,
     }
-    with open(os.path.join(output_dir, "demo_results.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    print(f"\nsaved the trained model to {path}; results in {output_dir}/demo_results.json")
+    results_path = output_dir / "demo_results.json"
+    results_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+    print("\nDev set: bundled demo triplets (grace_st/data/demo_dev.jsonl), held out from training")
+    print(format_table(results, COLUMNS), end="")
+    print(f"\ntrained model: {path}\nresults: {results_path}; full log: {log_path}")
     print(f"total time {summary['total_seconds'] / 60:.1f} min")
 
 
