@@ -451,12 +451,12 @@ class GraceGRPOTrainer(GRPOTrainer):
             [copy_rate(ids, src, args.copy_min_span) for ids, src in zip(rationale_ids, source_ids, strict=True)],
             device=positive.device,
         )
-        # The logged copy rate is token-weighted over the global batch, as evaluation reports it (RationaleStats);
-        # the per-rollout rates above are the reward term.
-        local_stats = rationale_stats(rationale_ids, source_ids, finished.tolist(), min_span=args.copy_min_span)
-        totals = torch.tensor([[local_stats.copied_tokens, local_stats.tokens]], device=positive.device)
-        copied_tokens, tokens = self.accelerator.gather(totals).sum(dim=0).tolist()  # over all processes
-        batch_copy_rate = RationaleStats(tokens=int(tokens), copied_tokens=copied_tokens).copy_rate
+        # The logged copy rate and mean length are those of RationaleStats over the global batch, as evaluation reports
+        # them (token-weighted copy rate; length without the closing EOS); the per-rollout rates above are the reward.
+        local = rationale_stats(rationale_ids, source_ids, finished.tolist(), min_span=args.copy_min_span)
+        totals = torch.tensor([[local.copied_tokens, local.tokens, local.rationales]], device=positive.device)
+        copied_tokens, tokens, n = self.accelerator.gather(totals).sum(dim=0).tolist()  # over all processes
+        batch_stats = RationaleStats(texts=int(n), rationales=int(n), tokens=int(tokens), copied_tokens=copied_tokens)
         gather = self.accelerator.gather
         # Within a group the first row's query (and negative) is used, so groups split across processes stay coherent.
         all_positive, all_query = gather(positive), gather(query_emb)
@@ -479,7 +479,6 @@ class GraceGRPOTrainer(GRPOTrainer):
             copy_penalty=args.copy_penalty,
         )
         all_ids = gather_object(list(completion_ids))
-        lengths = torch.tensor([len(ids) for ids in all_ids], dtype=torch.float32)
         side_finished = gather(side_finished.float().mean().reshape(1).to(positive.device)).mean()
         metrics = {
             "grace/contrastive": rewards.contrastive.mean().item(),
@@ -488,10 +487,10 @@ class GraceGRPOTrainer(GRPOTrainer):
             "grace/copy_penalty": (args.copy_penalty * rewards.copy_rate).mean().item(),
             "grace/truncation_rate": rewards.truncated.float().mean().item(),
             "grace/total": rewards.total.mean().item(),
-            "grace/copy_rate": batch_copy_rate,
+            "grace/copy_rate": batch_stats.copy_rate,
             "grace/distinct_per_group": distinct_per_group(all_ids, group_size),
             "grace/group_reward_std": group_reward_std(rewards.total, group_size),
-            "grace/mean_length": lengths.mean().item(),
+            "grace/mean_length": batch_stats.mean_length,
             "grace/finish_rate": 1.0 - rewards.truncated.float().mean().item(),
             "grace/query_finish_rate": side_finished.item(),
         }

@@ -315,7 +315,7 @@ def test_vllm_rollouts_are_scored_with_the_two_pass_reference(tiny_dir, tmp_path
         got = trainer._pooled(*out["grace_rollouts"].parts[0])
     torch.testing.assert_close(got, expected)
     assert len(rewards) == 4 and all(torch.isfinite(torch.tensor(rewards)))
-    assert logged["grace/finish_rate"] == 1.0 and logged["grace/mean_length"] == 3.0
+    assert logged["grace/finish_rate"] == 1.0 and logged["grace/mean_length"] == 2.0  # 3 ids, the last the EOS
 
 
 def test_logged_copy_rate_is_token_weighted_and_the_penalty_per_rollout(tiny_dir, tmp_path):
@@ -388,7 +388,7 @@ def test_smoke_training_logs_every_term_from_the_rollouts_and_saves_a_grace_mode
         )
         assert entry["grace/copy_rate"] == pytest.approx(stats.copy_rate)
         assert entry["grace/distinct_per_group"] == distinct_per_group(completions, 2)
-        assert entry["grace/mean_length"] == pytest.approx(sum(map(len, completions)) / len(completions))
+        assert entry["grace/mean_length"] == pytest.approx(stats.mean_length)  # the closing EOS not counted
         assert entry["grace/total"] == pytest.approx(entry["reward"], abs=1e-5)
     path = trainer.save_grace_model()
     assert Path(path, "modules.json").is_file()
