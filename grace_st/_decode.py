@@ -1,7 +1,13 @@
 """GRACE decode engine: rationales plus last-layer states with no decode work for finished rows and a shared prefix.
 
-One contiguous block that imports only torch and transformers (it is meant to live inside ``modeling.py``, the remote
-code of published models). :func:`decode` replaces ``model.generate`` + the final cached step of the single-pass path:
+Self-contained (imports only torch, transformers and the standard library; never ``modeling.py``): saved and published
+models carry it as ``_decode.py`` beside their remote code ``grace_st.py``, which imports it. It also holds the
+transformers generation paths of ``Transformer.generate_rationales`` (plain functions taking the model and the
+``generate`` arguments): :func:`generate_plain` (``model.generate``), :func:`generate_with_states` (the reference
+single-pass path: ``model.generate`` with the last-layer states captured, plus one cached decode step for the final
+token, which generation never feeds back) and :func:`generate_with_engine` (:func:`decode`).
+
+:func:`decode` replaces ``model.generate`` + the final cached step of the single-pass path:
 
 - the chat-prompt prefix shared by every row (system prompt + user header) is run once per call, for one row, and its
   keys/values are reused by every row through the KV cache;
@@ -26,7 +32,7 @@ import inspect
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LogitsProcessor
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
@@ -58,6 +64,18 @@ class RowTemperature(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores / self.temperatures.to(device=scores.device, dtype=scores.dtype).unsqueeze(1)
+
+
+def pad_rows(rows: Any, pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of id rows of different lengths, right-padded with ``pad`` (``left``: left-padded)."""
+    width = max((len(row) for row in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
 
 
 def unsupported_reason(model: Any, generate_kwargs: dict[str, Any]) -> str | None:
@@ -230,3 +248,110 @@ def decode(
         hook.remove()
     longest = int(lengths.max())
     return generated[:, :longest], states[:, : width + longest]
+
+
+def _generate_kwargs(generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate_kwargs`` for ``model.generate``, which takes one temperature: per-row ones become a processor."""
+    kwargs = dict(generate_kwargs)
+    if isinstance(kwargs.get("temperature"), torch.Tensor):
+        processors = [*(kwargs.get("logits_processor") or []), RowTemperature(kwargs["temperature"])]
+        kwargs.update(temperature=1.0, logits_processor=LogitsProcessorList(processors))
+    return kwargs
+
+
+def generate_plain(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, generate_kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The ``(batch, R)`` ids ``model.generate`` writes after the left-padded prompts (no states)."""
+    with torch.no_grad():
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **_generate_kwargs(generate_kwargs)
+        )
+    return sequences[:, input_ids.shape[1] :]
+
+
+class _LastLayerStates:
+    """Collects the last-layer states of every forward call while active: a hook on the decoder's final norm when the
+    architecture has one (Llama, Qwen, Mistral, ...), else ``output_hidden_states`` (all layers, more memory)."""
+
+    def __init__(self, model: Any) -> None:
+        self.norm = getattr(model.get_decoder(), "norm", None)
+        self.needs_hidden_states = not isinstance(self.norm, torch.nn.Module)
+        self.states: list[torch.Tensor] = []
+        self._handle = None
+
+    def __enter__(self) -> _LastLayerStates:
+        if not self.needs_hidden_states:
+            self._handle = self.norm.register_forward_hook(lambda module, args, output: self.states.append(output))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def generate_with_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, generate_kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(generated, states)``: the ids of :func:`generate_plain` and the ``(batch, P + R, hidden)`` last-layer states
+    of prompt + generated ids, from generation (prefill + decode steps) plus one cached decode step for the final
+    token. ``states`` is None when the hooked norm was not on the forward path (e.g. a re-wrapped copy)."""
+    kwargs = _generate_kwargs(generate_kwargs)
+    with torch.no_grad(), _LastLayerStates(model) as captured:
+        kwargs.update(return_dict_in_generate=True, output_hidden_states=captured.needs_hidden_states)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        generated = out.sequences[:, input_ids.shape[1] :]
+        if captured.needs_hidden_states:
+            captured.states = [step[-1] for step in out.hidden_states]
+        # Generation never feeds its last token back; one cached decode step gives that token's state.
+        full_mask = torch.cat([attention_mask, torch.ones_like(generated)], dim=1)
+        last = model(
+            input_ids=generated[:, -1:],
+            attention_mask=full_mask,
+            position_ids=full_mask.sum(dim=1, keepdim=True) - 1,
+            cache=out.cache,
+            cache_position=torch.tensor([full_mask.shape[1] - 1], device=full_mask.device),
+            use_cache=True,
+            output_hidden_states=captured.needs_hidden_states,
+        )
+        if captured.needs_hidden_states:
+            captured.states.append(last.hidden_states[-1])
+    if sum(state.shape[1] for state in captured.states) != input_ids.shape[1] + generated.shape[1]:
+        return generated, None
+    return generated, torch.cat(captured.states, dim=1)
+
+
+def generate_with_engine(
+    model: Any,
+    features: dict[str, Any],
+    generate_kwargs: dict[str, Any],
+    prefix_len: int,
+    counts: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`generate_with_states` by :func:`decode` (the shared prompt prefix of ``prefix_len`` tokens runs once,
+    finished rows leave the batch) for the left-padded prompts of ``features`` (``input_ids``, ``attention_mask``,
+    ``text_start``); None where it does not apply (no prefix, :func:`unsupported_reason`, states not captured): then
+    the caller uses ``model.generate``. ``counts`` as in :func:`decode`."""
+    if prefix_len == 0 or unsupported_reason(model, generate_kwargs) is not None:
+        return None
+    kwargs, sampling = generate_kwargs, {}
+    if kwargs["do_sample"]:  # unset sampling settings fall back to the LM's generation config, as in `generate`
+        defaults = model.generation_config.to_dict()
+        sampling = {
+            k: defaults.get(k) if kwargs.get(k) is None else kwargs[k] for k in ("temperature", "top_k", "top_p")
+        }
+    eos = kwargs["eos_token_id"]
+    with torch.no_grad():
+        return decode(
+            model,
+            features["input_ids"],
+            features["attention_mask"],
+            features["text_start"],
+            prefix_len,
+            max_new_tokens=kwargs["max_new_tokens"],
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            pad_token_id=kwargs["pad_token_id"],
+            do_sample=bool(kwargs["do_sample"]),
+            counts=counts,
+            **sampling,
+        )

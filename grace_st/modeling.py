@@ -20,13 +20,12 @@ from sentence_transformers.base.modules import InputModule, Module
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 # The decode engine ships beside this file (saved and published folders carry both files).
-from ._decode import RowTemperature, decode, unsupported_reason
+from ._decode import generate_plain, generate_with_engine, generate_with_states, pad_rows
 
 __version__ = "0.1.0"  # the grace_st version; saved in grace_config.json as "grace_st_version"
 
@@ -145,17 +144,6 @@ def pooling_span_mask(attention_mask: torch.Tensor, text_start: torch.Tensor) ->
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     after_start = positions.unsqueeze(0) >= text_start.to(attention_mask.device).unsqueeze(1)
     return attention_mask.clone().long() * after_start.long()
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, mask)`` of id rows of different lengths, right-padded with ``pad``."""
-    width = max((len(row) for row in rows), default=0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 class _Outputs(dict):
@@ -322,16 +310,11 @@ class Transformer(InputModule):
         ids = [row[: self.max_input_tokens] for row in ids]
         before, after = self.template_pieces()
         rows = [before + row + after for row in ids]
-        width = max((len(row) for row in rows), default=0)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, width - len(row) :] = 1
-        text_start = torch.tensor([width - len(row) + len(before) for row in rows], dtype=torch.long)
+        input_ids, attention_mask = pad_rows(rows, self.tokenizer.pad_token_id, left=True)
+        text_start = torch.tensor([input_ids.shape[1] - len(row) + len(before) for row in rows], dtype=torch.long)
         features = {"input_ids": input_ids, "attention_mask": attention_mask, "text_start": text_start}
         if self.rationale_mode == "echo":
-            features["echo_ids"], features["echo_mask"] = right_pad(
+            features["echo_ids"], features["echo_mask"] = pad_rows(
                 [row + [self.eos_token_ids[0]] for row in ids], self.tokenizer.pad_token_id
             )
         return features
@@ -371,76 +354,18 @@ class Transformer(InputModule):
         kwargs = {**self.generation_kwargs(), **generate_kwargs}
         if self.generation_backend is not None:
             return self.generation_backend.generate(self, features, **kwargs)
-        if with_states and self.decode_path == "engine":
-            batch = self._generate_with_engine(features, kwargs)
-            if batch is not None:
-                return batch
-        if isinstance(kwargs.get("temperature"), torch.Tensor):  # `generate` takes one temperature: a processor
-            processors = [*(kwargs.get("logits_processor") or []), RowTemperature(kwargs["temperature"])]
-            kwargs.update(temperature=1.0, logits_processor=LogitsProcessorList(processors))
         if not with_states:
-            with torch.no_grad():
-                sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return self.rationale_batch(sequences[:, input_ids.shape[1] :])
-        with torch.no_grad(), _LastLayerStates(self.model) as captured:
-            kwargs.update(return_dict_in_generate=True, output_hidden_states=captured.needs_hidden_states)
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            generated = out.sequences[:, input_ids.shape[1] :]
-            if captured.needs_hidden_states:
-                captured.states = [step[-1] for step in out.hidden_states]
-            # Generation never feeds its last token back; one cached decode step gives that token's state.
-            full_mask = torch.cat([attention_mask, torch.ones_like(generated)], dim=1)
-            last = self.model(
-                input_ids=generated[:, -1:],
-                attention_mask=full_mask,
-                position_ids=full_mask.sum(dim=1, keepdim=True) - 1,
-                cache=out.cache,
-                cache_position=torch.tensor([full_mask.shape[1] - 1], device=full_mask.device),
-                use_cache=True,
-                output_hidden_states=captured.needs_hidden_states,
-            )
-            if captured.needs_hidden_states:
-                captured.states.append(last.hidden_states[-1])
-        batch = self.rationale_batch(generated)
-        if sum(state.shape[1] for state in captured.states) == input_ids.shape[1] + generated.shape[1]:
-            batch.states = torch.cat(captured.states, dim=1)
-        else:  # the hooked norm was not on the forward path (e.g. a re-wrapped copy): callers use the two-pass path
-            logger.warning(
-                "Could not capture the last-layer states during generation; using a second forward pass instead."
-            )
-        return batch
-
-    def _generate_with_engine(self, features: dict[str, Any], kwargs: dict[str, Any]) -> RationaleBatch | None:
-        """:meth:`generate_rationales` with states by the decode engine (``_decode.py``: the shared prompt prefix runs
-        once, finished rows leave the batch); None where it does not apply (then ``model.generate`` is used)."""
-        prefix_len = len(self.template_pieces()[0])
-        if prefix_len == 0 or unsupported_reason(self.model, kwargs) is not None:
-            return None
-        sampling = {}
-        if kwargs["do_sample"]:  # unset sampling settings fall back to the LM's generation config, as in `generate`
-            defaults = self.model.generation_config.to_dict()
-            sampling = {
-                k: defaults.get(k) if kwargs.get(k) is None else kwargs[k] for k in ("temperature", "top_k", "top_p")
-            }
-        eos = kwargs["eos_token_id"]
-        with torch.no_grad():
-            result = decode(
-                self.model,
-                features["input_ids"],
-                features["attention_mask"],
-                features["text_start"],
-                prefix_len,
-                max_new_tokens=kwargs["max_new_tokens"],
-                eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                pad_token_id=kwargs["pad_token_id"],
-                do_sample=bool(kwargs["do_sample"]),
-                counts=self.decode_counts,
-                **sampling,
-            )
+            return self.rationale_batch(generate_plain(self.model, input_ids, attention_mask, kwargs))
+        result = None
+        if self.decode_path == "engine":
+            prefix_len = len(self.template_pieces()[0])
+            result = generate_with_engine(self.model, features, kwargs, prefix_len, self.decode_counts)
         if result is None:
-            return None
+            result = generate_with_states(self.model, input_ids, attention_mask, kwargs)
         batch = self.rationale_batch(result[0])
         batch.states = result[1]
+        if batch.states is None:  # the hooked norm was not on the forward path: callers use the two-pass path
+            logger.warning("Could not capture the last-layer states during generation; using a second forward pass.")
         return batch
 
     def rationale_batch(self, generated: torch.Tensor | Sequence[Sequence[int]]) -> RationaleBatch:
@@ -448,7 +373,7 @@ class Transformer(InputModule):
         different lengths (e.g. an engine's completions; right-padded, and the padding never ends a rationale)."""
         valid = None
         if not isinstance(generated, torch.Tensor):
-            generated, valid = right_pad(generated, self.tokenizer.pad_token_id)
+            generated, valid = pad_rows(generated, self.tokenizer.pad_token_id)
         mask, finished = rationale_mask(generated, self.eos_token_ids)
         if valid is not None:
             mask = mask * valid.to(mask.device)
@@ -555,26 +480,6 @@ class Transformer(InputModule):
 
     def __repr__(self) -> str:
         return f"Transformer({self.get_config_dict()}, backbone={type(self.model).__name__})"
-
-
-class _LastLayerStates:
-    """Collects the last-layer states of every forward call while active: a hook on the decoder's final norm when the
-    architecture has one (Llama, Qwen, Mistral, ...), else ``output_hidden_states`` (all layers, more memory)."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        self.norm = getattr(model.get_decoder(), "norm", None)
-        self.needs_hidden_states = not isinstance(self.norm, torch.nn.Module)
-        self.states: list[torch.Tensor] = []
-        self._handle = None
-
-    def __enter__(self) -> _LastLayerStates:
-        if not self.needs_hidden_states:
-            self._handle = self.norm.register_forward_hook(lambda module, args, output: self.states.append(output))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
 
 
 class RationalePooling(Module):
