@@ -1,7 +1,8 @@
 """GRACE modules ``[Transformer, RationalePooling, Normalize]``: the LM writes a rationale per text; the embedding is
 the mean of its last-layer states over user text + rationale. Self-contained (torch, transformers,
-sentence-transformers): ``model.save()`` copies this file into the folder as ``grace_st.py``, so saved and published
-GRACE models load with plain sentence-transformers (``trust_remote_code=True``) where grace_st is not installed.
+sentence-transformers, and the decode engine ``_decode.py`` beside it, which also holds the transformers generation
+paths): ``model.save()`` copies both files into the folder (this one as ``grace_st.py``), so saved and published GRACE
+models load with plain sentence-transformers (``trust_remote_code=True``) where grace_st is not installed.
 """
 
 from __future__ import annotations
@@ -17,14 +18,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 from sentence_transformers.base.modules import InputModule, Module
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-# The decode engine ships beside this file (saved and published folders carry both files).
 from ._decode import generate_plain, generate_with_engine, generate_with_states, pad_rows
 
 __version__ = "0.1.0"  # the grace_st version; saved in grace_config.json as "grace_st_version"
@@ -170,20 +165,21 @@ class Transformer(InputModule):
     text its own rows; rows from :attr:`span_start` on are the pooled span (``lasttoken`` pools the last row only).
 
     Args:
-        model: the causal LM (any ``AutoModelForCausalLM``).
-        tokenizer: its tokenizer; must have a chat template.
+        model, tokenizer: the causal LM (any ``AutoModelForCausalLM``) and its tokenizer (must have a chat template).
         system_prompt: system message of the GRACE prompt. Defaults to the paper's prompt.
         rationale_mode: ``"generate"`` (GRACE), ``"none"`` (no rationale) or ``"echo"`` (the text repeated as the
             rationale). Defaults to ``"generate"``.
         max_new_tokens: rationale length limit in tokens. Defaults to 128.
         max_input_tokens: longer user texts are truncated (with a warning). Defaults to 1024.
         do_sample: sample instead of greedy decoding (greedy keeps embeddings deterministic). Defaults to False.
-        temperature, top_p, top_k: sampling settings (with ``do_sample``). Default to 1.0, 1.0, 0 (no cut-off).
-        repetition_penalty: passed to ``generate``. Defaults to 1.0.
+        temperature, top_p, top_k, repetition_penalty: sampling settings (with ``do_sample``) and the repetition
+            penalty. Default to 1.0, 1.0, 0 (no top-k cut-off), 1.0.
         single_pass: pool the states generation computed instead of a second pass over prompt + rationale (same
             embedding within float tolerance; the two-pass path is the reference). Defaults to True.
 
-    Runtime setting (not saved): ``generation_backend`` (a :class:`GenerationBackend`; None = transformers).
+    Runtime settings (not saved): ``generation_backend`` (a :class:`GenerationBackend`; None = transformers),
+    ``decode_path`` (how transformers keeps states from generation) and ``decode_counts`` (a dict the engine adds its
+    work counts to; benchmarks).
     """
 
     config_file_name = "grace_config.json"
@@ -223,14 +219,12 @@ class Transformer(InputModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.__dict__.update(options)
         self.generation_backend = None
-        # Runtime settings (not saved): "engine" (``_decode.py``) or the reference "generate" for states from
-        # generation; a dict the engine adds its work counts to (benchmarks).
         self._decode_path = "engine"
         self.decode_counts: dict[str, int] | None = None
 
     @property
     def decode_path(self) -> str:
-        """Runtime setting: ``"engine"`` (default) or the reference ``"generate"`` (``model.generate`` + a hook)."""
+        """``"engine"`` (``_decode.decode``, default) or the reference ``"generate"`` (``model.generate`` + a hook)."""
         return self._decode_path
 
     @decode_path.setter
@@ -275,7 +269,6 @@ class Transformer(InputModule):
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    # ------------------------------------------------------------------ prompt
     def template_pieces(self) -> tuple[list[int], list[int]]:
         """Token ids of the chat prompt before and after the user text (the system prompt in the chat template)."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -319,7 +312,6 @@ class Transformer(InputModule):
             )
         return features
 
-    # ------------------------------------------------------------------ generation
     def generation_kwargs(self) -> dict[str, Any]:
         """Arguments for ``model.generate`` built from the module's saved decoding settings."""
         kwargs: dict[str, Any] = {
@@ -340,10 +332,9 @@ class Transformer(InputModule):
     ) -> RationaleBatch:
         """One rationale per prompt of ``features`` (:meth:`preprocess` output on the model's device).
 
-        ``with_states`` also keeps the last-layer states generation computes (prefill + decode steps, plus one decode
-        step for the final token), so no second pass is needed (transformers only). ``generate_kwargs`` override
-        :meth:`generation_kwargs` (e.g. ``temperature`` in training).
-        """
+        ``with_states`` also keeps the last-layer states generation computes, so no second pass is needed
+        (transformers only; ``_decode.generate_with_engine``, else ``generate_with_states``). ``generate_kwargs``
+        override :meth:`generation_kwargs` (e.g. ``temperature`` in training)."""
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         if self.rationale_mode == "none":
             empty = input_ids.new_zeros((input_ids.shape[0], 0))
@@ -381,7 +372,6 @@ class Transformer(InputModule):
             finished = (is_eos & mask.bool()).any(dim=1).cpu()
         return RationaleBatch(generated.masked_fill(mask == 0, self.tokenizer.pad_token_id), mask, finished)
 
-    # ------------------------------------------------------------------ states
     def outputs_from_states(self, features: dict[str, Any], rationales: RationaleBatch) -> dict[str, Any]:
         """The outputs of :meth:`embed` from the states kept during generation (single pass)."""
         prompt_mask = features["attention_mask"]
@@ -443,7 +433,6 @@ class Transformer(InputModule):
             rationale_finished=rationales.finished.to(rationales.ids.device),
         )
 
-    # ------------------------------------------------------------------ save / load
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         """Write the LM (safetensors), tokenizer, ``grace_config.json`` (with the writing ``grace_st_version``) and
         this file as ``grace_st.py``."""
