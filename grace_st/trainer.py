@@ -77,7 +77,7 @@ from grace_st.tables import format_cell
 try:
     from accelerate.utils import gather_object
     from sentence_transformers.base.modules import Normalize
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
     from trl import GRPOTrainer
     from trl.models.utils import unwrap_model_for_generation
 except ImportError as error:  # pragma: no cover - depends on the installed extras
@@ -800,7 +800,9 @@ def _first_of_group(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.view(-1, group_size, *x.shape[1:])[:, :1].expand(-1, group_size, *x.shape[1:]).reshape(x.shape)
 
 
-def run_training(training_args: GraceGRPOConfig, model_args, data_args, resume_from_checkpoint=None):
+def run_training(
+    training_args: GraceGRPOConfig, model_args, data_args, resume_from_checkpoint=None, progress_callback=None
+):
     """Load data and model as the three parsed configs say, train, and save the GRACE model.
 
     Args:
@@ -809,6 +811,8 @@ def run_training(training_args: GraceGRPOConfig, model_args, data_args, resume_f
             backbone; ``dtype``; ``use_peft`` and the ``lora_*`` options).
         data_args: a :class:`grace_st.config.GraceDataArguments`.
         resume_from_checkpoint: a checkpoint folder, True for the last one in ``output_dir``, or None.
+        progress_callback: a ``TrainerCallback`` that replaces transformers' console progress callbacks (which
+            print every log dict), e.g. a progress bar that writes the logs to a file; None keeps them.
 
     Returns:
         ``(trainer, path of the saved GRACE model)``.
@@ -829,6 +833,10 @@ def run_training(training_args: GraceGRPOConfig, model_args, data_args, resume_f
     trainer = GraceGRPOTrainer(
         model=name, args=training_args, train_dataset=dataset, peft_config=get_peft_config(model_args)
     )
+    if progress_callback is not None:  # replaces transformers' console progress (it prints every log dict)
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(progress_callback)
     # Refuse a final folder that cannot be written before training, not after it.
     check_writable_folder(trainer.final_model_dir(), marker=TRAINING_INFO_FILE)
     if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last", "latest"):

@@ -35,16 +35,16 @@ import datasets
 import torch
 import transformers
 from sentence_transformers import SentenceTransformer
-from transformers import PrinterCallback, ProgressCallback
+from transformers import ProgressCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
 import grace_st
 from grace_st.backbone import resolve_backbone
 from grace_st.config import GraceDataArguments, GraceGRPOConfig
 from grace_st.contrastive import train_contrastive
-from grace_st.data import demo_data_path, load_training_data, load_triplets
+from grace_st.data import demo_data_path, load_triplets
 from grace_st.quickeval import format_table, triplet_scores
-from grace_st.trainer import GraceGRPOTrainer
+from grace_st.trainer import run_training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXTS = [
@@ -135,28 +135,6 @@ def reward_trend(log_history: list[dict]) -> tuple[float, float, int]:
     return statistics.fmean(rewards[:quarter]), statistics.fmean(rewards[-quarter:]), len(rewards)
 
 
-def train_grace(backbone: str, training_args: GraceGRPOConfig, model_args: ModelConfig, data_args: GraceDataArguments):
-    """Train GRACE as ``grace_st.trainer.run_training`` does, with the progress bar that logs to the file."""
-    init_kwargs = dict(training_args.model_init_kwargs or {})
-    if model_args.dtype not in (None, "auto"):
-        init_kwargs.setdefault("dtype", model_args.dtype)
-    if model_args.attn_implementation is not None:
-        init_kwargs.setdefault("attn_implementation", model_args.attn_implementation)
-    training_args.model_init_kwargs = init_kwargs
-    trainer = GraceGRPOTrainer(
-        model=backbone,
-        args=training_args,
-        train_dataset=load_training_data(data_args, training_args.mode),
-        peft_config=get_peft_config(model_args),
-    )
-    # transformers' default progress callback (or printer, with disable_tqdm) writes every log dict to the terminal.
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(ProgressBarLogToFile())
-    trainer.train()
-    return trainer, trainer.save_grace_model(training_datasets=[data_args.train_data])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(HERE, "configs", "demo.yaml"))
@@ -235,7 +213,7 @@ def main() -> None:
 
     budget = f"budget {training_args.max_train_minutes} min, at most {training_args.max_steps} steps"
     print(f"[3/3] GRACE training (GRPO, {budget})")
-    trainer, path = train_grace(backbone, training_args, model_args, data_args)
+    trainer, path = run_training(training_args, model_args, data_args, progress_callback=ProgressBarLogToFile())
     first, last, batches = reward_trend(trainer.state.log_history)
     trained = SentenceTransformer(path, trust_remote_code=True, device="cpu")
     score("GRACE trained", trained)
