@@ -76,11 +76,13 @@ def test_demo_output_log_and_rerun(tiny_config, tmp_path):
     # A re-run replaces the demo's own outputs (a stale checkpoint of the earlier run included), keeps other files.
     (out / "checkpoint-7").mkdir()
     (out / "notes.txt").write_text("mine", encoding="utf-8")
-    second = run_demo(tiny_config, out, "--max-steps", "1", "--no-contrastive")
+    # The time cap stops this run after its first step, and the summary says so.
+    second = run_demo(tiny_config, out, "--max-train-minutes", "0.0001", "--no-contrastive")
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert json.loads((out / "demo_results.json").read_text(encoding="utf-8"))["grpo_steps"] == 1
+    assert "stopped training after 1 of 2 steps" in second.stdout
     assert (out / "grace-model" / "modules.json").is_file() and not (out / "contrastive-model").exists()
 
 

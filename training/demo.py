@@ -2,13 +2,14 @@
 
 Usage:
     make demo            # or: .venv/bin/python training/demo.py [--config training/configs/demo.yaml]
-                         #        [--max-train-minutes 8] [--no-contrastive] [--output-dir outputs/grace-demo]
+                         #        [--max-train-minutes 30] [--no-contrastive] [--output-dir outputs/grace-demo]
 
 Steps (no network needed; the data is bundled in grace_st/data/):
 1. scores the cheap baselines on the bundled dev triplets: no rationale, echo (the text repeated as its "rationale"),
    and the untrained GRACE model;
 2. trains the "+CL" baseline (same backbone and pooling, MultipleNegativesRankingLoss) on the bundled training set;
-3. trains GRACE with GRPO (training/configs/demo.yaml: LoRA, 2 documents x 4 rollouts, 24 steps, a time cap);
+3. trains GRACE with GRPO (training/configs/demo.yaml: LoRA, 2 documents x 4 rollouts, 24 steps; a 30-minute cap
+   guards against a stuck run and is reported when it cuts training short);
 4. prints the reward trend, a few rationales of the trained model and, last, the table (triplet accuracy, MRR@10 over
    the dev corpus, rationale finish/copy rates); saves the trained model (load it with
    SentenceTransformer(path, trust_remote_code=True)).
@@ -139,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(HERE, "configs", "demo.yaml"))
     parser.add_argument("--output-dir", default=None, help="defaults to the config's output_dir")
-    parser.add_argument("--max-train-minutes", type=float, default=None, help="GRACE time cap (config: 8)")
+    parser.add_argument("--max-train-minutes", type=float, default=None, help="GRACE time cap (config: 30)")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--no-contrastive", action="store_true", help="skip the +CL baseline")
     parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size of the evaluation")
@@ -222,6 +223,11 @@ def main() -> None:
         f"\nGRACE: {trainer.state.global_step} GRPO steps ({batches} generated batches); mean total reward, first "
         f"quarter {first:.3f} -> last quarter {last:.3f}"
     )
+    if trainer.state.global_step < training_args.max_steps:
+        print(
+            f"note: the time cap (--max-train-minutes {training_args.max_train_minutes}) stopped training after "
+            f"{trainer.state.global_step} of {training_args.max_steps} steps; a shorter run gives other results."
+        )
     last_log = next((e for e in reversed(trainer.state.log_history) if "grace/distinct_per_group" in e), {})
     print(
         "last batch: copy rate {:.2f}, distinct rollouts/group {:.2f}, within-group reward std {:.3f}, "
