@@ -118,6 +118,9 @@ def write_folder(
     check_writable_folder(target, marker=marker, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"_{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the final folder gets the usual permissions
     try:
         write(str(staging))
         if not (staging / marker).is_file():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,15 @@ def test_a_failed_write_leaves_the_old_folder_and_no_staging_folder(tmp_path):
         write_folder(target, lambda path: Path(path, "data.txt").write_text("no marker"), marker=MARKER)
     assert (target / "data.txt").read_text() == "old"
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_written_folder_gets_the_umasks_permissions_not_mkdtemps(tmp_path):
+    def write(folder):
+        Path(folder, "marker.json").write_text("{}")
+
+    umask = os.umask(0o022)
+    try:
+        write_folder(tmp_path / "model", write, marker="marker.json")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "model").st_mode) == 0o755  # mkdtemp alone gives 0700
