@@ -71,6 +71,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record["world"] = (torch.distributed.get_world_size(), torch.distributed.get_backend())
     torch.save(record, out / f"rank{trainer.accelerator.process_index}.pt")
+    # Tear the process group down before exit: left to interpreter shutdown, gloo's threads sometimes abort the
+    # process ("terminate called without an active exception", seen once in CI after training had finished).
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
