@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ast
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tiny_sts import THREE_PAIRS, write_sts_spec
 
 from grace_st import cli
 
@@ -84,19 +84,9 @@ def test_train_calls_run_training_with_the_parsed_configs(monkeypatch, tmp_path,
 def test_evaluate_then_publish_dry_run(tiny_grace_dir, tmp_path, capsys):
     """The documented flow through the entry points: evaluate on a local task, then write the publish folder."""
     pytest.importorskip("mteb", reason='needs the eval extra: pip install "grace-st[eval]"')
-    (tmp_path / "pairs.tsv").write_text(
-        "4.5\tA man plays.\tA man is playing.\n0.5\tA cat.\tStocks fell.\n3\tRain.\tIt rains.\n"
-    )
-    spec = {
-        "name": "TinySTS",
-        "type": "STS",
-        "splits": {
-            "test": {"path": "pairs.tsv", "header": False, "columns": {"score": 0, "sentence1": 1, "sentence2": 2}}
-        },
-    }
-    (tmp_path / "tiny.json").write_text(json.dumps(spec))
+    spec = write_sts_spec(tmp_path, pairs=THREE_PAIRS)
     out = tmp_path / "mteb"
-    argv = ["--model", f"tiny GRACE={tiny_grace_dir}", "--local-task", str(tmp_path / "tiny.json")]
+    argv = ["--model", f"tiny GRACE={tiny_grace_dir}", "--local-task", str(spec)]
     assert cli.evaluate(argv + ["--data-dir", str(tmp_path), "--output-dir", str(out), "--device", "cpu"]) is None
     table = (out / "comparison.md").read_text()
     printed = capsys.readouterr().out

@@ -13,6 +13,7 @@ pytest.importorskip("mteb", reason='evaluation needs the eval extra: pip install
 
 import mteb  # noqa: E402
 from mteb.mocks.mock_tasks import MockClassificationTask, MockRetrievalTask, MockSTSTask  # noqa: E402
+from tiny_sts import PAIRS, write_sts_spec  # noqa: E402
 
 from grace_st import evaluation, quickeval  # noqa: E402
 from grace_st.evaluation import (  # noqa: E402
@@ -28,27 +29,6 @@ from grace_st.evaluation import (  # noqa: E402
 from grace_st.local_tasks import load_task_spec  # noqa: E402
 
 SYSTEM_PROMPT = "Say what the text is about."
-PAIRS = [
-    ("A man is playing a guitar.", "A man plays the guitar.", 4.8),
-    ("A man is playing a guitar.", "A woman is slicing onions.", 0.2),
-    ("Kids are running in a park.", "Children run outside.", 4.0),
-    ("Kids are running in a park.", "The stock market fell today.", 0.0),
-    ("A dog barks at the mailman.", "A dog is barking.", 3.6),
-    ("The stock market fell today.", "Shares dropped sharply.", 4.2),
-]
-
-
-def write_sts_spec(folder: Path) -> Path:
-    """A six-pair STS spec ``TinySTS.json`` over ``pairs.tsv`` in ``folder``."""
-    (folder / "pairs.tsv").write_text("".join(f"{s}\t{a}\t{b}\n" for a, b, s in PAIRS), encoding="utf-8")
-    columns = {"score": 0, "sentence1": 1, "sentence2": 2}
-    spec = {
-        "name": "TinySTS",
-        "type": "STS",
-        "splits": {"test": {"path": "pairs.tsv", "header": False, "columns": columns}},
-    }
-    (folder / "TinySTS.json").write_text(json.dumps(spec), encoding="utf-8")
-    return folder / "TinySTS.json"
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_sts import THREE_PAIRS, write_sts_spec
 
 from grace_st import hub
 from grace_st.hub import build_publish_folder, folder_revision, model_files, upload_folder
@@ -38,18 +39,8 @@ def results_dir(tiny_grace_dir, tmp_path_factory) -> Path:
         "grace_st.evaluation", reason='needs the eval extra: pip install "grace-st[eval]"'
     )
     folder = tmp_path_factory.mktemp("results-data")
-    (folder / "pairs.tsv").write_text(
-        "4.5\tA man plays.\tA man is playing.\n0.5\tA cat.\tStocks fell.\n3\tRain.\tIt rains.\n"
-    )
-    spec = {
-        "name": "TinySTS",
-        "type": "STS",
-        "splits": {
-            "test": {"path": "pairs.tsv", "header": False, "columns": {"score": 0, "sentence1": 1, "sentence2": 2}}
-        },
-    }
-    (folder / "tiny.json").write_text(json.dumps(spec))
-    tasks = [evaluation.load_task_spec(folder / "tiny.json", data_dir=folder)]
+    spec = write_sts_spec(folder, pairs=THREE_PAIRS)
+    tasks = [evaluation.load_task_spec(spec, data_dir=folder)]
     out = folder / "out"
     row = evaluation.evaluate_model(evaluation.ModelSpec(tiny_grace_dir, "tiny GRACE"), tasks, out, device="cpu")
     (out / "comparison.md").write_text(evaluation.comparison_table([row]))

@@ -12,37 +12,16 @@ import pytest
 pytest.importorskip("mteb", reason='local tasks need the eval extra: pip install "grace-st[eval]"')
 
 import mteb  # noqa: E402
+import tiny_sts  # noqa: E402
+from tiny_sts import PAIRS  # noqa: E402
 
 from grace_st import local_tasks  # noqa: E402
 from grace_st.local_tasks import bundled_task_specs, load_task_spec, resolve_tasks  # noqa: E402
 
-PAIRS = [
-    ("A man is playing a guitar.", "A man plays the guitar.", 4.8),
-    ("A man is playing a guitar.", "A woman is slicing onions.", 0.2),
-    ("Kids are running in a park.", "Children run outside.", 4.0),
-    ("Kids are running in a park.", "The stock market fell today.", 0.0),
-    ("A dog barks at the mailman.", "A dog is barking.", 3.6),
-    ("The stock market fell today.", "Shares dropped sharply.", 4.2),
-]
-
 
 def write_sts_spec(folder: Path, name: str = "TinySTS", **extra) -> Path:
-    """A six-pair STS spec (data file ``pairs.tsv``) in ``folder``."""
-    (folder / "pairs.tsv").write_text("".join(f"{score}\t{a}\t{b}\n" for a, b, score in PAIRS), encoding="utf-8")
-    spec = {
-        "name": name,
-        "type": "STS",
-        "description": "six pairs",
-        "min_score": 0,
-        "max_score": 5,
-        "splits": {
-            "test": {"path": "pairs.tsv", "header": False, "columns": {"score": 0, "sentence1": 1, "sentence2": 2}}
-        },
-        **extra,
-    }
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(spec), encoding="utf-8")
-    return path
+    """The six-pair STS spec of tests/tiny_sts.py, with a description and score range."""
+    return tiny_sts.write_sts_spec(folder, name, description="six pairs", min_score=0, max_score=5, **extra)
 
 
 def test_doctests():

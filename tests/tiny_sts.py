@@ -1,0 +1,31 @@
+"""Small local STS tasks for the evaluation, local-task, CLI and hub tests (one definition of the test data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PAIRS = [
+    ("A man is playing a guitar.", "A man plays the guitar.", 4.8),
+    ("A man is playing a guitar.", "A woman is slicing onions.", 0.2),
+    ("Kids are running in a park.", "Children run outside.", 4.0),
+    ("Kids are running in a park.", "The stock market fell today.", 0.0),
+    ("A dog barks at the mailman.", "A dog is barking.", 3.6),
+    ("The stock market fell today.", "Shares dropped sharply.", 4.2),
+]
+THREE_PAIRS = [("A man plays.", "A man is playing.", 4.5), ("A cat.", "Stocks fell.", 0.5), ("Rain.", "It rains.", 3)]
+
+
+def write_sts_spec(folder: Path, name: str = "TinySTS", pairs=PAIRS, **extra) -> Path:
+    """An STS spec ``<name>.json`` over ``pairs.tsv`` (``score<TAB>s1<TAB>s2``) in ``folder``; returns its path."""
+    (folder / "pairs.tsv").write_text("".join(f"{s}\t{a}\t{b}\n" for a, b, s in pairs), encoding="utf-8")
+    columns = {"score": 0, "sentence1": 1, "sentence2": 2}
+    spec = {
+        "name": name,
+        "type": "STS",
+        "splits": {"test": {"path": "pairs.tsv", "header": False, "columns": columns}},
+        **extra,
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
