@@ -1,0 +1,723 @@
+"""The dev-set comparison of issue 14: does a GRACE embedding beat what the same backbone gives for free?
+
+Five STS dev sets of the data folder (:data:`DEV_SETS`: SICK trial, STS12 MSRpar, STS12 OnWN, STS13 headlines,
+STS13 OnWN; first 100 pairs each by default), one row per model. For each row the distinct texts of all five sets are
+encoded once (:func:`grace_st.quickeval.encode`, which goes through :func:`grace_st.encoding.encode_corpus` and
+measures the rationales with :mod:`grace_st.diagnostics`), then per set the Spearman correlation of cosine similarity
+with the gold score, the five-set mean, and a bootstrap 95% interval of that mean (pairs resampled within each set,
+all five Spearmans recomputed and averaged). The resampled indices depend only on the seed and the set sizes, so every
+row sees the same resamples and the difference of two rows gets a paired interval too (``delta_vs_promptEOL``).
+
+Rows (:func:`standard_rows`): no rationale, echo, PromptEOL (Jiang et al., 2023: the raw prompt
+``This sentence : "<text>" means in one word:"``, no chat template, last-token state), untrained GRACE with the mean
+and the summary readout, the +CL baseline, trained GRACE with the mean and with its best readout. Rows that need a
+module option this installation lacks are listed as skipped with the reason, never silently left out.
+
+Also: :func:`k_curve` (``num_rationales`` k = 1, 2, 4: mean Spearman against seconds per text) and
+:func:`general_check` (perplexity on held-out text and multiple-choice score of each trained LM next to the
+backbone's, :mod:`grace_st.general`). :func:`main` is the command line of ``eval/compare_dev.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from grace_st.readers import Pair, read_pairs, resolve_data_path
+from grace_st.tables import format_cell, markdown_table
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from grace_st.evaluation import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+# (name, path relative to the data folder); grace_st.readers.read_pairs detects SICK vs STS from the first line.
+DEV_SETS: tuple[tuple[str, str], ...] = (
+    ("SICK trial", "sick2014/SICK_trial.txt"),
+    ("STS12 MSRpar", "sts2012/MSRpar.test.tsv"),
+    ("STS12 OnWN", "sts2012/OnWN.test.tsv"),
+    ("STS13 headlines", "sts2013/headlines.test.tsv"),
+    ("STS13 OnWN", "sts2013/OnWN.test.tsv"),
+)
+DEFAULT_LIMIT = 100
+PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
+# The summary readout's suffix of the issue's probe (it scored 0.55 there); a flag of eval/compare_dev.py.
+DEFAULT_SUMMARY_SUFFIX = '\nIn one word, the text above means:"'
+DEFAULT_MAX_NEW_TOKENS = 40  # training/configs/sick.yaml's rationale limit
+ROW_NAMES: tuple[str, ...] = (
+    "no rationale",
+    "echo",
+    "PromptEOL",
+    "untrained GRACE (mean)",
+    "untrained GRACE (summary)",
+    "+CL (equal budget)",
+    "trained GRACE (mean)",
+    "trained GRACE (best readout)",
+)
+PROMPTEOL_ROW = "PromptEOL"
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def load_dev_sets(
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = DEFAULT_LIMIT,
+    sets: Sequence[tuple[str, str]] = DEV_SETS,
+) -> dict[str, list[Pair]]:
+    """The dev sets as ``{name: pairs}``, first ``limit`` pairs of each file, in file order.
+
+    Args:
+        data_dir: the data folder (:func:`grace_st.readers.data_dir`: else ``$GRACE_ST_DATA``, else
+            ``../shared/data``).
+        limit: pairs per set (None: all). Defaults to 100.
+        sets: ``(name, relative path)`` pairs. Defaults to :data:`DEV_SETS`.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message names the folder looked in).
+        ValueError: ``limit`` is not an integer >= 2 (a Spearman correlation needs two pairs).
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
+        raise ValueError(f"limit={limit!r} is not allowed; use an integer >= 2 (pairs per set) or None (all pairs).")
+    return {name: read_pairs(resolve_data_path(path, data_dir), limit=limit) for name, path in sets}
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def _rank_rows(values: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values, axis=-1)  # ties get their average rank, as in scipy.stats.spearmanr
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson correlation; NaN where a row is constant."""
+    x = x - x.mean(axis=-1, keepdims=True)
+    y = y - y.mean(axis=-1, keepdims=True)
+    denominator = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (x * y).sum(axis=-1) / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def spearman(predicted: Sequence[float], gold: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant.
+
+    Example:
+        >>> round(spearman([0.1, 0.5, 0.3], [1.0, 5.0, 2.0]), 3), round(spearman([3, 2, 1], [1, 2, 3]), 3)
+        (1.0, -1.0)
+    """
+    predicted, gold = np.asarray(predicted, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    if predicted.shape != gold.shape or predicted.ndim != 1:
+        raise ValueError(f"predicted and gold must be 1-d of one length; got {predicted.shape} and {gold.shape}.")
+    return float(_pearson_rows(_rank_rows(predicted), _rank_rows(gold)))
+
+
+def bootstrap_indices(sizes: Sequence[int], resamples: int = 1000, seed: int = 0) -> list[np.ndarray]:
+    """Per set, a ``(resamples, size)`` array of pair indices drawn with replacement.
+
+    They depend only on ``sizes``, ``resamples`` and ``seed``: rows scored on the same sets get the same resamples, so
+    their bootstrap means can be subtracted (a paired interval).
+    """
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples={resamples!r} is not allowed; use an integer >= 1.")
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, size, size=(resamples, size)) for size in sizes]
+
+
+def bootstrap_means(
+    predicted: Sequence[np.ndarray], gold: Sequence[np.ndarray], indices: Sequence[np.ndarray]
+) -> np.ndarray:
+    """The mean over sets of the per-set Spearman, recomputed on each resample: shape ``(resamples,)``.
+
+    Args:
+        predicted: per set, the predicted similarity of each pair.
+        gold: per set, the gold score of each pair.
+        indices: :func:`bootstrap_indices` of the set sizes.
+
+    Returns:
+        One five-set mean per resample (NaN where a resample of some set is constant on one side).
+    """
+    if not (len(predicted) == len(gold) == len(indices)):
+        raise ValueError(f"got {len(predicted)} predicted, {len(gold)} gold and {len(indices)} index sets.")
+    per_set = []
+    for p, g, idx in zip(predicted, gold, indices, strict=True):
+        p, g = np.asarray(p, dtype=np.float64), np.asarray(g, dtype=np.float64)
+        if not (len(p) == len(g) == idx.shape[1]):
+            raise ValueError(f"a set has {len(p)} predictions, {len(g)} gold scores and {idx.shape[1]} indices.")
+        per_set.append(_pearson_rows(_rank_rows(p[idx]), _rank_rows(g[idx])))
+    return np.mean(per_set, axis=0)
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95) -> dict[str, Any]:
+    """``{"low", "high", "resamples", "undefined"}``: the percentile interval of the finite samples.
+
+    ``undefined`` counts the resamples whose statistic was NaN (a constant resample); they are reported, not hidden.
+    """
+    finite = samples[np.isfinite(samples)]
+    undefined = int(samples.size - finite.size)
+    if undefined:
+        logger.warning("%d of %d bootstrap resamples had an undefined Spearman; left out.", undefined, samples.size)
+    if not finite.size:
+        return {"low": None, "high": None, "resamples": int(samples.size), "undefined": undefined}
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return {"low": float(low), "high": float(high), "resamples": int(samples.size), "undefined": undefined}
+
+
+# -------------------------------------------------------------------------------------------------------- rows
+@dataclasses.dataclass
+class Row:
+    """One row of the comparison: a model (or a :class:`grace_st.evaluation.ModelSpec` to load one) and its readout.
+
+    Attributes:
+        label: the row name.
+        spec: what to load (a GRACE folder, a backbone with GRACE options...); ignored when ``model`` is given.
+        model: an in-memory ``SentenceTransformer``.
+        pooling_mode: the readout to set on the model's ``RationalePooling`` (None keeps the model's).
+        needs: module options this row needs (``Transformer`` options, or ``pooling_mode:<mode>``); a row whose needs
+            the installed grace_st lacks is skipped with that reason.
+    """
+
+    label: str
+    spec: ModelSpec | None = None
+    model: SentenceTransformer | None = None
+    pooling_mode: str | None = None
+    needs: tuple[str, ...] = ()
+
+
+def missing_features(needs: Sequence[str]) -> list[str]:
+    """The entries of ``needs`` the installed :mod:`grace_st.modeling` does not support."""
+    from grace_st import modeling
+
+    missing = []
+    for need in needs:
+        if need.startswith("pooling_mode:"):
+            if need.split(":", 1)[1] not in modeling.POOLING_MODES:
+                missing.append(need)
+        elif need not in modeling.Transformer.config_keys:
+            missing.append(need)
+    return missing
+
+
+def set_readout(model: SentenceTransformer, pooling_mode: str) -> None:
+    """Replace the model's ``RationalePooling`` by one with ``pooling_mode`` (its own class validates the mode, so a
+    folder whose module lacks the mode raises naming the modes it has)."""
+    pooling = model[1]
+    config = {**pooling.get_config_dict(), "pooling_mode": pooling_mode}
+    new = type(pooling)(**config)
+    model[1] = new
+    new.on_model_ready(model)
+
+
+def build_row_model(row: Row, device: str | None = "cpu") -> SentenceTransformer:
+    """The model of a row, its readout set."""
+    if row.model is not None:
+        model = row.model
+    else:
+        if row.spec is None:
+            raise ValueError(f"Row {row.label!r} has neither a model nor a spec.")
+        from grace_st.evaluation import load_model
+
+        model = load_model(row.spec, device=device)
+    if row.pooling_mode is not None and model[1].pooling_mode != row.pooling_mode:
+        set_readout(model, row.pooling_mode)
+    return model
+
+
+def _spec(name_or_path: str, label: str, **options: Any) -> ModelSpec:
+    from grace_st.evaluation import ModelSpec
+
+    return ModelSpec(name_or_path, label, tuple(sorted(options.items())))
+
+
+def standard_rows(
+    backbone: str = "default",
+    *,
+    trained: str | None = None,
+    trained_readout: str = "summary",
+    contrastive: str | None = None,
+    max_new_tokens: int | None = None,
+    system_prompt: str | None = None,
+    summary_suffix: str = DEFAULT_SUMMARY_SUFFIX,
+    only: Sequence[str] | None = None,
+) -> list[Row]:
+    """The rows of the issue-14 table (:data:`ROW_NAMES`), as :class:`Row` s.
+
+    Args:
+        backbone: backbone of the training-free rows (folder, Hub id or ``"default"``).
+        trained: a trained GRACE folder (rows "trained GRACE (mean)" and "(best readout)"); None leaves them out.
+        trained_readout: the readout of "trained GRACE (best readout)". Defaults to ``"summary"``.
+        contrastive: the +CL folder (:func:`grace_st.contrastive.train_contrastive`); None leaves its row out.
+        max_new_tokens: rationale limit of the untrained rows; None takes the trained folder's, else 40.
+        system_prompt: system prompt of the chat-template rows; None takes the trained folder's, else the default.
+        summary_suffix: suffix of the summary readout (used where the model does not have one saved).
+        only: keep only these row names (e.g. the cheap rows for a dry run); None keeps all.
+
+    Returns:
+        The rows, in :data:`ROW_NAMES` order.
+    """
+    unknown = sorted(set(only or ()) - set(ROW_NAMES))
+    if unknown:
+        raise ValueError(f"Unknown row name(s) {unknown}; choose from {list(ROW_NAMES)}.")
+    from grace_st.evaluation import ModelSpec
+
+    generate = grace_options(trained, max_new_tokens, system_prompt)
+    chat = {key: value for key, value in generate.items() if key == "system_prompt"}
+    summary = {"summary_suffix": summary_suffix}
+    rows = [
+        Row("no rationale", _spec(backbone, "no rationale", **chat, rationale_mode="none")),
+        Row("echo", _spec(backbone, "echo", **chat, rationale_mode="echo")),
+        Row(
+            PROMPTEOL_ROW,
+            _spec(
+                backbone,
+                PROMPTEOL_ROW,
+                rationale_mode="none",
+                chat_template=False,
+                system_prompt="",
+                prompt_template=PROMPTEOL_TEMPLATE,
+            ),
+            pooling_mode="lasttoken",
+            needs=("prompt_template", "chat_template"),
+        ),
+        Row("untrained GRACE (mean)", _spec(backbone, "untrained GRACE (mean)", **generate)),
+        Row(
+            "untrained GRACE (summary)",
+            _spec(backbone, "untrained GRACE (summary)", **generate, **summary),
+            pooling_mode="summary",
+            needs=("summary_suffix", "pooling_mode:summary"),
+        ),
+    ]
+    if contrastive:
+        rows.append(Row("+CL (equal budget)", ModelSpec(contrastive, "+CL (equal budget)")))
+    if trained:
+        rows.append(Row("trained GRACE (mean)", ModelSpec(trained, "trained GRACE (mean)"), pooling_mode="mean"))
+        readout_needs = (f"pooling_mode:{trained_readout}",)
+        options: dict[str, Any] = {}
+        if "summary" in trained_readout and not _saved_suffix(trained):
+            options = dict(summary)
+            readout_needs += ("summary_suffix",)
+        rows.append(
+            Row(
+                "trained GRACE (best readout)",
+                _spec(trained, f"trained GRACE ({trained_readout})", **options),
+                pooling_mode=trained_readout,
+                needs=readout_needs,
+            )
+        )
+    return [row for row in rows if only is None or row.label in only]
+
+
+def grace_options(
+    trained: str | None = None, max_new_tokens: int | None = None, system_prompt: str | None = None
+) -> dict[str, Any]:
+    """Options of the untrained GRACE rows: the trained folder's system prompt and limit unless given (else the
+    module's default prompt and 40 tokens), so untrained and trained GRACE write from the same prompt and limit."""
+    from grace_st.evaluation import ModelSpec, baseline_options
+
+    saved = baseline_options(ModelSpec(trained)) if trained else {}
+    options: dict[str, Any] = {"rationale_mode": "generate"}
+    if system_prompt is not None or "system_prompt" in saved:
+        options["system_prompt"] = system_prompt if system_prompt is not None else saved["system_prompt"]
+    options["max_new_tokens"] = max_new_tokens or saved.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+    return options
+
+
+def _saved_suffix(folder: str) -> str:
+    path = Path(folder) / "grace_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return config.get("summary_suffix") or ""
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+def score_model(
+    model: SentenceTransformer,
+    dev_sets: dict[str, Sequence[Pair]],
+    *,
+    batch_size: int = 16,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Encode the distinct texts of all sets once and score each set; the bootstrap interval of the mean.
+
+    Args:
+        model: any ``SentenceTransformer`` (GRACE models are measured: copy rate, finish rate, mean length).
+        dev_sets: ``{name: pairs}`` (:func:`load_dev_sets`).
+        batch_size: encoding batch size. Defaults to 16.
+        resamples: bootstrap resamples. Defaults to 1000.
+        seed: bootstrap seed. Defaults to 0.
+
+    Returns:
+        ``{"spearman": {set: value}, "mean", "ci95": {"low", "high", ...}, "cosines": {set: [...]}, "texts",
+        "seconds", "seconds_per_text", "copy_rate", "finish_rate", "mean_length", "examples"}`` (rationale numbers
+        None for models without rationales).
+    """
+    from grace_st.quickeval import encode
+
+    if not dev_sets:
+        raise ValueError("dev_sets is empty; pass at least one set of pairs.")
+    texts = list(dict.fromkeys(text for pairs in dev_sets.values() for pair in pairs for text in pair[:2]))
+    encoded = encode(model, texts, batch_size=batch_size)
+    row_of = {text: i for i, text in enumerate(texts)}
+    vectors = encoded.embeddings
+    cosines, golds = {}, {}
+    for name, pairs in dev_sets.items():
+        a = vectors[[row_of[pair[0]] for pair in pairs]]
+        b = vectors[[row_of[pair[1]] for pair in pairs]]
+        cosines[name] = (a * b).sum(axis=1).astype(np.float64)
+        golds[name] = np.asarray([float(pair[2]) for pair in pairs])
+    per_set = {name: spearman(cosines[name], golds[name]) for name in dev_sets}
+    indices = bootstrap_indices([len(pairs) for pairs in dev_sets.values()], resamples, seed)
+    means = bootstrap_means(list(cosines.values()), list(golds.values()), indices)
+    stats = encoded.stats
+    return {
+        "spearman": per_set,
+        "mean": float(np.mean(list(per_set.values()))),
+        "ci95": percentile_interval(means),
+        "cosines": {name: values.tolist() for name, values in cosines.items()},
+        "texts": len(texts),
+        "seconds": stats.seconds,
+        "seconds_per_text": stats.seconds_per_text,
+        "copy_rate": stats.copy_rate,
+        "finish_rate": stats.finish_rate,
+        "mean_length": stats.mean_length,
+        "examples": stats.examples,
+    }
+
+
+def paired_difference(
+    result: dict[str, Any], reference: dict[str, Any], dev_sets: dict[str, Sequence[Pair]], resamples: int, seed: int
+) -> dict[str, Any]:
+    """``result["mean"] - reference["mean"]`` with a paired bootstrap 95% interval (the same resamples for both)."""
+    golds = [np.asarray([float(pair[2]) for pair in pairs]) for pairs in dev_sets.values()]
+    indices = bootstrap_indices([len(pairs) for pairs in dev_sets.values()], resamples, seed)
+    ours = bootstrap_means([np.asarray(result["cosines"][name]) for name in dev_sets], golds, indices)
+    theirs = bootstrap_means([np.asarray(reference["cosines"][name]) for name in dev_sets], golds, indices)
+    return {"delta": result["mean"] - reference["mean"], **percentile_interval(ours - theirs)}
+
+
+def compare(
+    rows: Sequence[Row],
+    dev_sets: dict[str, Sequence[Pair]],
+    *,
+    batch_size: int = 16,
+    resamples: int = 1000,
+    seed: int = 0,
+    device: str | None = "cpu",
+    on_row=None,
+) -> dict[str, Any]:
+    """Score every row; rows whose module options are missing are listed under ``"skipped"`` with the reason.
+
+    Every model is built once before any is scored, so a bad folder or option fails in seconds, not after an hour.
+
+    Args:
+        rows: the rows (:func:`standard_rows`).
+        dev_sets: ``{name: pairs}``.
+        batch_size, resamples, seed: see :func:`score_model`.
+        device: where models are loaded. Defaults to ``"cpu"``.
+        on_row: called with the results so far after each row (e.g. to save them), or None.
+
+    Returns:
+        ``{"sets": {name: pairs}, "rows": {label: score_model(...) + delta_vs_promptEOL},
+        "skipped": {label: reason}}``.
+    """
+    labels = [row.label for row in rows]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Row labels must be distinct; got {labels}.")
+    results: dict[str, Any] = {"sets": {k: len(v) for k, v in dev_sets.items()}, "rows": {}, "skipped": {}}
+    runnable = []
+    for row in rows:
+        missing = missing_features(row.needs)
+        if missing:
+            reason = f"this grace_st lacks the module option(s) {missing}"
+            logger.warning("Skipping row %r: %s.", row.label, reason)
+            results["skipped"][row.label] = reason
+            continue
+        runnable.append(row)
+    for row in runnable:  # pre-flight: load every model once
+        if row.model is None:
+            build_row_model(row, device)
+    for row in runnable:
+        logger.info("Scoring %r on %d sets.", row.label, len(dev_sets))
+        model = build_row_model(row, device)
+        results["rows"][row.label] = score_model(
+            model, dev_sets, batch_size=batch_size, resamples=resamples, seed=seed
+        )
+        del model
+        logger.info("%s: mean %.4f", row.label, results["rows"][row.label]["mean"])
+        if on_row is not None:
+            on_row(results)
+    reference = results["rows"].get(PROMPTEOL_ROW)
+    if reference is not None:
+        for label, result in results["rows"].items():
+            if label != PROMPTEOL_ROW:
+                result["delta_vs_promptEOL"] = paired_difference(result, reference, dev_sets, resamples, seed)
+    return results
+
+
+def comparison_markdown(results: dict[str, Any]) -> str:
+    """The comparison table: per-set Spearman, mean, its 95% interval, Δ vs PromptEOL, rationale numbers, time."""
+    sets = list(results["sets"])
+    header = ["row", *sets, "mean", "95% CI", "Δ PromptEOL [95% CI]", "copy", "finish", "length", "s/text"]
+    table_rows = []
+    for label, r in results["rows"].items():
+        ci = r["ci95"]
+        interval = f"[{format_cell(ci['low'])}, {format_cell(ci['high'])}]"
+        delta = r.get("delta_vs_promptEOL")
+        delta_cell = (
+            f"{delta['delta']:+.3f} [{format_cell(delta['low'])}, {format_cell(delta['high'])}]" if delta else None
+        )
+        table_rows.append(
+            [
+                label,
+                *(r["spearman"][name] for name in sets),
+                r["mean"],
+                interval,
+                delta_cell,
+                r["copy_rate"],
+                r["finish_rate"],
+                None if r["mean_length"] is None else f"{r['mean_length']:.1f}",
+                None if r["seconds_per_text"] is None else f"{r['seconds_per_text']:.3f}",
+            ]
+        )
+    for label, reason in results["skipped"].items():
+        table_rows.append([f"{label} (skipped: {reason})", *([None] * (len(header) - 1))])
+    return markdown_table(header, table_rows)
+
+
+# ------------------------------------------------------------------------------------------------------ k curve
+def k_curve(
+    spec: ModelSpec,
+    dev_sets: dict[str, Sequence[Pair]],
+    ks: Sequence[int] = (1, 2, 4),
+    *,
+    pooling_mode: str | None = None,
+    batch_size: int = 16,
+    resamples: int = 1000,
+    seed: int = 0,
+    device: str | None = "cpu",
+) -> list[dict[str, Any]]:
+    """Test-time scaling: the model of ``spec`` with ``num_rationales=k`` for each k: mean Spearman and seconds/text.
+
+    Args:
+        spec: the GRACE model (a backbone with options or a folder); ``num_rationales`` is set per point.
+        dev_sets: ``{name: pairs}`` (a stated subset, e.g. ``load_dev_sets(limit=20)``, keeps k=4 affordable).
+        ks: the values of k. Defaults to (1, 2, 4).
+        pooling_mode: the readout (None: the model's).
+        batch_size, resamples, seed, device: see :func:`compare`.
+
+    Returns:
+        One dict per k: ``{"k", "mean", "ci95", "spearman", "seconds_per_text", "finish_rate", "mean_length",
+        "pairs_per_set"}``.
+
+    Raises:
+        ValueError: this grace_st has no ``num_rationales`` option, or a k is not an integer >= 1.
+    """
+    if missing_features(["num_rationales"]):
+        raise ValueError("k_curve needs the Transformer option num_rationales, which this grace_st lacks.")
+    from grace_st.evaluation import ModelSpec
+
+    points = []
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} is not allowed; use integers >= 1.")
+        options = {**dict(spec.options), "num_rationales": k}
+        row = Row(f"k={k}", ModelSpec(spec.name_or_path, f"k={k}", tuple(sorted(options.items()))), None, pooling_mode)
+        result = score_model(
+            build_row_model(row, device), dev_sets, batch_size=batch_size, resamples=resamples, seed=seed
+        )
+        keep = ("mean", "ci95", "spearman", "seconds_per_text", "finish_rate", "mean_length", "copy_rate")
+        points.append({"k": k, **{key: result[key] for key in keep}, "pairs_per_set": results_sizes(dev_sets)})
+        logger.info("k=%d: mean %.4f, %.3f s/text", k, result["mean"], result["seconds_per_text"] or 0.0)
+    return points
+
+
+def results_sizes(dev_sets: dict[str, Sequence[Pair]]) -> dict[str, int]:
+    """``{set: number of pairs}``."""
+    return {name: len(pairs) for name, pairs in dev_sets.items()}
+
+
+def k_curve_markdown(points: Sequence[dict[str, Any]]) -> str:
+    """The k-curve as a table: k, mean Spearman, its 95% interval, seconds per text, finish rate, mean length."""
+    rows = [
+        [
+            p["k"],
+            p["mean"],
+            f"[{format_cell(p['ci95']['low'])}, {format_cell(p['ci95']['high'])}]",
+            None if p["seconds_per_text"] is None else f"{p['seconds_per_text']:.3f}",
+            p["finish_rate"],
+            None if p["mean_length"] is None else f"{p['mean_length']:.1f}",
+        ]
+        for p in points
+    ]
+    return markdown_table(["k", "mean Spearman", "95% CI", "s/text", "finish", "length"], rows)
+
+
+# ------------------------------------------------------------------------------------------------ general check
+def general_check(
+    models: dict[str, str],
+    base: str = "default",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_texts: int = 200,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Perplexity on held-out text and multiple-choice accuracy of each model's LM next to the backbone's.
+
+    Args:
+        models: ``{label: folder}`` of trained models (GRACE or +CL folders: both save the LM at their root).
+        base: the untrained backbone. Defaults to ``"default"``.
+        data_dir: data folder of the held-out text (:data:`grace_st.general.DEFAULT_HELD_OUT`).
+        max_texts: held-out passages. Defaults to 200.
+        device: torch device. Defaults to ``"cpu"``.
+
+    Returns:
+        The report of :func:`grace_st.general.main` (``held_out_texts``, ``questions``, ``models``, ``table``), each
+        model row with ``perplexity_ratio`` (to the base) and ``mc_right_delta`` (questions right, minus the base's).
+    """
+    from grace_st import general
+
+    texts = general.held_out_sentences(resolve_data_path(general.DEFAULT_HELD_OUT, data_dir), max_texts)
+    questions = general.load_questions()
+    report: dict[str, Any] = {"held_out_texts": len(texts), "questions": len(questions), "models": {}}
+    for label, name in {"untrained": base, **models}.items():
+        model, tokenizer = general.load_lm(name, device=device)
+        row = {"name": name, "perplexity": general.perplexity(model, tokenizer, texts)}
+        row.update(general.multiple_choice(model, tokenizer, questions))
+        report["models"][label] = row
+        del model
+    base_row = report["models"]["untrained"]
+    for row in report["models"].values():
+        row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
+        row["mc_right_delta"] = round((row["acc"] - base_row["acc"]) * len(questions))
+    report["table"] = general.general_table(report)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- command
+USAGE = """The issue-14 comparison on the five dev sets of the data folder (Spearman of cosine, first --limit pairs).
+
+Usage:
+    python eval/compare_dev.py --trained outputs/grace-sick/grace-model --contrastive outputs/cl-sick \\
+        --out runs/compare --k-curve --k-limit 20 --general
+    python eval/compare_dev.py --rows "no rationale" echo PromptEOL --limit 10 --out runs/compare-dry   # cheap
+
+Writes <out>/comparison.md (the table, also printed) and <out>/comparison.json (every number: per-set Spearman,
+bootstrap intervals, each pair's cosine, rationale diagnostics, timings, the command). Rows: no rationale, echo,
+PromptEOL, untrained GRACE (mean / summary readout), +CL (--contrastive), trained GRACE (mean / --trained-readout).
+Spearman columns are correlations; "–" marks a number that does not exist (no rationale).
+"""
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line of ``eval/compare_dev.py`` (see :data:`USAGE`); returns the report (its ``"table"`` is the
+    text of comparison.md, which the script prints)."""
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="default", help="Backbone of the training-free rows. Default: default.")
+    parser.add_argument("--trained", default=None, help="Trained GRACE model folder.")
+    parser.add_argument("--trained-readout", default="summary", help="Readout of 'trained GRACE (best readout)'.")
+    parser.add_argument("--contrastive", default=None, help="+CL model folder (training/train_contrastive.py).")
+    parser.add_argument("--rows", nargs="*", default=None, choices=ROW_NAMES, metavar="ROW", help="Only these rows.")
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="Pairs per set. Default: 100.")
+    parser.add_argument("--data-dir", default=None, help="Data folder (default: $GRACE_ST_DATA, else ../shared/data).")
+    parser.add_argument("--out", default="runs/compare", help="Output folder. Default: runs/compare.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace comparison.json/.md already in --out.")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="Untrained rows' limit (trained's, else 40).")
+    parser.add_argument(
+        "--system-prompt", default=None, help="Untrained rows' system prompt (trained's, else default)."
+    )
+    parser.add_argument("--summary-suffix", default=DEFAULT_SUMMARY_SUFFIX, help="Suffix of the summary readout.")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples. Default: 1000.")
+    parser.add_argument("--seed", type=int, default=0, help="Bootstrap seed. Default: 0.")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--k-curve", action="store_true", help="Also the num_rationales curve (untrained GRACE).")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="k values of the curve. Default: 1 2 4.")
+    parser.add_argument("--k-limit", type=int, default=20, help="Pairs per set for the k curve. Default: 20.")
+    parser.add_argument("--k-model", default=None, help="Folder for the k curve (default: the untrained backbone).")
+    parser.add_argument("--general", action="store_true", help="Also the general-ability check of trained rows.")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads. Default: 1.")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    targets = [out / "comparison.json", out / "comparison.md"]
+    if not args.overwrite and any(path.exists() for path in targets):
+        raise SystemExit(f"{out} already holds comparison results; pass --overwrite or another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    dev_sets = load_dev_sets(args.data_dir, args.limit)
+    rows = standard_rows(
+        args.backbone,
+        trained=args.trained,
+        trained_readout=args.trained_readout,
+        contrastive=args.contrastive,
+        max_new_tokens=args.max_new_tokens,
+        system_prompt=args.system_prompt,
+        summary_suffix=args.summary_suffix,
+        only=args.rows,
+    )
+    report: dict[str, Any] = {
+        "command": ["eval/compare_dev.py", *(argv if argv is not None else sys.argv[1:])],
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs",
+        "rows_options": {row.label: _row_record(row) for row in rows},
+    }
+
+    def save(results: dict[str, Any]) -> None:
+        report.update(results, seconds=time.perf_counter() - started)
+        targets[0].write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+
+    results = compare(
+        rows, dev_sets, batch_size=args.batch_size, resamples=args.bootstrap, seed=args.seed, device=args.device,
+        on_row=save,
+    )  # fmt: skip
+    save(results)
+    text = f"Spearman of cosine, first {args.limit} pairs per set\n\n" + comparison_markdown(results)
+    if args.k_curve:
+        options = grace_options(args.trained, args.max_new_tokens, args.system_prompt)
+        spec = _spec(args.k_model, "k curve") if args.k_model else _spec(args.backbone, "k curve", **options)
+        points = k_curve(
+            spec, load_dev_sets(args.data_dir, args.k_limit), args.k, batch_size=args.batch_size,
+            resamples=args.bootstrap, seed=args.seed, device=args.device,
+        )  # fmt: skip
+        report["k_curve"] = points
+        text += f"\nnum_rationales curve, first {args.k_limit} pairs per set\n\n" + k_curve_markdown(points)
+    if args.general:
+        folders = {
+            label: path
+            for label, path in (("+CL", args.contrastive), ("trained GRACE", args.trained))
+            if path is not None
+        }
+        if folders:
+            report["general"] = general_check(folders, args.backbone, data_dir=args.data_dir, device=args.device)
+            text += "\nGeneral abilities (lower perplexity is better)\n\n" + report["general"]["table"]
+        else:
+            logger.warning("--general needs --trained or --contrastive; nothing to check.")
+    report["seconds"] = time.perf_counter() - started
+    text += f"\n{len(results['rows'])} rows in {report['seconds'] / 60:.1f} min ({report['machine']}).\n"
+    report["table"] = text
+    targets[0].write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    targets[1].write_text(text, encoding="utf-8")
+    return report
+
+
+def _row_record(row: Row) -> dict[str, Any]:
+    spec = row.spec
+    return {
+        "model": None if spec is None else spec.name_or_path,
+        "options": {} if spec is None else dict(spec.options),
+        "pooling_mode": row.pooling_mode,
+    }

@@ -1,0 +1,245 @@
+"""The dev-set comparison harness (grace_st.comparison): statistics, rows, scoring and the command, on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from tiny_sts import PAIRS
+
+from grace_st import comparison
+from grace_st.comparison import (
+    DEV_SETS,
+    PROMPTEOL_ROW,
+    Row,
+    bootstrap_indices,
+    bootstrap_means,
+    compare,
+    comparison_markdown,
+    load_dev_sets,
+    missing_features,
+    percentile_interval,
+    score_model,
+    set_readout,
+    spearman,
+    standard_rows,
+)
+from grace_st.factory import from_backbone
+from grace_st.readers import Pair
+
+
+def _pairs(rows) -> list[Pair]:
+    return [Pair(a, b, float(s)) for a, b, s in rows]
+
+
+@pytest.fixture
+def fake_data(tmp_path):
+    """A data folder with the five dev files (and the general check's held-out file) holding the tiny STS pairs."""
+    root = tmp_path / "data"
+    for _, relative in DEV_SETS:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relative.startswith("sick"):
+            lines = ["pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment"]
+            lines += [f"{i}\t{a}\t{b}\t{1 + s * 0.8:.2f}\tNEUTRAL" for i, (a, b, s) in enumerate(PAIRS)]
+        else:
+            lines = [f"{s}\t{a}\t{b}" for a, b, s in PAIRS]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "sts2012" / "MSRpar.train.tsv").write_text("".join(f"3\t{a}\t{b}\n" for a, b, _ in PAIRS), "utf-8")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(1)
+    predicted = rng.normal(size=50).round(1)  # ties on both sides
+    gold = (predicted + rng.normal(size=50)).round(0)
+    assert spearman(predicted, gold) == pytest.approx(spearmanr(predicted, gold).statistic, abs=1e-12)
+    assert np.isnan(spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="one length"):
+        spearman([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def _synthetic_sets(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    gold = [rng.uniform(0, 5, size=n) for _ in range(5)]
+    predicted = [g + rng.normal(scale=2.0, size=n) for g in gold]
+    return predicted, gold
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_pairs():
+    widths = []
+    for n in (20, 400):
+        predicted, gold = _synthetic_sets(n)
+        point = np.mean([spearman(p, g) for p, g in zip(predicted, gold, strict=True)])
+        means = bootstrap_means(predicted, gold, bootstrap_indices([n] * 5, 500, seed=3))
+        interval = percentile_interval(means)
+        assert interval["low"] < point < interval["high"]
+        assert interval["resamples"] == 500 and interval["undefined"] == 0
+        widths.append(interval["high"] - interval["low"])
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(20) of the pairs: about 4.5x narrower
+
+
+def test_bootstrap_is_seeded_and_paired():
+    first, second = bootstrap_indices([5, 7], 10, seed=0), bootstrap_indices([5, 7], 10, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not np.array_equal(first[0], bootstrap_indices([5, 7], 10, seed=1)[0])
+    assert [a.shape for a in first] == [(10, 5), (10, 7)]
+    with pytest.raises(ValueError, match="resamples=0"):
+        bootstrap_indices([5], 0)
+
+
+def test_undefined_resamples_are_counted_not_hidden():
+    interval = percentile_interval(np.array([0.1, np.nan, 0.3, 0.2]))
+    assert interval["undefined"] == 1 and interval["resamples"] == 4
+    assert percentile_interval(np.array([np.nan]))["low"] is None
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+def test_score_model_matches_an_independent_computation(tiny_backbone_dir):
+    model = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
+    sets = {"one": _pairs(PAIRS), "two": _pairs(PAIRS[::-1][:5])}
+    result = score_model(model, sets, batch_size=4, resamples=200, seed=0)
+    for name, pairs in sets.items():  # each set scored on its own, from model.encode
+        a = model.encode([p.sentence1 for p in pairs], normalize_embeddings=True)
+        b = model.encode([p.sentence2 for p in pairs], normalize_embeddings=True)
+        expected = spearmanr((a * b).sum(axis=1), [p.score for p in pairs]).statistic
+        assert result["spearman"][name] == pytest.approx(expected, abs=1e-5)
+    assert result["mean"] == pytest.approx(np.mean(list(result["spearman"].values())))
+    assert result["texts"] == len({t for pairs in sets.values() for p in pairs for t in p[:2]})
+    assert result["copy_rate"] == pytest.approx(1.0) and result["finish_rate"] == 1.0  # echo copies the text
+    assert result["mean_length"] > 0 and result["seconds_per_text"] > 0
+    ci = result["ci95"]
+    assert ci["low"] <= result["mean"] <= ci["high"]
+
+
+def test_score_model_without_rationale_reports_none(tiny_backbone_dir):
+    model = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    result = score_model(model, {"s": _pairs(PAIRS)}, resamples=20)
+    assert result["copy_rate"] is None and result["finish_rate"] is None and result["mean_length"] is None
+    assert "–" in comparison_markdown({"sets": {"s": 6}, "rows": {"none": result}, "skipped": {}})
+
+
+def test_compare_rows_skips_missing_options_and_gives_paired_deltas(tiny_backbone_dir):
+    sets = {"s": _pairs(PAIRS)}
+    echo = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
+    none = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    rows = [
+        Row(PROMPTEOL_ROW, model=none),
+        Row("echo", model=echo),
+        Row("same as reference", model=none),
+        Row("future", model=none, needs=("no_such_option", "pooling_mode:no_such_mode")),
+    ]
+    saved = []
+    results = compare(rows, sets, resamples=100, on_row=lambda r: saved.append(len(r["rows"])))
+    assert saved == [1, 2, 3]
+    assert "no_such_option" in results["skipped"]["future"] and "future" not in results["rows"]
+    delta = results["rows"]["echo"]["delta_vs_promptEOL"]
+    assert delta["delta"] == pytest.approx(results["rows"]["echo"]["mean"] - results["rows"][PROMPTEOL_ROW]["mean"])
+    same = results["rows"]["same as reference"]["delta_vs_promptEOL"]
+    assert same["delta"] == 0 and same["low"] == 0 and same["high"] == 0  # paired resamples cancel exactly
+    assert "delta_vs_promptEOL" not in results["rows"][PROMPTEOL_ROW]
+    table = comparison_markdown(results)
+    assert "future (skipped:" in table and "| echo" in table
+    with pytest.raises(ValueError, match="distinct"):
+        compare([Row("a", model=none), Row("a", model=echo)], sets)
+
+
+def test_missing_features_reads_the_installed_module():
+    assert missing_features(["rationale_mode", "pooling_mode:mean", "pooling_mode:lasttoken"]) == []
+    assert missing_features(["nope", "pooling_mode:nope"]) == ["nope", "pooling_mode:nope"]
+
+
+def test_set_readout_switches_the_pooling_of_a_loaded_model(tiny_backbone_dir):
+    model = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
+    mean = model.encode(["A cat sleeps."])
+    set_readout(model, "lasttoken")
+    assert model[1].pooling_mode == "lasttoken"
+    assert not np.allclose(model.encode(["A cat sleeps."]), mean)
+    with pytest.raises(ValueError, match="pooling_mode='bogus'"):
+        set_readout(model, "bogus")
+
+
+# --------------------------------------------------------------------------------------------------------- rows
+def test_standard_rows_order_filter_and_trained_settings(tiny_backbone_dir, tmp_path):
+    rows = standard_rows(tiny_backbone_dir)
+    assert [r.label for r in rows] == list(comparison.ROW_NAMES[:5])
+    prompteol = rows[2]
+    options = dict(prompteol.spec.options)
+    assert options["prompt_template"] == 'This sentence : "{text}" means in one word:"'
+    assert options["chat_template"] is False and options["system_prompt"] == ""
+    assert prompteol.pooling_mode == "lasttoken"
+    assert dict(rows[3].spec.options)["max_new_tokens"] == 40
+    trained = tmp_path / "trained"
+    from_backbone(tiny_backbone_dir, system_prompt="Say what it means.", max_new_tokens=12, device="cpu").save(
+        str(trained)
+    )
+    folder = str(trained)
+    rows = standard_rows(tiny_backbone_dir, trained=folder, contrastive=folder, trained_readout="lasttoken")
+    assert [r.label for r in rows] == list(comparison.ROW_NAMES)
+    untrained = dict(rows[3].spec.options)
+    assert untrained["system_prompt"] == "Say what it means." and untrained["max_new_tokens"] == 12
+    assert rows[-1].pooling_mode == "lasttoken" and rows[-2].pooling_mode == "mean"
+    assert [r.label for r in standard_rows(tiny_backbone_dir, only=["echo"])] == ["echo"]
+    with pytest.raises(ValueError, match="Unknown row name"):
+        standard_rows(tiny_backbone_dir, only=["PromptEOL2"])
+
+
+def test_trained_rows_switch_the_readout_of_a_folder(tiny_backbone_dir, tmp_path):
+    trained = tmp_path / "trained"
+    from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu").save(str(trained))
+    rows = standard_rows(tiny_backbone_dir, trained=str(trained), trained_readout="lasttoken")[-2:]
+    mean_model, readout_model = (comparison.build_row_model(row) for row in rows)
+    assert mean_model[1].pooling_mode == "mean" and readout_model[1].pooling_mode == "lasttoken"
+    assert not np.allclose(mean_model.encode(["A dog runs."]), readout_model.encode(["A dog runs."]))
+
+
+# --------------------------------------------------------------------------------------------------------- data
+def test_load_dev_sets_reads_the_five_real_sets(shared_data):
+    sets = load_dev_sets(shared_data, limit=100)
+    assert list(sets) == [name for name, _ in DEV_SETS]
+    assert all(len(pairs) == 100 for pairs in sets.values())
+    first = sets["SICK trial"][0]
+    assert first.sentence1.startswith("The young boys are playing outdoors") and first.score == 3.6
+    assert sets["STS13 headlines"][0].sentence1 == "Drug lord captured by marines in Mexico"
+    with pytest.raises(ValueError, match="limit=1"):
+        load_dev_sets(shared_data, limit=1)
+
+
+def test_load_dev_sets_names_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dev_sets(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------------------ command
+def test_main_writes_table_and_json_and_refuses_to_overwrite(tiny_backbone_dir, fake_data, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--backbone", tiny_backbone_dir, "--rows", "no rationale", "echo", "--limit", "5"]
+    argv += ["--data-dir", str(fake_data), "--out", str(out), "--bootstrap", "50"]
+    report = comparison.main(argv)
+    saved = json.loads((out / "comparison.json").read_text())
+    assert list(saved["rows"]) == ["no rationale", "echo"]
+    assert saved["sets"] == {name: 5 for name, _ in DEV_SETS}
+    assert saved["rows"]["echo"]["mean"] == pytest.approx(report["rows"]["echo"]["mean"])
+    assert len(saved["rows"]["echo"]["cosines"]["STS13 OnWN"]) == 5
+    table = (out / "comparison.md").read_text()
+    assert "| echo" in table and "STS12 MSRpar" in table and "95% CI" in table
+    with pytest.raises(SystemExit, match="--overwrite"):
+        comparison.main(argv)
+    comparison.main([*argv, "--overwrite"])
+
+
+def test_general_check_compares_each_lm_with_the_base(tiny_backbone_dir, tiny_backbone_copy, fake_data):
+    report = comparison.general_check({"same LM": tiny_backbone_copy}, tiny_backbone_dir, data_dir=fake_data)
+    base, same = report["models"]["untrained"], report["models"]["same LM"]
+    assert report["held_out_texts"] == len({a for a, _, _ in PAIRS}) and report["questions"] > 0
+    assert same["perplexity"] == pytest.approx(base["perplexity"], rel=1e-5) and same["perplexity_ratio"] == 1.0
+    assert same["mc_right_delta"] == 0 and "same LM" in report["table"]
+
+
+@pytest.mark.skipif(not missing_features(["num_rationales"]), reason="this grace_st has num_rationales")
+def test_k_curve_refuses_without_num_rationales(tiny_backbone_dir):
+    with pytest.raises(ValueError, match="num_rationales"):
+        comparison.k_curve(standard_rows(tiny_backbone_dir)[3].spec, {"s": _pairs(PAIRS)})
