@@ -490,9 +490,10 @@ def comparison_markdown(results: dict[str, Any]) -> str:
                 None if r["seconds_per_text"] is None else f"{r['seconds_per_text']:.3f}",
             ]
         )
-    for label, reason in results["skipped"].items():
-        table_rows.append([f"{label} (skipped: {reason})", *([None] * (len(header) - 1))])
-    return markdown_table(header, table_rows)
+    for label in results["skipped"]:
+        table_rows.append([f"{label} (skipped)", *([None] * (len(header) - 1))])
+    notes = "".join(f"\n- {label} skipped: {reason}." for label, reason in results["skipped"].items())
+    return markdown_table(header, table_rows) + notes + ("\n" if notes else "")
 
 
 # ------------------------------------------------------------------------------------------------------ k curve

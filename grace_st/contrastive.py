@@ -3,13 +3,21 @@
 The model is a GRACE SentenceTransformer with ``rationale_mode="none"`` (embedding = mean of the last-layer states over
 the user text inside the GRACE chat prompt), fine-tuned with sentence-transformers' ``MultipleNegativesRankingLoss``
 on (query, positive, negative) rows: in-batch negatives plus the hard negative.
+
+For an equal-budget comparison with a GRACE run (issue 14), ``max_minutes`` stops training at the first step past the
+same wall-clock budget GRACE's ``max_train_minutes`` uses (the same callback), ``peft_config`` trains the same LoRA
+adapter, and the minutes and steps actually used are saved beside the model (:data:`TRAINING_RECORD`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
+from typing import Any
 
+import torch
 from sentence_transformers import SentenceTransformer
 from transformers import PrinterCallback, TrainerCallback
 
@@ -18,6 +26,8 @@ from grace_st.factory import from_backbone
 
 logger = logging.getLogger(__name__)
 
+TRAINING_RECORD = "cl_training.json"  # written into the saved model folder: budget, minutes and steps used
+
 
 class _LogToLogger(TrainerCallback):
     """Sends each training log dict to this module's logger (INFO, as JSON) instead of printing it."""
@@ -25,6 +35,11 @@ class _LogToLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             logger.info("step %d: %s", state.global_step, json.dumps(logs, default=str))
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    """A peft config dict for JSON: sets (``target_modules``) become sorted lists."""
+    return {key: sorted(value) if isinstance(value, (set, frozenset)) else value for key, value in config.items()}
 
 
 def train_contrastive(
@@ -42,6 +57,8 @@ def train_contrastive(
     seed: int = 42,
     use_cpu: bool | None = None,
     peft_config=None,
+    max_minutes: float | None = None,
+    record: dict[str, Any] | None = None,
 ) -> SentenceTransformer:
     """Fine-tune ``[Transformer(rationale_mode="none"), RationalePooling, Normalize]`` with MNRL and save it.
 
@@ -61,9 +78,16 @@ def train_contrastive(
         use_cpu: force CPU; None trains where sentence-transformers picks.
         peft_config: a ``peft.LoraConfig`` to train an adapter (merged into the saved model) instead of all weights,
             e.g. the same adapter GRACE trains, for a like-for-like comparison.
+        max_minutes: wall-clock budget in minutes, checked after each step (training stops at the first step past
+            it; GRACE's ``max_train_minutes`` callback); None: no budget. Give enough ``epochs`` for the budget to be
+            the limit.
+        record: extra facts to save in :data:`TRAINING_RECORD` (e.g. the GRACE config the budget comes from).
 
     Returns:
         The trained ``SentenceTransformer`` (also saved to ``output_dir``).
+
+    Raises:
+        ValueError: ``max_minutes`` is not a number > 0.
     """
     try:
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -71,6 +95,10 @@ def train_contrastive(
     except ImportError as error:  # pragma: no cover - depends on the installed extras
         raise ImportError('Contrastive training needs the train extra: pip install "grace-st[train]"') from error
 
+    if max_minutes is not None and (
+        isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0
+    ):
+        raise ValueError(f"max_minutes={max_minutes!r} is not allowed; use a number > 0 or None (no budget).")
     options = {"rationale_mode": "none"}
     if system_prompt is not None:
         options["system_prompt"] = system_prompt
@@ -106,9 +134,38 @@ def train_contrastive(
     # transformers prints every log dict to stdout (PrinterCallback, as disable_tqdm=True); a library logs instead.
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_LogToLogger())
+    if max_minutes is not None:
+        from grace_st.trainer import _TimeBudget  # the one time-budget callback (GRACE's max_train_minutes)
+
+        trainer.add_callback(_TimeBudget(max_minutes))
+    started = time.monotonic()
     trainer.train()
+    minutes = (time.monotonic() - started) / 60
     if peft_config is not None:
         transformer.model = transformer.model.merge_and_unload()
     model.save(output_dir)
-    logger.info("Saved the contrastive baseline to %s", output_dir)
+    facts = {
+        **(record or {}),
+        "max_minutes": max_minutes,
+        "minutes": minutes,
+        "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "epochs": trainer.state.epoch,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "pooling_mode": pooling_mode,
+        "peft_config": None if peft_config is None else _jsonable(peft_config.to_dict()),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    with open(os.path.join(output_dir, TRAINING_RECORD), "w", encoding="utf-8") as handle:
+        json.dump(facts, handle, indent=2, default=str)
+    logger.info(
+        "Saved the contrastive baseline to %s (%d steps in %.1f min, budget %s).",
+        output_dir,
+        trainer.state.global_step,
+        minutes,
+        max_minutes,
+    )
     return model

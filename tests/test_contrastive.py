@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sentence_transformers import SentenceTransformer
 
 from grace_st.contrastive import train_contrastive
@@ -44,3 +45,75 @@ def test_default_backbone_name_is_resolved(monkeypatch, tiny_backbone_dir, tmp_p
     dataset = load_triplets(demo_data_path("train"), max_rows=4)
     model = train_contrastive("default", dataset, str(tmp_path / "cl"), batch_size=4, max_steps=1, use_cpu=True)
     assert model[0].model.config.hidden_size == 32  # the tiny backbone stood in for "default"
+
+
+def test_time_budget_stops_at_the_first_step_past_it_and_is_recorded(tiny_backbone_dir, tmp_path):
+    import json
+
+    from grace_st.contrastive import TRAINING_RECORD
+
+    dataset = load_triplets(demo_data_path("train"), max_rows=16)
+    train_contrastive(
+        tiny_backbone_dir, dataset, str(tmp_path / "cl"), batch_size=4, max_steps=4, use_cpu=True,
+        max_minutes=1e-6, record={"note": "budget test"},
+    )  # fmt: skip
+    record = json.loads((tmp_path / "cl" / TRAINING_RECORD).read_text())
+    assert record["steps"] == 1 and record["max_steps"] == 4  # the first step is already past 1e-6 minutes
+    assert record["max_minutes"] == 1e-6 and record["minutes"] > 0 and record["note"] == "budget test"
+    with pytest.raises(ValueError, match="max_minutes=0"):
+        train_contrastive(tiny_backbone_dir, dataset, str(tmp_path / "x"), max_minutes=0, use_cpu=True)
+
+
+def _run_script(monkeypatch, argv):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "training" / "train_contrastive.py"
+    spec = importlib.util.spec_from_file_location("train_contrastive_script", path)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(script)
+    monkeypatch.setattr("sys.argv", ["train_contrastive.py", *argv])
+    script.main()
+
+
+def test_script_takes_backbone_data_lora_and_budget_from_the_grace_config(
+    tiny_backbone_dir, tmp_path, monkeypatch, capsys
+):
+    import json
+
+    import yaml
+
+    config = {
+        "model_name_or_path": tiny_backbone_dir,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "train_data": "demo",
+        "max_train_samples": 8,
+        "mode": "supervised",
+        "system_prompt": "Say what the text means.",
+        "pooling_mode": "lasttoken",
+        "max_train_minutes": 1e-6,
+        "seed": 7,
+        "use_cpu": True,
+        "report_to": "none",
+        "output_dir": str(tmp_path / "grace-run"),
+    }
+    path = tmp_path / "grace.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "cl"
+    _run_script(monkeypatch, ["--grace_config", str(path), "--output_dir", str(out), "--batch_size", "4"])
+    assert "contrastive baseline saved" in capsys.readouterr().out
+    record = json.loads((out / "cl_training.json").read_text())
+    assert record["grace_config"] == str(path) and record["rows"] == 8 and record["seed"] == 7
+    assert record["steps"] == 1 and record["max_minutes"] == 1e-6 and record["torch_threads"] == 1
+    assert record["peft_config"]["r"] == 4 and sorted(record["peft_config"]["target_modules"]) == ["q_proj", "v_proj"]
+    loaded = SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+    assert loaded[0].system_prompt == "Say what the text means." and loaded[1].pooling_mode == "lasttoken"
+    with pytest.raises(SystemExit, match="lora_r"):
+        _run_script(monkeypatch, ["--grace_config", str(path), "--output_dir", str(out), "--lora_r", "8"])
+    with pytest.raises(ValueError, match="--train_data"):  # the data comes from the GRACE config: not a flag then
+        _run_script(monkeypatch, ["--grace_config", str(path), "--train_data", "demo"])
