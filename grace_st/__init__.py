@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
+from grace_st._options import DEFAULT_SYSTEM_PROMPT, PROMPTEOL_TEMPLATE, SUMMARY_SUFFIX
+from grace_st._rationales import RationaleBatch, rationale_mask
 from grace_st.backbone import cache_dir, default_backbone, resolve_backbone
 from grace_st.encoding import EncodedCorpus, encode_corpus
 from grace_st.factory import build_grace_model, from_backbone
-from grace_st.modeling import (
-    DEFAULT_SYSTEM_PROMPT,
-    RationaleBatch,
-    RationalePooling,
-    Transformer,
-    __version__,
-    pool,
-    pooling_span_mask,
-    rationale_mask,
-)
+from grace_st.modeling import RationalePooling, Transformer, __version__, pool, pooling_span_mask
 
 # Saved models name their module classes "grace_st.<Class>": model.save() copies modeling.py into the folder as
 # grace_st.py, and sentence-transformers resolves such one-dot references to that file when grace_st is not installed.
@@ -24,8 +17,10 @@ RationalePooling.__module__ = __name__
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "EncodedCorpus",
+    "PROMPTEOL_TEMPLATE",
     "RationaleBatch",
     "RationalePooling",
+    "SUMMARY_SUFFIX",
     "Transformer",
     "__version__",
     "build_grace_model",

@@ -29,7 +29,7 @@ whose unpadding does not expect padding inside a row; repetition penalty; other 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
@@ -43,6 +43,22 @@ _ENGINE_GENERATION_FIELDS = frozenset(
     | {"top_k", "top_p", "repetition_penalty", "use_cache", "output_attentions", "output_hidden_states"}
     | {"return_dict_in_generate", "transformers_version", "_from_model_config"}
 )
+
+
+class DecodeOutput(NamedTuple):
+    """What :func:`decode` and :func:`generate_with_engine` return (a named tuple: ``out[0]``, ``out.states``, ...).
+
+    Attributes:
+        generated: ``(batch, R)`` rationale ids in the layout of ``model.generate`` (pad id after a row's end).
+        states: ``(batch, P + R, hidden)`` last-layer states laid out like prompt + generated ids; positions outside
+            the attention mask (padding, after a rationale's end) hold zeros.
+        suffix_states: ``(batch, hidden)`` last-layer state of each row's last suffix token when ``suffix_ids`` was
+            given, else None.
+    """
+
+    generated: torch.Tensor
+    states: torch.Tensor
+    suffix_states: torch.Tensor | None = None
 
 
 class RowTemperature(LogitsProcessor):
@@ -102,6 +118,36 @@ def unsupported_reason(model: Any, generate_kwargs: dict[str, Any]) -> str | Non
     return None
 
 
+def check_suffix_ids(suffix_ids: Any, batch: int, vocab_size: int | None = None) -> list[list[int]]:
+    """``suffix_ids`` as a list of ``batch`` non-empty lists of token ids; a ValueError names a bad entry."""
+    if not isinstance(suffix_ids, (list, tuple)) or len(suffix_ids) != batch:
+        size = len(suffix_ids) if isinstance(suffix_ids, (list, tuple)) else type(suffix_ids).__name__
+        raise ValueError(f"suffix_ids must be a list of one id list per row ({batch} rows), got {size!r}.")
+    rows = []
+    for index, row in enumerate(suffix_ids):
+        row = row.tolist() if isinstance(row, torch.Tensor) else row
+        ok = isinstance(row, (list, tuple)) and len(row) > 0
+        ok = ok and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in row)
+        if ok and vocab_size is not None:
+            ok = all(t < vocab_size for t in row)
+        if not ok:
+            limit = "" if vocab_size is None else f" < {vocab_size}"
+            raise ValueError(f"suffix_ids[{index}] = {row!r:.80} must be a non-empty list of token ids >= 0{limit}.")
+        rows.append(list(row))
+    return rows
+
+
+def check_seeds(seeds: Any, batch: int) -> list[int]:
+    """``seeds`` as a list of ``batch`` ints; a ValueError names a bad entry."""
+    if not isinstance(seeds, (list, tuple)) or len(seeds) != batch:
+        size = len(seeds) if isinstance(seeds, (list, tuple)) else type(seeds).__name__
+        raise ValueError(f"seeds must be a list of one int per row ({batch} rows), got {size!r}.")
+    for index, seed in enumerate(seeds):
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"seeds[{index}] = {seed!r} must be an int in [0, 2**63).")
+    return list(seeds)
+
+
 def decode(
     model: Any,
     input_ids: torch.Tensor,
@@ -117,7 +163,9 @@ def decode(
     top_p: float | None = 1.0,
     counts: dict[str, int] | None = None,
     compact_at: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+    suffix_ids: list[list[int]] | None = None,
+    seeds: list[int] | None = None,
+) -> DecodeOutput | None:
     """Generate one rationale per left-padded prompt and keep the last-layer state of every prompt and rationale token.
 
     Args:
@@ -133,19 +181,31 @@ def decode(
         temperature: sampling temperature, one value or a ``(batch,)`` tensor (one per row). Defaults to 1.0.
         top_k: top-k cut-off when sampling, 0/None for none.
         top_p: nucleus mass when sampling, 1.0/None for none.
-        counts: if given, ``decode_row_steps`` (rows fed during decoding) and ``prompt_tokens`` (prompt positions run
-            through the model, padding included) are added to it.
+        counts: if given, ``decode_row_steps`` (rows fed during decoding, suffix steps included), ``prompt_tokens``
+            (prompt positions run through the model, padding included) and, with ``suffix_ids``, ``suffix_tokens``
+            (suffix positions run, padding included) are added to it.
         compact_at: finished rows are dropped from the batch once at most this fraction of its rows is still writing
             (1.0: as soon as any row finishes). Defaults to 0.5.
+        suffix_ids: per row, token ids (at least one) fed after the row's rationale ends (after its EOS, or after
+            ``max_new_tokens`` tokens: a cut rationale is treated like a finished one), as teacher-forced cached decode
+            steps at the positions that follow the rationale directly; they are not part of ``generated``. Rows may
+            have suffixes of different lengths. None (the default): nothing extra is computed.
+        seeds: per row, the seed of its own ``torch.Generator`` for sampling (``do_sample`` only): a row's sampled
+            rationale then depends neither on its batch-mates nor on the global RNG. None (the default): the global
+            RNG, one draw for the whole batch per step.
 
     Returns:
-        ``(generated, states)``: ``(batch, R)`` ids in the layout of ``model.generate`` (pad id after a row's end) and
-        ``(batch, P + R, hidden)`` last-layer states laid out like prompt + generated ids; positions outside the
-        attention mask (padding, after a rationale's end) hold zeros. None when the states of the decoder's final
+        A :class:`DecodeOutput` ``(generated, states, suffix_states)``; None when the states of the decoder's final
         ``norm`` could not be captured (it is not on the model's forward path).
     """
     batch, width = input_ids.shape
     device = input_ids.device
+    if suffix_ids is not None:
+        suffix_ids = check_suffix_ids(suffix_ids, batch, getattr(model.config, "vocab_size", None))
+    if seeds is not None:
+        if not do_sample:
+            raise ValueError("seeds are per-row sampling seeds: pass them with do_sample=True (greedy draws nothing).")
+        seeds = check_seeds(seeds, batch)
     columns = torch.arange(width, device=device)
     prefix_cols = (text_start.to(device) - prefix_len).unsqueeze(1) + torch.arange(prefix_len, device=device)
     prefix = input_ids.gather(1, prefix_cols)
@@ -192,27 +252,59 @@ def decode(
         length = torch.zeros(batch, dtype=torch.long, device=device)  # tokens generated so far, per batch row
         lengths = length.clone()  # the same, per original row
         position = positions[:, -1] + 1
+        suffix_states = None
+        if suffix_ids is not None:
+            suffix_table, _ = pad_rows(suffix_ids, pad_token_id)
+            suffix_table = suffix_table.to(device)
+            suffix_len = torch.tensor([len(row) for row in suffix_ids], dtype=torch.long, device=device)
+            suffix_pos = torch.zeros(batch, dtype=torch.long, device=device)  # next suffix token, per batch row
+            suffix_states = own_states.new_zeros(batch, own_states.shape[-1])
+        generators = None
+        if seeds is not None:
+            generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         if isinstance(temperature, torch.Tensor):
             temperature = temperature.to(device=device, dtype=torch.float32).unsqueeze(1)
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
         warpers = [TopKLogitsWarper(top_k)] if do_sample and top_k else []
         warpers += [TopPLogitsWarper(top_p)] if do_sample and top_p is not None and top_p < 1.0 else []
         while True:
-            scores = logits.float()
-            if do_sample:
-                if isinstance(temperature, torch.Tensor):
-                    scores = scores / temperature[rows]
-                elif temperature is not None and temperature != 1.0:
-                    scores = scores / temperature
-                for warper in warpers:
-                    scores = warper(None, scores)
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            if bool(alive.any()):
+                scores = logits.float()
+                if do_sample:
+                    if isinstance(temperature, torch.Tensor):
+                        scores = scores / temperature[rows]
+                    elif temperature is not None and temperature != 1.0:
+                        scores = scores / temperature
+                    for warper in warpers:
+                        scores = warper(None, scores)
+                    probs = torch.softmax(scores, dim=-1)
+                    if generators is None:
+                        token = torch.multinomial(probs, num_samples=1).squeeze(1)
+                    else:  # each writing row draws from its own generator, once per own step
+                        token = torch.full_like(rows, pad_token_id)
+                        for i in alive.nonzero().squeeze(1).tolist():
+                            token[i] = torch.multinomial(probs[i], 1, generator=generators[int(rows[i])])[0]
+                else:
+                    token = scores.argmax(dim=-1)
+                token = token.masked_fill(~alive, pad_token_id)
+                generated[rows[alive], length[alive]] = token[alive]
             else:
-                token = scores.argmax(dim=-1)
-            token = token.masked_fill(~alive, pad_token_id)
-            generated[rows[alive], length[alive]] = token[alive]
+                token = torch.full_like(rows, pad_token_id)
             length = length + alive.long()
             lengths[rows] = length
+            in_suffix = None
+            if suffix_ids is not None:
+                # Rows whose rationale has ended are fed their next suffix token instead (teacher forcing).
+                in_suffix = ~alive & (suffix_pos < suffix_len[rows])
+                if not bool(alive.any()):
+                    # No row writes any more: the rest of every suffix in one cached forward (right-padded).
+                    tail = (suffix_table, suffix_pos, suffix_len, suffix_states, in_suffix)
+                    suffix_states = _suffix_tail(
+                        model, cache, captured, mask, position, rows, tail, pad_token_id, counts
+                    )
+                    break
+                next_suffix = suffix_table[rows, suffix_pos.clamp(max=suffix_table.shape[1] - 1)]
+                token = torch.where(in_suffix, next_suffix, token)
             # Feed every row's new token once: its state is part of the embedding.
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = model(
@@ -222,32 +314,73 @@ def decode(
                 cache=cache,
                 use_cache=True,
             )
-            states[rows[alive], width + length[alive] - 1] = captured.pop()[alive, -1]
+            step_states = captured.pop()[:, -1]
+            states[rows[alive], width + length[alive] - 1] = step_states[alive]
             if counts is not None:
                 counts["decode_row_steps"] = counts.get("decode_row_steps", 0) + len(rows)
             alive = alive & ~torch.isin(token, eos) & (length < max_new_tokens)
-            n_alive = int(alive.sum())
-            if n_alive == 0:
+            active = alive  # rows with work left: writing, or (with suffixes) feeding their suffix
+            if in_suffix is not None:
+                suffix_pos = suffix_pos + in_suffix.long()
+                done = in_suffix & (suffix_pos == suffix_len[rows])
+                suffix_states[rows[done]] = step_states[done]
+                active = alive | (suffix_pos < suffix_len[rows])
+            n_active = int(active.sum())
+            if n_active == 0:
                 break
             logits, position = out.logits[:, -1], position + 1
-            if n_alive <= compact_at * len(rows):
+            if n_active <= compact_at * len(rows) and n_active < len(rows):
                 # Finished rows leave the batch (cache, mask, positions, per-row settings). Until then they ride along
                 # (fed padding, outputs ignored): one copy of the cache per halving, and a matrix product with a few
-                # rows fewer is not cheaper on every BLAS.
-                keep = alive.nonzero().squeeze(1)
+                # rows fewer is not cheaper on every BLAS. Rows still feeding their suffix stay.
+                keep = active.nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
-                rows, length, mask, logits, position = (
+                rows, length, mask, logits, position, alive = (
                     rows[keep],
                     length[keep],
                     mask[keep],
                     logits[keep],
                     position[keep],
+                    alive[keep],
                 )
-                alive = alive[keep]
+                if in_suffix is not None:
+                    suffix_pos = suffix_pos[keep]
     finally:
         hook.remove()
     longest = int(lengths.max())
-    return generated[:, :longest], states[:, : width + longest]
+    return DecodeOutput(generated[:, :longest], states[:, : width + longest], suffix_states)
+
+
+def _suffix_tail(model, cache, captured, mask, position, rows, tail, pad_token_id, counts) -> torch.Tensor:
+    """Feed what is left of every row's suffix in one cached forward (rows right-padded: padding after a row's last
+    suffix token changes none of its states) and return ``suffix_states`` with the last suffix states filled in.
+    ``tail`` is ``(suffix_table, suffix_pos, suffix_len, suffix_states, in_suffix)`` of :func:`decode`'s loop."""
+    suffix_table, suffix_pos, suffix_len, suffix_states, in_suffix = tail
+    keep = in_suffix.nonzero().squeeze(1)
+    if len(keep) == 0:
+        return suffix_states
+    if len(keep) < len(rows):
+        cache.batch_select_indices(keep)
+        rows, mask, position, suffix_pos = rows[keep], mask[keep], position[keep], suffix_pos[keep]
+    left = suffix_len[rows] - suffix_pos
+    span = int(left.max())
+    offsets = torch.arange(span, device=rows.device).unsqueeze(0)
+    real = offsets < left.unsqueeze(1)
+    index = (suffix_pos.unsqueeze(1) + offsets).clamp(max=suffix_table.shape[1] - 1)
+    tokens = suffix_table[rows.unsqueeze(1), index].masked_fill(~real, pad_token_id)
+    model(
+        input_ids=tokens,
+        attention_mask=torch.cat([mask, real.long().to(mask.dtype)], dim=1),
+        position_ids=position.unsqueeze(1) + offsets,
+        cache=cache,
+        use_cache=True,
+    )
+    tail = captured.pop()
+    suffix_states = suffix_states.clone()
+    suffix_states[rows] = tail[torch.arange(len(rows), device=rows.device), left - 1]
+    if counts is not None:
+        counts["suffix_tokens"] = counts.get("suffix_tokens", 0) + tokens.numel()
+    return suffix_states
 
 
 def _generate_kwargs(generate_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -260,14 +393,54 @@ def _generate_kwargs(generate_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def generate_plain(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, generate_kwargs: dict[str, Any]
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generate_kwargs: dict[str, Any],
+    seeds: list[int] | None = None,
 ) -> torch.Tensor:
-    """The ``(batch, R)`` ids ``model.generate`` writes after the left-padded prompts (no states)."""
+    """The ``(batch, R)`` ids ``model.generate`` writes after the left-padded prompts (no states).
+
+    ``seeds`` (sampling only): one seed per row; each row is then generated alone, without its padding, under
+    ``torch.random.fork_rng()`` + ``torch.manual_seed(seed)`` (the global RNG is left as it was). Deterministic and
+    independent of the batch, but not the same draws as :func:`decode`'s per-row generators."""
+    if seeds is not None:
+        rows = _per_row(model, input_ids, attention_mask, generate_kwargs, seeds, with_states=False)
+        return pad_rows([row[0][0].tolist() for row in rows], generate_kwargs["pad_token_id"])[0].to(input_ids.device)
     with torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **_generate_kwargs(generate_kwargs)
         )
     return sequences[:, input_ids.shape[1] :]
+
+
+def _per_row(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generate_kwargs: dict[str, Any],
+    seeds: list[int],
+    with_states: bool,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(generated, states)`` of each row generated alone (its padding removed) under its own seed."""
+    if not generate_kwargs.get("do_sample"):
+        raise ValueError("seeds are per-row sampling seeds: pass them with do_sample=True (greedy draws nothing).")
+    seeds = check_seeds(seeds, len(input_ids))
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    results = []
+    for row, seed in enumerate(seeds):
+        kwargs = dict(generate_kwargs)
+        if isinstance(kwargs.get("temperature"), torch.Tensor):
+            kwargs["temperature"] = kwargs["temperature"][row : row + 1]
+        keep = attention_mask[row].bool()
+        ids, mask = input_ids[row : row + 1, keep], attention_mask[row : row + 1, keep]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if with_states:
+                results.append(generate_with_states(model, ids, mask, kwargs))
+            else:
+                results.append((generate_plain(model, ids, mask, kwargs), None))
+    return results
 
 
 class _LastLayerStates:
@@ -291,11 +464,22 @@ class _LastLayerStates:
 
 
 def generate_with_states(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, generate_kwargs: dict[str, Any]
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generate_kwargs: dict[str, Any],
+    seeds: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(generated, states)``: the ids of :func:`generate_plain` and the ``(batch, P + R, hidden)`` last-layer states
     of prompt + generated ids, from generation (prefill + decode steps) plus one cached decode step for the final
-    token. ``states`` is None when the hooked norm was not on the forward path (e.g. a re-wrapped copy)."""
+    token. ``states`` is None when the hooked norm was not on the forward path (e.g. a re-wrapped copy).
+    ``seeds`` as in :func:`generate_plain` (rows generated one by one; zeros at padding)."""
+    if seeds is not None:
+        return _assemble_rows(
+            _per_row(model, input_ids, attention_mask, generate_kwargs, seeds, with_states=True),
+            input_ids.shape[1],
+            generate_kwargs["pad_token_id"],
+        )
     kwargs = _generate_kwargs(generate_kwargs)
     with torch.no_grad(), _LastLayerStates(model) as captured:
         kwargs.update(return_dict_in_generate=True, output_hidden_states=captured.needs_hidden_states)
@@ -321,17 +505,72 @@ def generate_with_states(
     return generated, torch.cat(captured.states, dim=1)
 
 
+def _assemble_rows(
+    rows: list[tuple[torch.Tensor, torch.Tensor | None]], width: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch ``(generated, states)`` from rows generated alone: ids right-padded with ``pad_token_id``; states
+    laid out like a ``width``-column left-padded prompt + the generated ids, zeros at padding."""
+    generated = pad_rows([row[0][0].tolist() for row in rows], pad_token_id)[0].to(rows[0][0].device)
+    if any(states is None for _, states in rows):
+        return generated, None
+    first = rows[0][1]
+    states = first.new_zeros(len(rows), width + generated.shape[1], first.shape[-1])
+    for index, (ids, row_states) in enumerate(rows):
+        prompt = row_states.shape[1] - ids.shape[1]
+        states[index, width - prompt : width + ids.shape[1]] = row_states[0]
+    return generated, states
+
+
+def suffix_states_two_pass(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rationale_ids: torch.Tensor,
+    rationale_mask: torch.Tensor,
+    suffix_ids: list[list[int]],
+) -> torch.Tensor:
+    """``(batch, hidden)`` last-layer state of each row's last suffix token from one forward pass over prompt +
+    rationale + suffix (the two-pass reference of :func:`decode`'s ``suffix_states``, and the fallback where the
+    engine does not apply).
+
+    Args:
+        model: the causal LM.
+        input_ids, attention_mask: ``(batch, P)`` the left-padded prompts.
+        rationale_ids, rationale_mask: ``(batch, R)`` the rationales (mask: 1 for rationale tokens, the closing EOS
+            included).
+        suffix_ids: per row, the suffix token ids (at least one).
+    """
+    suffix_ids = check_suffix_ids(suffix_ids, len(input_ids), getattr(model.config, "vocab_size", None))
+    rows = [
+        ids[mask.bool()].tolist() + r_ids[r_mask.bool()].tolist() + suffix
+        for ids, mask, r_ids, r_mask, suffix in zip(
+            input_ids, attention_mask, rationale_ids, rationale_mask.to(rationale_ids.device), suffix_ids, strict=True
+        )
+    ]
+    ids, mask = pad_rows(rows, 0, left=True)  # left padding: every row's last suffix token is in the last column
+    ids, mask = ids.to(input_ids.device), mask.to(input_ids.device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as Transformer.embed and generate
+    with torch.no_grad():
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False
+        )
+    return out.hidden_states[-1][:, -1]
+
+
 def generate_with_engine(
     model: Any,
     features: dict[str, Any],
     generate_kwargs: dict[str, Any],
     prefix_len: int,
     counts: dict[str, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+    suffix_ids: list[list[int]] | None = None,
+    seeds: list[int] | None = None,
+) -> DecodeOutput | None:
     """:func:`generate_with_states` by :func:`decode` (the shared prompt prefix of ``prefix_len`` tokens runs once,
     finished rows leave the batch) for the left-padded prompts of ``features`` (``input_ids``, ``attention_mask``,
     ``text_start``); None where it does not apply (no prefix, :func:`unsupported_reason`, states not captured): then
-    the caller uses ``model.generate``. ``counts`` as in :func:`decode`."""
+    the caller uses ``model.generate``. ``counts``, ``suffix_ids`` and ``seeds`` as in :func:`decode`; returns its
+    :class:`DecodeOutput` ``(generated, states, suffix_states)``."""
     if prefix_len == 0 or unsupported_reason(model, generate_kwargs) is not None:
         return None
     kwargs, sampling = generate_kwargs, {}
@@ -353,5 +592,7 @@ def generate_with_engine(
             pad_token_id=kwargs["pad_token_id"],
             do_sample=bool(kwargs["do_sample"]),
             counts=counts,
+            suffix_ids=suffix_ids,
+            seeds=seeds,
             **sampling,
         )

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from grace_st.modeling import DEFAULT_SYSTEM_PROMPT, POOLING_MODES
+from grace_st._options import DEFAULT_SYSTEM_PROMPT, POOLING_MODES, check_option
 
 try:
     from trl import GRPOConfig
@@ -146,8 +146,23 @@ class GraceGRPOConfig(GRPOConfig):
         default=DEFAULT_SYSTEM_PROMPT,
         metadata={"help": "System message of the GRACE chat prompt (saved in the final model)."},
     )
+    prompt_template: str = field(
+        default="{text}",
+        metadata={"help": "User message of the GRACE chat prompt; '{text}' marks where the text goes (saved)."},
+    )
+    summary_suffix: str = field(
+        default="",
+        metadata={
+            "help": "Text fed after each rationale for the summary readout ('{text}': the text again); '' for none. "
+            "The reward reads out as the saved model does."
+        },
+    )
     pooling_mode: str = field(
-        default="mean", metadata={"help": "Pooling of the final model: 'mean' (GRACE) or 'lasttoken'."}
+        default="mean",
+        metadata={
+            "help": "Readout of the final model and of the reward: 'mean' (GRACE), 'lasttoken', 'summary' or "
+            "'mean+summary' (the last two need summary_suffix)."
+        },
     )
     max_input_tokens: int = field(default=1024, metadata={"help": "User texts are truncated to this many tokens."})
     query_temperature: float = field(
@@ -197,6 +212,10 @@ class GraceGRPOConfig(GRPOConfig):
             raise ValueError(f"mode={self.mode!r} is not supported; choose one of {MODES}.")
         if self.pooling_mode not in POOLING_MODES:
             raise ValueError(f"pooling_mode={self.pooling_mode!r} is not supported; choose one of {POOLING_MODES}.")
+        for name in ("prompt_template", "summary_suffix"):
+            check_option(name, getattr(self, name))
+        if "summary" in self.pooling_mode and not self.summary_suffix:
+            raise ValueError(f"pooling_mode={self.pooling_mode!r} needs a summary_suffix (it is '').")
         if not self.system_prompt.strip():
             raise ValueError(f"system_prompt={self.system_prompt!r} is not allowed; it must be a non-empty text.")
         for name in ("consistency_weight", "hard_negative_weight", "copy_penalty"):

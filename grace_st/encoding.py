@@ -28,8 +28,9 @@ import sentence_transformers
 import torch
 import transformers
 
+from grace_st._options import check_texts
 from grace_st.model_kind import is_grace_model
-from grace_st.modeling import __version__, check_texts
+from grace_st.modeling import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 import grace_st
+from grace_st._rationales import RationaleBatch
 from grace_st.backbone import (
     DEFAULT_BACKBONE_HUB_ID,
     DEFAULT_BACKBONE_LICENSE,
@@ -70,7 +71,7 @@ from grace_st.config import GraceGRPOConfig
 from grace_st.diagnostics import RationaleStats, copy_rate, distinct_per_group, group_reward_std, rationale_stats
 from grace_st.factory import build_grace_model
 from grace_st.hub import HUB_ID, TRAINING_INFO_FILE
-from grace_st.modeling import RationaleBatch, RationalePooling, Transformer
+from grace_st.modeling import RationalePooling, Transformer
 from grace_st.rewards import grace_rewards
 from grace_st.tables import format_cell
 
@@ -175,6 +176,8 @@ class GraceGRPOTrainer(GRPOTrainer):
             self.accelerator.unwrap_model(self.model),
             self.processing_class,
             system_prompt=args.system_prompt,
+            prompt_template=args.prompt_template,
+            summary_suffix=args.summary_suffix,
             max_new_tokens=args.max_completion_length,
             max_input_tokens=args.max_input_tokens,
         )
@@ -228,11 +231,7 @@ class GraceGRPOTrainer(GRPOTrainer):
 
     def _pooled(self, features: dict[str, Any], rationales: RationaleBatch) -> torch.Tensor:
         """Embeddings through the saved model's pooling and normalisation, from kept states when there are any."""
-        if rationales.states is not None:
-            output = self.grace_module.outputs_from_states(features, rationales)
-        else:
-            output = self.grace_module.embed(features, rationales)
-        output = self.grace_normalize(self.grace_pooling(dict(output)))
+        output = self.grace_normalize(self.grace_pooling(dict(self.grace_module.outputs(features, rationales))))
         return output["sentence_embedding"].float()
 
     def rationale_batch(self, completion_ids: list[list[int]]) -> RationaleBatch:
@@ -596,6 +595,9 @@ class GraceGRPOTrainer(GRPOTrainer):
                 "temperature": args.temperature,
                 "query_temperature": args.query_temperature,
                 "system_prompt": args.system_prompt,
+                "prompt_template": args.prompt_template,
+                "summary_suffix": args.summary_suffix,
+                "pooling_mode": args.pooling_mode,
             },
             "config": json.loads(args.to_json_string()),
         }
@@ -650,6 +652,8 @@ class GraceGRPOTrainer(GRPOTrainer):
                 merged,
                 copy.deepcopy(self.processing_class),
                 system_prompt=args.system_prompt,
+                prompt_template=args.prompt_template,
+                summary_suffix=args.summary_suffix,
                 max_new_tokens=args.inference_max_new_tokens or args.max_completion_length,
                 max_input_tokens=args.max_input_tokens,
                 pooling_mode=args.pooling_mode,

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from grace_st.modeling import RationaleBatch, Transformer
+from grace_st._rationales import RationaleBatch
+from grace_st.modeling import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def vllm_sampling_kwargs(generate_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 class VLLMBackend:
-    """A :class:`grace_st.modeling.GenerationBackend` that writes rationales with a ``vllm.LLM`` engine.
+    """A :class:`grace_st._rationales.GenerationBackend` that writes rationales with a ``vllm.LLM`` engine.
 
     Args:
         **engine_kwargs: passed to ``vllm.LLM`` (e.g. ``gpu_memory_utilization=0.5``, ``tensor_parallel_size=2``).

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 import grace_st
-from grace_st._decode import RowTemperature, decode, unsupported_reason
+from grace_st._decode import (
+    RowTemperature,
+    decode,
+    generate_plain,
+    generate_with_engine,
+    generate_with_states,
+    suffix_states_two_pass,
+    unsupported_reason,
+)
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -257,6 +265,208 @@ def test_decode_path_is_validated(tiny_backbone_dir):
         module.decode_path = "fast"
     with pytest.raises(ValueError, match="temperatures"):
         RowTemperature(torch.tensor([1.0, -1.0]))
+
+
+# ---------------------------------------------------------------- suffix_ids: teacher-forced steps after the rationale
+SUFFIXES = ["\nIn one word:", '\nIn one word, the text above means:"', ".", " Summary", "\n", " In short", "!", ""]
+
+
+def _suffix_ids(module, n):
+    """Suffixes of different lengths (1 to ~10 tokens), one per row."""
+    rows = module.tokenizer([SUFFIXES[i % len(SUFFIXES)] or "x" for i in range(n)], add_special_tokens=False)
+    return [list(row) for row in rows["input_ids"]]
+
+
+def _engine(module, features, **kwargs):
+    prefix_len = len(module.template_pieces()[0])
+    return generate_with_engine(module.model, features, module.generation_kwargs(), prefix_len, **kwargs)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("compact_at", [0.5, 1.0, 0.0])
+def test_suffix_states_equal_the_two_pass_reference(tiny_backbone_dir, attention, compact_at):
+    module = _model(tiny_backbone_dir, attention, max_new_tokens=10)[0]
+    features = module.preprocess(TEXTS)
+    _split_rows(module, features, 10)  # rows end at different steps; a quarter is cut at max_new_tokens
+    suffix_ids = _suffix_ids(module, len(TEXTS))
+    assert len({len(row) for row in suffix_ids}) >= 3
+    kwargs = module.generation_kwargs()
+    args = (module.model, features["input_ids"], features["attention_mask"], features["text_start"])
+    args += (
+        len(module.template_pieces()[0]),
+        kwargs["max_new_tokens"],
+        kwargs["eos_token_id"],
+        kwargs["pad_token_id"],
+    )
+    counts, counts_plain = {}, {}
+    with torch.no_grad():
+        out = decode(*args, counts=counts, compact_at=compact_at, suffix_ids=suffix_ids)
+        plain = decode(*args, counts=counts_plain, compact_at=compact_at)
+    # The suffix is not part of the rationale and changes neither it nor its states.
+    assert torch.equal(out.generated, plain.generated)
+    assert float((out.states - plain.states).abs().max()) < 1e-5
+    batch = module.rationale_batch(out.generated)
+    assert 0 < int(batch.finished.sum()) < len(TEXTS)  # finished and cut rationales both get a suffix
+    reference = suffix_states_two_pass(
+        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
+    )
+    assert out.suffix_states.shape == (len(TEXTS), module.get_embedding_dimension())
+    assert float((out.suffix_states - reference).abs().max()) < 1e-5
+    # Different from the state of the last rationale token: the suffix was really fed.
+    last = batch.mask.sum(1) - 1
+    width = features["input_ids"].shape[1]
+    rationale_end = out.states[torch.arange(len(TEXTS)), width + last]
+    assert float((out.suffix_states - rationale_end).abs().amax(1).min()) > 1e-2
+    # The rest of the suffixes ran in one tail forward once no row was writing.
+    assert counts["suffix_tokens"] > 0 and "suffix_tokens" not in counts_plain
+    assert counts["decode_row_steps"] >= counts_plain["decode_row_steps"]
+
+
+def test_suffix_after_a_one_token_rationale_and_a_one_token_suffix(tiny_backbone_dir):
+    """max_new_tokens=1: every rationale is cut after one token; the suffixes run in the tail forward only."""
+    module = _model(tiny_backbone_dir, max_new_tokens=1)[0]
+    features = module.preprocess(TEXTS[:4])
+    suffix_ids = [[17], [17, 18], [5, 6, 7], [300]]
+    out = _engine(module, features, suffix_ids=suffix_ids)
+    batch = module.rationale_batch(out.generated)
+    reference = suffix_states_two_pass(
+        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
+    )
+    assert out.generated.shape[1] == 1
+    assert float((out.suffix_states - reference).abs().max()) < 1e-5
+
+
+def test_without_suffix_nothing_extra_is_returned(tiny_backbone_dir):
+    module = _model(tiny_backbone_dir)[0]
+    out = _engine(module, module.preprocess(TEXTS[:3]))
+    assert out.suffix_states is None
+    generated, states = out[:2]  # still indexable like the former (generated, states) pair
+    assert generated is out.generated and states is out.states
+
+
+@pytest.mark.parametrize(
+    ("suffix_ids", "match"),
+    [([[1], []], r"suffix_ids\[1\] = \[\]"), ([[1]], "2 rows"), ([[1], [-3]], r"suffix_ids\[1\]"), ("ab", "rows")],
+)
+def test_bad_suffix_ids_are_refused(tiny_backbone_dir, suffix_ids, match):
+    module = _model(tiny_backbone_dir)[0]
+    with pytest.raises(ValueError, match=match):
+        _engine(module, module.preprocess(TEXTS[:2]), suffix_ids=suffix_ids)
+
+
+# ---------------------------------------------------------------- seeds: per-row sampling generators
+def _sampling_kwargs(module, **extra):
+    return {**module.generation_kwargs(), "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **extra}
+
+
+def _rationales(module, generated):
+    batch = module.rationale_batch(generated)
+    return [row[mask.bool()].tolist() for row, mask in zip(batch.ids, batch.mask, strict=True)]
+
+
+def test_seeded_engine_rows_do_not_depend_on_batch_mates_or_the_global_rng(tiny_backbone_dir):
+    module = _model(tiny_backbone_dir, max_new_tokens=10)[0]
+    prefix_len = len(module.template_pieces()[0])
+    kwargs = _sampling_kwargs(module)
+    seeds = [11, 22, 33, 44, 55, 66, 77, 88]
+    torch.manual_seed(0)
+    together = _rationales(
+        module, generate_with_engine(module.model, module.preprocess(TEXTS), kwargs, prefix_len, seeds=seeds).generated
+    )
+    for row in (0, 3, 4):
+        torch.manual_seed(row + 100)  # another global RNG state: no effect
+        alone = generate_with_engine(
+            module.model, module.preprocess([TEXTS[row]]), kwargs, prefix_len, seeds=[seeds[row]]
+        )
+        assert _rationales(module, alone.generated)[0] == together[row], row
+    # The same text under different seeds: different samples at temperature 1 (and they are samples, not greedy).
+    same = module.preprocess([TEXTS[0]] * 4)
+    drawn = _rationales(module, generate_with_engine(module.model, same, kwargs, prefix_len, seeds=[1, 2, 3, 4])[0])
+    assert len({tuple(row) for row in drawn}) >= 3
+    greedy = _rationales(module, _engine(module, module.preprocess([TEXTS[0]])).generated)[0]
+    assert any(row != greedy for row in drawn)
+    again = _rationales(module, generate_with_engine(module.model, same, kwargs, prefix_len, seeds=[1, 2, 3, 4])[0])
+    assert again == drawn
+
+
+def test_seeded_engine_with_suffixes_and_per_row_temperatures(tiny_backbone_dir):
+    """Seeds, per-row temperatures and suffixes together: a seeded row's rationale and suffix state match its run
+    alone."""
+    module = _model(tiny_backbone_dir, max_new_tokens=10)[0]
+    features = module.preprocess(TEXTS[:4])
+    _split_rows(module, features, 10)
+    prefix_len = len(module.template_pieces()[0])
+    temperatures = torch.tensor([0.5, 1.0, 2.0, 0.7])
+    kwargs = _sampling_kwargs(module, temperature=temperatures)
+    suffix_ids = _suffix_ids(module, 4)
+    seeds = [5, 6, 7, 8]
+    together = generate_with_engine(module.model, features, kwargs, prefix_len, suffix_ids=suffix_ids, seeds=seeds)
+    for row in range(4):
+        alone = generate_with_engine(
+            module.model,
+            module.preprocess([TEXTS[row]]),
+            {**kwargs, "temperature": temperatures[row : row + 1]},
+            prefix_len,
+            suffix_ids=[suffix_ids[row]],
+            seeds=[seeds[row]],
+        )
+        assert _rationales(module, alone.generated)[0] == _rationales(module, together.generated)[row]
+        assert float((alone.suffix_states[0] - together.suffix_states[row]).abs().max()) < 1e-5
+
+
+def test_seeded_reference_paths_are_per_row_and_leave_the_global_rng_alone(tiny_backbone_dir):
+    module = _model(tiny_backbone_dir, max_new_tokens=10)[0]
+    features = module.preprocess(TEXTS[:4])
+    kwargs = _sampling_kwargs(module)
+    seeds = [3, 1, 4, 1]
+    args = (module.model, features["input_ids"], features["attention_mask"], kwargs)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    plain = generate_plain(*args, seeds=seeds)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    generated, states = generate_with_states(*args, seeds=seeds)
+    assert _rationales(module, plain) == _rationales(module, generated)
+    for row in (0, 2):
+        alone = module.preprocess([TEXTS[row]])
+        single = generate_plain(module.model, alone["input_ids"], alone["attention_mask"], kwargs, seeds=[seeds[row]])
+        assert _rationales(module, single)[0] == _rationales(module, plain)[row]
+    # The states are those of the batch path for the same ids (two-pass forward over prompt + rationale).
+    batch = module.rationale_batch(generated)
+    batch.states = states
+    single_pass = module.outputs_from_states(features, batch)
+    two_pass = module.embed(features, batch)
+    seen = two_pass["attention_mask"].bool()
+    assert float((single_pass["token_embeddings"] - two_pass["token_embeddings"])[seen].abs().max()) < 1e-5
+    assert len({tuple(row) for row in _rationales(module, generate_plain(*args, seeds=[9, 8, 7, 6]))}) > 1
+
+
+def test_seeds_need_sampling(tiny_backbone_dir):
+    module = _model(tiny_backbone_dir)[0]
+    features = module.preprocess(TEXTS[:2])
+    with pytest.raises(ValueError, match="do_sample=True"):
+        _engine(module, features, seeds=[1, 2])
+    with pytest.raises(ValueError, match="do_sample=True"):
+        generate_plain(
+            module.model, features["input_ids"], features["attention_mask"], module.generation_kwargs(), seeds=[1, 2]
+        )
+    with pytest.raises(ValueError, match=r"seeds\[1\] = -1"):
+        generate_with_engine(module.model, features, _sampling_kwargs(module), 5, seeds=[1, -1])
+
+
+@pytest.mark.slow
+def test_suffix_states_equal_the_two_pass_reference_on_the_real_backbone(default_backbone_dir):
+    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=24, device="cpu")
+    module = model[0]
+    texts = [TEXTS[0], TEXTS[1], TEXTS[2], TEXTS[6]]
+    features = module.preprocess(texts)
+    suffix = module.tokenizer('\nIn one word, the text above means:"', add_special_tokens=False)["input_ids"]
+    suffix_ids = [suffix, suffix[:3], suffix, suffix[:1]]
+    out = _engine(module, features, suffix_ids=suffix_ids)
+    batch = module.rationale_batch(out.generated)
+    reference = suffix_states_two_pass(
+        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
+    )
+    assert float((out.suffix_states - reference).abs().max()) < 1e-5
 
 
 @pytest.mark.slow

@@ -17,12 +17,12 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 import grace_st
+from grace_st._rationales import RationaleBatch
 from grace_st.checkpoints import CHECKPOINT_COMPLETE_FILE, last_complete_checkpoint
 from grace_st.config import GraceGRPOConfig
 from grace_st.diagnostics import copy_rate, distinct_per_group, rationale_stats
 from grace_st.factory import build_grace_model
 from grace_st.hub import TRAINING_INFO_FILE
-from grace_st.modeling import RationaleBatch
 from grace_st.trainer import GraceGRPOTrainer, GraceRollouts, base_model_info
 
 TERMS = ("grace/contrastive", "grace/consistency", "grace/hard_negative", "grace/copy_penalty")
