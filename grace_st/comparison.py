@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from grace_st._options import PROMPTEOL_TEMPLATE, SUMMARY_SUFFIX
 from grace_st.readers import Pair, read_pairs, resolve_data_path
 from grace_st.tables import format_cell, markdown_table
 
@@ -53,9 +54,7 @@ DEV_SETS: tuple[tuple[str, str], ...] = (
     ("STS13 OnWN", "sts2013/OnWN.test.tsv"),
 )
 DEFAULT_LIMIT = 100
-PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
-# The summary readout's suffix of the issue's probe (it scored 0.55 there); a flag of eval/compare_dev.py.
-DEFAULT_SUMMARY_SUFFIX = '\nIn one word, the text above means:"'
+DEFAULT_SUMMARY_SUFFIX = SUMMARY_SUFFIX  # the module's measured default; a flag of eval/compare_dev.py
 DEFAULT_MAX_NEW_TOKENS = 40  # training/configs/sick.yaml's rationale limit
 ROW_NAMES: tuple[str, ...] = (
     "no rationale",
@@ -503,6 +502,7 @@ def k_curve(
     ks: Sequence[int] = (1, 2, 4),
     *,
     pooling_mode: str | None = None,
+    sampling: dict[str, Any] | None = None,
     batch_size: int = 16,
     resamples: int = 1000,
     seed: int = 0,
@@ -515,6 +515,9 @@ def k_curve(
         dev_sets: ``{name: pairs}`` (a stated subset, e.g. ``load_dev_sets(limit=20)``, keeps k=4 affordable).
         ks: the values of k. Defaults to (1, 2, 4).
         pooling_mode: the readout (None: the model's).
+        sampling: options for k > 1, which must sample (each text's k rationales are seeded from the text). Defaults
+            to ``{"do_sample": True}`` (the model's temperature, top-p, top-k); k = 1 keeps the spec's decoding
+            (greedy by default), the default of the module.
         batch_size, resamples, seed, device: see :func:`compare`.
 
     Returns:
@@ -533,12 +536,22 @@ def k_curve(
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r} is not allowed; use integers >= 1.")
         options = {**dict(spec.options), "num_rationales": k}
+        if k > 1:
+            options.update(sampling if sampling is not None else {"do_sample": True})
         row = Row(f"k={k}", ModelSpec(spec.name_or_path, f"k={k}", tuple(sorted(options.items()))), None, pooling_mode)
         result = score_model(
             build_row_model(row, device), dev_sets, batch_size=batch_size, resamples=resamples, seed=seed
         )
         keep = ("mean", "ci95", "spearman", "seconds_per_text", "finish_rate", "mean_length", "copy_rate")
-        points.append({"k": k, **{key: result[key] for key in keep}, "pairs_per_set": results_sizes(dev_sets)})
+        decoding = "sampled" if options.get("do_sample") else "greedy"
+        points.append(
+            {
+                "k": k,
+                "decoding": decoding,
+                **{key: result[key] for key in keep},
+                "pairs_per_set": results_sizes(dev_sets),
+            }
+        )
         logger.info("k=%d: mean %.4f, %.3f s/text", k, result["mean"], result["seconds_per_text"] or 0.0)
     return points
 
@@ -553,6 +566,7 @@ def k_curve_markdown(points: Sequence[dict[str, Any]]) -> str:
     rows = [
         [
             p["k"],
+            p["decoding"],
             p["mean"],
             f"[{format_cell(p['ci95']['low'])}, {format_cell(p['ci95']['high'])}]",
             None if p["seconds_per_text"] is None else f"{p['seconds_per_text']:.3f}",
@@ -561,7 +575,7 @@ def k_curve_markdown(points: Sequence[dict[str, Any]]) -> str:
         ]
         for p in points
     ]
-    return markdown_table(["k", "mean Spearman", "95% CI", "s/text", "finish", "length"], rows)
+    return markdown_table(["k", "decoding", "mean Spearman", "95% CI", "s/text", "finish", "length"], rows)
 
 
 # ------------------------------------------------------------------------------------------------ general check

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -187,6 +188,35 @@ def test_standard_rows_order_filter_and_trained_settings(tiny_backbone_dir, tmp_
         standard_rows(tiny_backbone_dir, only=["PromptEOL2"])
 
 
+def test_prompteol_row_is_the_whole_prompt_last_token_state(tiny_backbone_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    row = standard_rows(tiny_backbone_dir, only=[PROMPTEOL_ROW])[0]
+    model = comparison.build_row_model(row)
+    assert model[0].chat_template is False and model[1].pooling_mode == "lasttoken"
+    # Texts whose last character does not merge with the template's closing quote: the module tokenizes template and
+    # text apart (plain-text user tokens), the whole string would merge '."' into one token (prompteol_check measures
+    # what that costs on real data).
+    texts = ["A man is playing a guitar", 'He said "no" twice']
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_backbone_dir, dtype=torch.float32).eval()
+    for text, embedding in zip(texts, model.encode(texts, normalize_embeddings=True), strict=True):
+        inputs = tokenizer(f'This sentence : "{text}" means in one word:"', return_tensors="pt")
+        with torch.no_grad():
+            state = lm(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+        np.testing.assert_allclose(embedding, (state / state.norm()).numpy(), atol=1e-5)
+
+
+def test_summary_row_reads_out_after_the_suffix(tiny_backbone_dir):
+    labels = ["untrained GRACE (mean)", "untrained GRACE (summary)"]
+    mean, summary = (
+        comparison.build_row_model(row) for row in standard_rows(tiny_backbone_dir, max_new_tokens=4, only=labels)
+    )
+    assert summary[1].pooling_mode == "summary" and summary[0].summary_suffix == comparison.DEFAULT_SUMMARY_SUFFIX
+    assert not np.allclose(mean.encode(["A dog runs."]), summary.encode(["A dog runs."]))
+
+
 def test_trained_rows_switch_the_readout_of_a_folder(tiny_backbone_dir, tmp_path):
     trained = tmp_path / "trained"
     from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu").save(str(trained))
@@ -239,7 +269,23 @@ def test_general_check_compares_each_lm_with_the_base(tiny_backbone_dir, tiny_ba
     assert same["mc_right_delta"] == 0 and "same LM" in report["table"]
 
 
-@pytest.mark.skipif(not missing_features(["num_rationales"]), reason="this grace_st has num_rationales")
-def test_k_curve_refuses_without_num_rationales(tiny_backbone_dir):
-    with pytest.raises(ValueError, match="num_rationales"):
-        comparison.k_curve(standard_rows(tiny_backbone_dir)[3].spec, {"s": _pairs(PAIRS)})
+def test_k_curve_k1_is_the_greedy_untrained_row(tiny_backbone_dir):
+    spec = standard_rows(tiny_backbone_dir, max_new_tokens=4)[3].spec
+    sets = {"s": _pairs(PAIRS)}
+    (point,) = comparison.k_curve(spec, sets, ks=(1,), resamples=50)
+    direct = score_model(comparison.build_row_model(Row("k1", spec)), sets, resamples=50)
+    assert point["k"] == 1 and point["decoding"] == "greedy" and point["pairs_per_set"] == {"s": 6}
+    assert point["mean"] == pytest.approx(direct["mean"], abs=1e-6) and point["seconds_per_text"] > 0
+    assert re.search(r"\| 1 \| +greedy \|", comparison.k_curve_markdown([point]))
+    with pytest.raises(ValueError, match="k=0"):
+        comparison.k_curve(spec, sets, ks=(0,))
+
+
+@pytest.mark.xfail(
+    raises=RuntimeError, strict=True, reason="encode_corpus does not handle num_rationales > 1 outputs yet"
+)
+def test_k_curve_samples_k_rationales(tiny_backbone_dir):
+    spec = standard_rows(tiny_backbone_dir, max_new_tokens=4)[3].spec
+    points = comparison.k_curve(spec, {"s": _pairs(PAIRS)}, ks=(1, 2), resamples=20)
+    assert [p["decoding"] for p in points] == ["greedy", "sampled"]
+    assert points[1]["seconds_per_text"] > points[0]["seconds_per_text"]
