@@ -185,6 +185,7 @@ class Row:
         pooling_mode: the readout to set on the model's ``RationalePooling`` (None keeps the model's).
         needs: module options this row needs (``Transformer`` options, or ``pooling_mode:<mode>``); a row whose needs
             the installed grace_st lacks is skipped with that reason.
+        skip: a reason to list the row as skipped without scoring it (e.g. no model folder was given).
     """
 
     label: str
@@ -192,6 +193,7 @@ class Row:
     model: SentenceTransformer | None = None
     pooling_mode: str | None = None
     needs: tuple[str, ...] = ()
+    skip: str | None = None
 
 
 def missing_features(needs: Sequence[str]) -> list[str]:
@@ -254,9 +256,10 @@ def standard_rows(
 
     Args:
         backbone: backbone of the training-free rows (folder, Hub id or ``"default"``).
-        trained: a trained GRACE folder (rows "trained GRACE (mean)" and "(best readout)"); None leaves them out.
+        trained: a trained GRACE folder (rows "trained GRACE (mean)" and "(best readout)"); None lists them as
+            skipped.
         trained_readout: the readout of "trained GRACE (best readout)". Defaults to ``"summary"``.
-        contrastive: the +CL folder (:func:`grace_st.contrastive.train_contrastive`); None leaves its row out.
+        contrastive: the +CL folder (:func:`grace_st.contrastive.train_contrastive`); None lists its row as skipped.
         max_new_tokens: rationale limit of the untrained rows; None takes the trained folder's, else 40.
         system_prompt: system prompt of the chat-template rows; None takes the trained folder's, else the default.
         summary_suffix: suffix of the summary readout (used where the model does not have one saved).
@@ -299,7 +302,11 @@ def standard_rows(
     ]
     if contrastive:
         rows.append(Row("+CL (equal budget)", ModelSpec(contrastive, "+CL (equal budget)")))
-    if trained:
+    else:
+        rows.append(Row("+CL (equal budget)", skip="no +CL folder given (--contrastive)"))
+    if not trained:
+        rows += [Row(label, skip="no trained GRACE folder given (--trained)") for label in ROW_NAMES[6:]]
+    else:
         rows.append(Row("trained GRACE (mean)", ModelSpec(trained, "trained GRACE (mean)"), pooling_mode="mean"))
         readout_needs = (f"pooling_mode:{trained_readout}",)
         options: dict[str, Any] = {}
@@ -437,8 +444,8 @@ def compare(
     runnable = []
     for row in rows:
         missing = missing_features(row.needs)
-        if missing:
-            reason = f"this grace_st lacks the module option(s) {missing}"
+        if row.skip or missing:
+            reason = row.skip or f"this grace_st lacks the module option(s) {missing}"
             logger.warning("Skipping row %r: %s.", row.label, reason)
             results["skipped"][row.label] = reason
             continue
@@ -659,6 +666,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="k values of the curve. Default: 1 2 4.")
     parser.add_argument("--k-limit", type=int, default=20, help="Pairs per set for the k curve. Default: 20.")
     parser.add_argument("--k-model", default=None, help="Folder for the k curve (default: the untrained backbone).")
+    parser.add_argument("--k-readout", default=None, help="Readout of the k curve (default: the model's).")
     parser.add_argument("--general", action="store_true", help="Also the general-ability check of trained rows.")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads. Default: 1.")
     parser.add_argument("--device", default="cpu")
@@ -703,9 +711,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = f"Spearman of cosine, first {args.limit} pairs per set\n\n" + comparison_markdown(results)
     if args.k_curve:
         options = grace_options(args.trained, args.max_new_tokens, args.system_prompt)
+        if args.k_readout and "summary" in args.k_readout:
+            options["summary_suffix"] = args.summary_suffix
         spec = _spec(args.k_model, "k curve") if args.k_model else _spec(args.backbone, "k curve", **options)
         points = k_curve(
-            spec, load_dev_sets(args.data_dir, args.k_limit), args.k, batch_size=args.batch_size,
+            spec, load_dev_sets(args.data_dir, args.k_limit), args.k, pooling_mode=args.k_readout,
+            batch_size=args.batch_size,
             resamples=args.bootstrap, seed=args.seed, device=args.device,
         )  # fmt: skip
         report["k_curve"] = points

@@ -132,11 +132,13 @@ def test_compare_rows_skips_missing_options_and_gives_paired_deltas(tiny_backbon
         Row("echo", model=echo),
         Row("same as reference", model=none),
         Row("future", model=none, needs=("no_such_option", "pooling_mode:no_such_mode")),
+        Row("not given", skip="no folder given"),
     ]
     saved = []
     results = compare(rows, sets, resamples=100, on_row=lambda r: saved.append(len(r["rows"])))
     assert saved == [1, 2, 3]
     assert "no_such_option" in results["skipped"]["future"] and "future" not in results["rows"]
+    assert results["skipped"]["not given"] == "no folder given"
     delta = results["rows"]["echo"]["delta_vs_promptEOL"]
     assert delta["delta"] == pytest.approx(results["rows"]["echo"]["mean"] - results["rows"][PROMPTEOL_ROW]["mean"])
     same = results["rows"]["same as reference"]["delta_vs_promptEOL"]
@@ -166,7 +168,9 @@ def test_set_readout_switches_the_pooling_of_a_loaded_model(tiny_backbone_dir):
 # --------------------------------------------------------------------------------------------------------- rows
 def test_standard_rows_order_filter_and_trained_settings(tiny_backbone_dir, tmp_path):
     rows = standard_rows(tiny_backbone_dir)
-    assert [r.label for r in rows] == list(comparison.ROW_NAMES[:5])
+    assert [r.label for r in rows] == list(comparison.ROW_NAMES)
+    assert [r.skip is not None for r in rows] == [False] * 5 + [True] * 3
+    assert "--contrastive" in rows[5].skip and "--trained" in rows[6].skip
     prompteol = rows[2]
     options = dict(prompteol.spec.options)
     assert options["prompt_template"] == 'This sentence : "{text}" means in one word:"'
@@ -179,7 +183,7 @@ def test_standard_rows_order_filter_and_trained_settings(tiny_backbone_dir, tmp_
     )
     folder = str(trained)
     rows = standard_rows(tiny_backbone_dir, trained=folder, contrastive=folder, trained_readout="lasttoken")
-    assert [r.label for r in rows] == list(comparison.ROW_NAMES)
+    assert [r.label for r in rows] == list(comparison.ROW_NAMES) and not any(r.skip for r in rows)
     untrained = dict(rows[3].spec.options)
     assert untrained["system_prompt"] == "Say what it means." and untrained["max_new_tokens"] == 12
     assert rows[-1].pooling_mode == "lasttoken" and rows[-2].pooling_mode == "mean"
