@@ -39,6 +39,7 @@ import numpy as np
 
 from grace_st.backbone import resolve_backbone
 from grace_st.diagnostics import RationaleStats
+from grace_st.factory import PROMPTEOL_OPTIONS
 from grace_st.hub import DIAGNOSTICS_FOLDER, GRACE_CITATION, folder_revision
 from grace_st.local_tasks import EVAL_EXTRA, load_task_spec, resolve_tasks
 from grace_st.model_kind import folder_kind, folder_parameters, is_grace_model
@@ -172,8 +173,9 @@ def _experiment_kwargs(kind: str, options: dict[str, Any]) -> dict[str, Any] | N
     ``settings``, beside the readable mode and length, so results of other defaults are never reused.
     """
     experiment: dict[str, Any] = dict(options)
-    if "system_prompt" in experiment:
-        experiment["system_prompt"] = _short_hash(experiment["system_prompt"])
+    for name in ("system_prompt", "prompt_template", "summary_suffix"):
+        if name in experiment:
+            experiment[name] = _short_hash(experiment[name])
     if kind == "backbone":
         effective = {**_transformer_defaults(), **options}
         experiment = {
@@ -181,7 +183,7 @@ def _experiment_kwargs(kind: str, options: dict[str, Any]) -> dict[str, Any] | N
             "rationale_mode": effective["rationale_mode"],
             "max_new_tokens": effective["max_new_tokens"],
             **experiment,
-            "settings": _short_hash({**effective, "pooling_mode": "mean"}),
+            "settings": _short_hash({"pooling_mode": "mean", **effective}),
         }
     return experiment or None
 
@@ -214,7 +216,7 @@ def build_model_meta(spec: ModelSpec, folder: Path, hub_commit: str | None = Non
         raise ValueError(
             f"GRACE options {sorted(options)} given for {spec.name_or_path!r}, which is not a GRACE model."
         )
-    valid = list(_transformer_defaults())
+    valid = list(_transformer_defaults()) + (["pooling_mode"] if kind == "backbone" else [])
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"Unknown GRACE option(s) {unknown}; valid: {valid}.")
@@ -538,12 +540,14 @@ def standard_rows(
         **options: further GRACE options for the backbone rows (``system_prompt``...).
 
     Returns:
-        no-rationale, echo, untrained GRACE, then +CL and trained GRACE when given.
+        no-rationale, echo, PromptEOL (``grace_st.factory.PROMPTEOL_OPTIONS``), untrained GRACE, then +CL and
+        trained GRACE when given.
     """
     generate = tuple(sorted({**options, "max_new_tokens": max_new_tokens}.items()))
     rows = [
         ModelSpec(backbone, "no rationale", tuple(sorted({**options, "rationale_mode": "none"}.items()))),
         ModelSpec(backbone, "echo", tuple(sorted({**options, "rationale_mode": "echo"}.items()))),
+        ModelSpec(backbone, "PromptEOL", tuple(sorted(PROMPTEOL_OPTIONS.items()))),
         ModelSpec(
             backbone, "untrained GRACE", tuple(sorted({**dict(generate), "rationale_mode": "generate"}.items()))
         ),

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
+from grace_st._options import PROMPTEOL_TEMPLATE
 from grace_st.modeling import RationalePooling, Transformer, load_backbone
+
+# PromptEOL (Jiang et al., 2023) as options of the same modules: the raw prompt (no chat template), no rationale, the
+# state of its last token. ``from_backbone(backbone, **PROMPTEOL_OPTIONS)``.
+PROMPTEOL_OPTIONS: dict[str, Any] = {
+    "rationale_mode": "none",
+    "chat_template": False,
+    "system_prompt": "",
+    "prompt_template": PROMPTEOL_TEMPLATE,
+    "pooling_mode": "lasttoken",
+}
 
 _TRANSFORMER_OPTIONS = [
     name for name in inspect.signature(Transformer.__init__).parameters if name not in ("self", "model", "tokenizer")
@@ -19,7 +30,7 @@ _TRANSFORMER_OPTIONS = [
 def from_backbone(
     name_or_path: str,
     *,
-    pooling_mode: Literal["mean", "lasttoken"] = "mean",
+    pooling_mode: str = "mean",
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
     prompts: dict[str, str] | None = None,
@@ -33,7 +44,8 @@ def from_backbone(
     Args:
         name_or_path: local folder or Hub id of an instruction-tuned causal LM with a chat template
             (e.g. ``grace_st.default_backbone()`` or ``"Qwen/Qwen2.5-1.5B-Instruct"``).
-        pooling_mode: ``"mean"`` (GRACE) or ``"lasttoken"``. Defaults to ``"mean"``.
+        pooling_mode: ``"mean"`` (GRACE), ``"lasttoken"``, ``"summary"`` or ``"mean+summary"`` (see
+            :class:`grace_st.RationalePooling`). Defaults to ``"mean"``.
         device: e.g. ``"cpu"``, ``"cuda"``; None picks what sentence-transformers picks.
         dtype: weights dtype. None gives bfloat16 on CUDA and float32 elsewhere.
         prompts: sentence-transformers prompts (e.g. ``{"query": "...", "document": ""}``), saved with the model;
@@ -42,9 +54,10 @@ def from_backbone(
         model_kwargs: extra arguments for ``AutoModelForCausalLM.from_pretrained``
             (``revision``, ``attn_implementation``...).
         processor_kwargs: extra arguments for ``AutoTokenizer.from_pretrained``.
-        **options: :class:`grace_st.Transformer` options: ``system_prompt``, ``rationale_mode``, ``max_new_tokens``,
-            ``max_input_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
-            ``single_pass`` (each type- and range-checked).
+        **options: :class:`grace_st.Transformer` options: ``system_prompt``, ``prompt_template``, ``chat_template``,
+            ``rationale_mode``, ``max_new_tokens``, ``max_input_tokens``, ``do_sample``, ``temperature``, ``top_p``,
+            ``top_k``, ``repetition_penalty``, ``single_pass``, ``summary_suffix``, ``num_rationales`` (each type-
+            and range-checked). PromptEOL: ``**PROMPTEOL_OPTIONS``.
 
     Returns:
         A ``SentenceTransformer``. Rationales: :func:`grace_st.encode_corpus`, or
@@ -75,7 +88,7 @@ def build_grace_model(
     model: Any,
     tokenizer: Any,
     *,
-    pooling_mode: Literal["mean", "lasttoken"] = "mean",
+    pooling_mode: str = "mean",
     device: str | None = None,
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,
@@ -89,7 +102,7 @@ def build_grace_model(
     Args:
         model: the causal LM (a ``PreTrainedModel`` without adapters).
         tokenizer: its tokenizer (with a chat template).
-        pooling_mode: ``"mean"`` (GRACE) or ``"lasttoken"``. Defaults to ``"mean"``.
+        pooling_mode: a :class:`grace_st.RationalePooling` mode. Defaults to ``"mean"``.
         device: None keeps the LM's device.
         prompts: sentence-transformers prompts saved with the model.
         default_prompt_name: name of the prompt used when none is given.

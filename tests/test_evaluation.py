@@ -26,6 +26,7 @@ from grace_st.evaluation import (  # noqa: E402
     main,
     standard_rows,
 )
+from grace_st.factory import PROMPTEOL_OPTIONS  # noqa: E402
 from grace_st.local_tasks import load_task_spec  # noqa: E402
 
 SYSTEM_PROMPT = "Say what the text is about."
@@ -83,12 +84,14 @@ def test_model_spec_parse_and_labels():
     assert [row.label for row in rows] == [
         "no rationale",
         "echo",
+        "PromptEOL",
         "untrained GRACE",
         "contrastive (+CL)",
         "trained GRACE",
     ]
-    assert dict(rows[2].options) == {"max_new_tokens": 8, "rationale_mode": "generate", "system_prompt": "p"}
-    assert dict(rows[1].options) == {"rationale_mode": "echo", "system_prompt": "p"} and rows[3].options == ()
+    assert dict(rows[3].options) == {"max_new_tokens": 8, "rationale_mode": "generate", "system_prompt": "p"}
+    assert dict(rows[1].options) == {"rationale_mode": "echo", "system_prompt": "p"} and rows[4].options == ()
+    assert dict(rows[2].options) == PROMPTEOL_OPTIONS  # its own prompt, not the GRACE system prompt
 
 
 def test_model_meta_and_cache_key(tiny_grace_dir, tiny_backbone_dir):
@@ -258,6 +261,7 @@ def test_command_line_baselines_use_the_model_prompt(tiny_grace_dir, tiny_backbo
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
         "no rationale",
         "echo",
+        "PromptEOL",
         "untrained GRACE",
         f"local/{Path(tiny_grace_dir).name}",
     ]

@@ -6,7 +6,7 @@ Usage:
 
 Steps (no network needed; the data is bundled in grace_st/data/):
 1. scores the cheap baselines on the bundled dev triplets: no rationale, echo (the text repeated as its "rationale"),
-   and the untrained GRACE model;
+   PromptEOL (the backbone asked for the text's meaning in one word) and the untrained GRACE model;
 2. trains the "+CL" baseline (same backbone and pooling, MultipleNegativesRankingLoss) on the bundled training set;
 3. trains GRACE with GRPO (training/configs/demo.yaml: LoRA, 2 documents x 4 rollouts, 24 steps; a 30-minute cap
    guards against a stuck run and is reported when it cuts training short);
@@ -44,6 +44,7 @@ from grace_st.backbone import resolve_backbone
 from grace_st.config import GraceDataArguments, GraceGRPOConfig
 from grace_st.contrastive import train_contrastive
 from grace_st.data import demo_data_path, load_triplets
+from grace_st.factory import PROMPTEOL_OPTIONS
 from grace_st.quickeval import format_table, triplet_scores
 from grace_st.trainer import run_training
 
@@ -194,6 +195,7 @@ def main() -> None:
     print("[1/3] baselines on the dev set")
     score("no rationale", grace_st.from_backbone(backbone, rationale_mode="none", device="cpu", **inference))
     score("echo", grace_st.from_backbone(backbone, rationale_mode="echo", device="cpu", **inference))
+    score("PromptEOL", grace_st.from_backbone(backbone, device="cpu", **PROMPTEOL_OPTIONS))
     score("GRACE untrained", grace_st.from_backbone(backbone, device="cpu", **inference))
 
     if not cli.no_contrastive:
