@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from grace_st._options import PROMPTEOL_TEMPLATE, SUMMARY_SUFFIX
+from grace_st._options import SUMMARY_SUFFIX
+from grace_st.factory import PROMPTEOL_OPTIONS
 from grace_st.readers import Pair, read_pairs, resolve_data_path
 from grace_st.tables import format_cell, markdown_table
 
@@ -281,15 +282,8 @@ def standard_rows(
         Row("echo", _spec(backbone, "echo", **chat, rationale_mode="echo")),
         Row(
             PROMPTEOL_ROW,
-            _spec(
-                backbone,
-                PROMPTEOL_ROW,
-                rationale_mode="none",
-                chat_template=False,
-                system_prompt="",
-                prompt_template=PROMPTEOL_TEMPLATE,
-            ),
-            pooling_mode="lasttoken",
+            _spec(backbone, PROMPTEOL_ROW, **{k: v for k, v in PROMPTEOL_OPTIONS.items() if k != "pooling_mode"}),
+            pooling_mode=PROMPTEOL_OPTIONS["pooling_mode"],
             needs=("prompt_template", "chat_template"),
         ),
         Row("untrained GRACE (mean)", _spec(backbone, "untrained GRACE (mean)", **generate)),

@@ -59,6 +59,7 @@ def train_contrastive(
     peft_config=None,
     max_minutes: float | None = None,
     record: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> SentenceTransformer:
     """Fine-tune ``[Transformer(rationale_mode="none"), RationalePooling, Normalize]`` with MNRL and save it.
 
@@ -82,6 +83,9 @@ def train_contrastive(
             it; GRACE's ``max_train_minutes`` callback); None: no budget. Give enough ``epochs`` for the budget to be
             the limit.
         record: extra facts to save in :data:`TRAINING_RECORD` (e.g. the GRACE config the budget comes from).
+        options: further :class:`grace_st.Transformer` options (``prompt_template``, ``summary_suffix``,
+            ``max_input_tokens``...), e.g. those of the GRACE run, so a summary readout trains the same readout;
+            ``rationale_mode`` is always ``"none"``.
 
     Returns:
         The trained ``SentenceTransformer`` (also saved to ``output_dir``).
@@ -99,11 +103,13 @@ def train_contrastive(
         isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0
     ):
         raise ValueError(f"max_minutes={max_minutes!r} is not allowed; use a number > 0 or None (no budget).")
-    options = {"rationale_mode": "none"}
+    if options and "rationale_mode" in options:
+        raise ValueError(f"options={options!r}: the +CL baseline has no rationale; leave rationale_mode out.")
+    module_options = {**(options or {}), "rationale_mode": "none"}
     if system_prompt is not None:
-        options["system_prompt"] = system_prompt
+        module_options["system_prompt"] = system_prompt
     device = "cpu" if use_cpu else None
-    model = from_backbone(resolve_backbone(backbone), pooling_mode=pooling_mode, device=device, **options)
+    model = from_backbone(resolve_backbone(backbone), pooling_mode=pooling_mode, device=device, **module_options)
     transformer = model[0]
     if peft_config is not None:
         from peft import get_peft_model
@@ -155,6 +161,7 @@ def train_contrastive(
         "learning_rate": learning_rate,
         "seed": seed,
         "pooling_mode": pooling_mode,
+        "options": module_options,
         "peft_config": None if peft_config is None else _jsonable(peft_config.to_dict()),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

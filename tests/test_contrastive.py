@@ -60,8 +60,26 @@ def test_time_budget_stops_at_the_first_step_past_it_and_is_recorded(tiny_backbo
     record = json.loads((tmp_path / "cl" / TRAINING_RECORD).read_text())
     assert record["steps"] == 1 and record["max_steps"] == 4  # the first step is already past 1e-6 minutes
     assert record["max_minutes"] == 1e-6 and record["minutes"] > 0 and record["note"] == "budget test"
+    with pytest.raises(ValueError, match="no rationale"):
+        train_contrastive(tiny_backbone_dir, dataset, str(tmp_path / "x"), options={"rationale_mode": "echo"})
     with pytest.raises(ValueError, match="max_minutes=0"):
         train_contrastive(tiny_backbone_dir, dataset, str(tmp_path / "x"), max_minutes=0, use_cpu=True)
+
+
+def test_summary_readout_trains_through_the_suffix(tiny_backbone_dir, tmp_path):
+    from grace_st import SUMMARY_SUFFIX
+
+    dataset = load_triplets(demo_data_path("train"), max_rows=8)
+    options = {"summary_suffix": SUMMARY_SUFFIX}
+    before = from_backbone(
+        tiny_backbone_dir, rationale_mode="none", pooling_mode="summary", device="cpu", **options
+    ).encode(["a cat"])
+    model = train_contrastive(
+        tiny_backbone_dir, dataset, str(tmp_path / "cl"), batch_size=4, max_steps=2, learning_rate=1e-2,
+        use_cpu=True, pooling_mode="summary", options=options,
+    )  # fmt: skip
+    assert model[1].pooling_mode == "summary" and model[0].summary_suffix == SUMMARY_SUFFIX
+    assert not np.allclose(before, model.encode(["a cat"])), "the summary readout got no gradient"
 
 
 def _run_script(monkeypatch, argv):
@@ -95,7 +113,8 @@ def test_script_takes_backbone_data_lora_and_budget_from_the_grace_config(
         "max_train_samples": 8,
         "mode": "supervised",
         "system_prompt": "Say what the text means.",
-        "pooling_mode": "lasttoken",
+        "pooling_mode": "summary",
+        "summary_suffix": '\nThis sentence : "{text}" means in one word:"',
         "max_train_minutes": 1e-6,
         "seed": 7,
         "use_cpu": True,
@@ -112,7 +131,8 @@ def test_script_takes_backbone_data_lora_and_budget_from_the_grace_config(
     assert record["steps"] == 1 and record["max_minutes"] == 1e-6 and record["torch_threads"] == 1
     assert record["peft_config"]["r"] == 4 and sorted(record["peft_config"]["target_modules"]) == ["q_proj", "v_proj"]
     loaded = SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
-    assert loaded[0].system_prompt == "Say what the text means." and loaded[1].pooling_mode == "lasttoken"
+    assert loaded[0].system_prompt == "Say what the text means." and loaded[1].pooling_mode == "summary"
+    assert loaded[0].summary_suffix == config["summary_suffix"] and loaded[0].rationale_mode == "none"
     with pytest.raises(SystemExit, match="lora_r"):
         _run_script(monkeypatch, ["--grace_config", str(path), "--output_dir", str(out), "--lora_r", "8"])
     with pytest.raises(ValueError, match="--train_data"):  # the data comes from the GRACE config: not a flag then

@@ -8,10 +8,11 @@ Usage:
     accelerate launch --multi_gpu --num_processes 2 training/train_contrastive.py --train_data demo
 
 With --grace_config (a GRACE training YAML such as training/configs/sick.yaml) the backbone, the training triplets,
-the LoRA adapter, the system prompt, the pooling, the seed, use_cpu and the time budget (its max_train_minutes, unless
---max_minutes is given) come from that config, so the +CL row trains what the GRACE run trains, on the same rows, for
-the same minutes; flags for those settings are then refused. Training stops at the first step past --max_minutes
-(give enough --epochs for the budget to be the limit); the minutes and steps used go to <output_dir>/cl_training.json.
+the LoRA adapter, the system prompt, prompt template, summary suffix and pooling (the readout), the seed, use_cpu and
+the time budget (its max_train_minutes, unless --max_minutes is given) come from that config, so the +CL row trains
+what the GRACE run trains, on the same rows, for the same minutes; flags for those settings are then refused. Training
+stops at the first step past --max_minutes (give enough --epochs for the budget to be the limit); the minutes and steps
+used go to <output_dir>/cl_training.json.
 
 The saved folder is a GRACE SentenceTransformer with rationale_mode="none"; load it with
 SentenceTransformer(path, trust_remote_code=True).
@@ -82,7 +83,7 @@ def main() -> None:
             from peft import LoraConfig
 
             lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=LORA_MODULES, lora_dropout=0.0)
-        record = {}
+        record, options = {}, {}
     else:
         (args,) = HfArgumentParser(ContrastiveArguments).parse_args_into_dataclasses()  # data flags: refused
         given = [name for name in FROM_GRACE_CONFIG if getattr(args, name) is not None]
@@ -106,6 +107,12 @@ def main() -> None:
         }
         lora = get_peft_config(model_args)
         record = {"grace_config": known.grace_config, "train_data": data_args.train_data}
+        # The module options of the GRACE run's saved model that apply without a rationale (same prompt and readout).
+        options = {
+            "prompt_template": grace.prompt_template,
+            "summary_suffix": grace.summary_suffix,
+            "max_input_tokens": grace.max_input_tokens,
+        }
     torch.set_num_threads(args.threads)
     rows = load_training_data(data_args, "supervised")
     dataset = rows.rename_column("prompt", "positive")
@@ -125,6 +132,7 @@ def main() -> None:
         peft_config=lora,
         max_minutes=settings["max_minutes"],
         record=record,
+        options=options,
     )
     print(f"contrastive baseline saved to {args.output_dir} (budget and steps: {args.output_dir}/cl_training.json)")
 
