@@ -1,9 +1,12 @@
 """The issue-14 comparison table on the five dev sets of the data folder (see grace_st.comparison).
 
 Usage:
-    python eval/compare_dev.py --trained outputs/grace-sick/grace-model --contrastive outputs/cl-sick \
-        --out runs/compare --k-curve --k-limit 20 --general
-    python eval/compare_dev.py --rows "no rationale" echo PromptEOL --limit 10 --out runs/compare-dry
+    OMP_NUM_THREADS=1 python eval/compare_dev.py --trained outputs/grace-sick-summary/grace-model \
+        --trained-readout summary --contrastive outputs/cl-sick-summary --out runs/compare --general \
+        --k-curve --k-limit 20
+    OMP_NUM_THREADS=1 python eval/compare_dev.py --rows "no rationale" echo PromptEOL --limit 10 --out runs/dry
+
+All flags: python eval/compare_dev.py --help (the command line is grace_st.comparison.main).
 """
 
 from grace_st.comparison import main

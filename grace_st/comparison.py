@@ -624,14 +624,16 @@ def general_check(
 USAGE = """The issue-14 comparison on the five dev sets of the data folder (Spearman of cosine, first --limit pairs).
 
 Usage:
-    python eval/compare_dev.py --trained outputs/grace-sick/grace-model --contrastive outputs/cl-sick \\
-        --out runs/compare --k-curve --k-limit 20 --general
-    python eval/compare_dev.py --rows "no rationale" echo PromptEOL --limit 10 --out runs/compare-dry   # cheap
+    OMP_NUM_THREADS=1 python eval/compare_dev.py --trained outputs/grace-sick-summary/grace-model \\
+        --trained-readout summary --contrastive outputs/cl-sick-summary --out runs/compare --general \\
+        --k-curve --k-limit 20
+    OMP_NUM_THREADS=1 python eval/compare_dev.py --rows "no rationale" echo PromptEOL --limit 10 --out runs/dry
 
 Writes <out>/comparison.md (the table, also printed) and <out>/comparison.json (every number: per-set Spearman,
-bootstrap intervals, each pair's cosine, rationale diagnostics, timings, the command). Rows: no rationale, echo,
-PromptEOL, untrained GRACE (mean / summary readout), +CL (--contrastive), trained GRACE (mean / --trained-readout).
-Spearman columns are correlations; "–" marks a number that does not exist (no rationale).
+bootstrap intervals, each pair's cosine, rationale diagnostics, timings, the command), after the table and again after
+each further part. Rows: no rationale, echo, PromptEOL, untrained GRACE (mean / summary readout), +CL (--contrastive),
+trained GRACE (mean / --trained-readout); rows without a folder are listed as skipped. The untrained rows use the
+trained folder's system prompt and rationale limit. "–" marks a number that does not exist (no rationale).
 """
 
 
@@ -702,19 +704,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         on_row=save,
     )  # fmt: skip
     save(results)
+    minutes = (time.perf_counter() - started) / 60
     text = f"Spearman of cosine, first {args.limit} pairs per set\n\n" + comparison_markdown(results)
-    if args.k_curve:
-        options = grace_options(args.trained, args.max_new_tokens, args.system_prompt)
-        if args.k_readout and "summary" in args.k_readout:
-            options["summary_suffix"] = args.summary_suffix
-        spec = _spec(args.k_model, "k curve") if args.k_model else _spec(args.backbone, "k curve", **options)
-        points = k_curve(
-            spec, load_dev_sets(args.data_dir, args.k_limit), args.k, pooling_mode=args.k_readout,
-            batch_size=args.batch_size,
-            resamples=args.bootstrap, seed=args.seed, device=args.device,
-        )  # fmt: skip
-        report["k_curve"] = points
-        text += f"\nnum_rationales curve, first {args.k_limit} pairs per set\n\n" + k_curve_markdown(points)
+    text += f"\n{len(results['rows'])} rows in {minutes:.1f} min ({report['machine']}).\n"
+
+    def write(text: str) -> None:  # after each part, so a later failure keeps what was measured
+        report["seconds"] = time.perf_counter() - started
+        report["table"] = text
+        targets[0].write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        targets[1].write_text(text, encoding="utf-8")
+
+    write(text)
     if args.general:
         folders = {
             label: path
@@ -724,13 +724,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if folders:
             report["general"] = general_check(folders, args.backbone, data_dir=args.data_dir, device=args.device)
             text += "\nGeneral abilities (lower perplexity is better)\n\n" + report["general"]["table"]
+            write(text)
         else:
             logger.warning("--general needs --trained or --contrastive; nothing to check.")
-    report["seconds"] = time.perf_counter() - started
-    text += f"\n{len(results['rows'])} rows in {report['seconds'] / 60:.1f} min ({report['machine']}).\n"
-    report["table"] = text
-    targets[0].write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    targets[1].write_text(text, encoding="utf-8")
+    if args.k_curve:
+        options = grace_options(args.trained, args.max_new_tokens, args.system_prompt)
+        if args.k_readout and "summary" in args.k_readout:
+            options["summary_suffix"] = args.summary_suffix
+        spec = _spec(args.k_model, "k curve") if args.k_model else _spec(args.backbone, "k curve", **options)
+        k_started = time.perf_counter()
+        points = k_curve(
+            spec, load_dev_sets(args.data_dir, args.k_limit), args.k, pooling_mode=args.k_readout,
+            batch_size=args.batch_size, resamples=args.bootstrap, seed=args.seed, device=args.device,
+        )  # fmt: skip
+        report["k_curve"] = points
+        text += f"\nnum_rationales curve ({spec.name_or_path}, {dict(spec.options)}), first {args.k_limit} pairs per "
+        text += f"set, {(time.perf_counter() - k_started) / 60:.1f} min\n\n" + k_curve_markdown(points)
+        write(text)
     return report
 
 

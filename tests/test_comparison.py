@@ -293,3 +293,17 @@ def test_k_curve_samples_k_rationales(tiny_backbone_dir):
     points = comparison.k_curve(spec, {"s": _pairs(PAIRS)}, ks=(1, 2), resamples=20)
     assert [p["decoding"] for p in points] == ["greedy", "sampled"]
     assert points[1]["seconds_per_text"] > points[0]["seconds_per_text"]
+
+
+def test_main_with_general_check_and_k_curve(tiny_backbone_dir, tiny_backbone_copy, fake_data, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--backbone", tiny_backbone_dir, "--contrastive", tiny_backbone_copy, "--rows", "+CL (equal budget)"]
+    argv += ["--limit", "4", "--data-dir", str(fake_data), "--out", str(out), "--bootstrap", "20", "--general"]
+    argv += ["--k-curve", "--k", "1", "--k-limit", "3", "--max-new-tokens", "4"]
+    report = comparison.main(argv)
+    saved = json.loads((out / "comparison.json").read_text())
+    assert list(saved["rows"]) == ["+CL (equal budget)"]
+    assert set(saved["general"]["models"]) == {"untrained", "+CL"}
+    assert [p["k"] for p in saved["k_curve"]] == [1] and saved["k_curve"][0]["pairs_per_set"]["SICK trial"] == 3
+    table = (out / "comparison.md").read_text()
+    assert table == report["table"] and "General abilities" in table and "num_rationales curve" in table
