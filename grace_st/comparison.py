@@ -428,7 +428,7 @@ def compare(
         on_row: called with the results so far after each row (e.g. to save them), or None.
 
     Returns:
-        ``{"sets": {name: pairs}, "rows": {label: score_model(...) + delta_vs_promptEOL},
+        ``{"sets": {name: number of pairs}, "rows": {label: score_model(...) + delta_vs_promptEOL},
         "skipped": {label: reason}}``.
     """
     labels = [row.label for row in rows]
