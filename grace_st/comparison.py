@@ -286,7 +286,13 @@ def standard_rows(
             pooling_mode=PROMPTEOL_OPTIONS["pooling_mode"],
             needs=("prompt_template", "chat_template"),
         ),
-        Row("untrained GRACE (mean)", _spec(backbone, "untrained GRACE (mean)", **generate)),
+        # The summary suffix changes neither the rationale nor the mean readout: with it, the two untrained rows are
+        # one model and one generation (see :func:`compare`).
+        Row(
+            "untrained GRACE (mean)",
+            _spec(backbone, "untrained GRACE (mean)", **generate, **summary),
+            pooling_mode="mean",
+        ),
         Row(
             "untrained GRACE (summary)",
             _spec(backbone, "untrained GRACE (summary)", **generate, **summary),
@@ -340,6 +346,29 @@ def _saved_suffix(folder: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
+def _with_readouts(model: SentenceTransformer, readouts: Sequence[str]) -> SentenceTransformer:
+    """A model sharing ``model``'s ``Transformer`` whose ``sentence_embedding`` concatenates the normalised embedding
+    of each readout in ``readouts`` (several readouts from one generation; :func:`score_model` splits them)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    pooling = model[1]
+    poolings = [type(pooling)(**{**pooling.get_config_dict(), "pooling_mode": mode}) for mode in readouts]
+    for each in poolings:
+        each.on_model_ready(model)
+
+    class _Readouts(type(pooling)):
+        def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+            parts = [each(dict(features))["sentence_embedding"].float() for each in poolings]
+            features["sentence_embedding"] = torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in parts], 1)
+            return features
+
+        def get_embedding_dimension(self) -> int:
+            return pooling.get_embedding_dimension() * len(readouts)
+
+    return SentenceTransformer(modules=[model[0], _Readouts(**pooling.get_config_dict())], device=str(model.device))
+
+
 def score_model(
     model: SentenceTransformer,
     dev_sets: dict[str, Sequence[Pair]],
@@ -347,7 +376,8 @@ def score_model(
     batch_size: int = 16,
     resamples: int = 1000,
     seed: int = 0,
-) -> dict[str, Any]:
+    readouts: Sequence[str] | None = None,
+) -> dict[str, Any] | list[dict[str, Any]]:
     """Encode the distinct texts of all sets once and score each set; the bootstrap interval of the mean.
 
     Args:
@@ -356,20 +386,30 @@ def score_model(
         batch_size: encoding batch size. Defaults to 16.
         resamples: bootstrap resamples. Defaults to 1000.
         seed: bootstrap seed. Defaults to 0.
+        readouts: score these pooling modes of a GRACE model from one generation (one result each, in order; the
+            time and diagnostics are the generation's, shared by all); None scores the model as it is.
 
     Returns:
         ``{"spearman": {set: value}, "mean", "ci95": {"low", "high", ...}, "cosines": {set: [...]}, "texts",
         "seconds", "seconds_per_text", "copy_rate", "finish_rate", "mean_length", "examples"}`` (rationale numbers
-        None for models without rationales).
+        None for models without rationales); a list of them with ``readouts``.
     """
     from grace_st.quickeval import encode
 
     if not dev_sets:
         raise ValueError("dev_sets is empty; pass at least one set of pairs.")
     texts = list(dict.fromkeys(text for pairs in dev_sets.values() for pair in pairs for text in pair[:2]))
-    encoded = encode(model, texts, batch_size=batch_size)
+    encoded = encode(model if readouts is None else _with_readouts(model, readouts), texts, batch_size=batch_size)
+    if readouts is None:
+        return _score(encoded, encoded.embeddings, texts, dev_sets, resamples, seed)
+    parts = np.split(encoded.embeddings, len(readouts), axis=1)
+    parts = [part / np.linalg.norm(part, axis=1, keepdims=True) for part in parts]
+    return [{**_score(encoded, part, texts, dev_sets, resamples, seed), "readout": mode} for part, mode in zip(
+        parts, readouts, strict=True)]  # fmt: skip
+
+
+def _score(encoded, vectors, texts, dev_sets, resamples, seed) -> dict[str, Any]:
     row_of = {text: i for i, text in enumerate(texts)}
-    vectors = encoded.embeddings
     cosines, golds = {}, {}
     for name, pairs in dev_sets.items():
         a = vectors[[row_of[pair[0]] for pair in pairs]]
@@ -447,14 +487,25 @@ def compare(
     for row in runnable:  # pre-flight: load every model once
         if row.model is None:
             build_row_model(row, device)
+    # Rows of one model that differ only in their readout share one generation.
+    groups: dict[Any, list[Row]] = {}
     for row in runnable:
-        logger.info("Scoring %r on %d sets.", row.label, len(dev_sets))
-        model = build_row_model(row, device)
-        results["rows"][row.label] = score_model(
-            model, dev_sets, batch_size=batch_size, resamples=resamples, seed=seed
-        )
+        key = (row.spec.name_or_path, row.spec.options) if row.model is None and row.pooling_mode else id(row)
+        groups.setdefault(key, []).append(row)
+    for group in groups.values():
+        logger.info("Scoring %s on %d sets.", [row.label for row in group], len(dev_sets))
+        model = build_row_model(group[0], device)
+        kwargs = {"batch_size": batch_size, "resamples": resamples, "seed": seed}
+        if len(group) == 1:
+            scored = [score_model(model, dev_sets, **kwargs)]
+        else:
+            scored = score_model(model, dev_sets, readouts=[row.pooling_mode for row in group], **kwargs)
         del model
-        logger.info("%s: mean %.4f", row.label, results["rows"][row.label]["mean"])
+        for row, result in zip(group, scored, strict=True):
+            if len(group) > 1:
+                result["shared_generation_with"] = [other.label for other in group if other is not row]
+            results["rows"][row.label] = result
+            logger.info("%s: mean %.4f", row.label, result["mean"])
         if on_row is not None:
             on_row(results)
     reference = results["rows"].get(PROMPTEOL_ROW)

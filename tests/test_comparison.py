@@ -307,3 +307,16 @@ def test_main_with_general_check_and_k_curve(tiny_backbone_dir, tiny_backbone_co
     assert [p["k"] for p in saved["k_curve"]] == [1] and saved["k_curve"][0]["pairs_per_set"]["SICK trial"] == 3
     table = (out / "comparison.md").read_text()
     assert table == report["table"] and "General abilities" in table and "num_rationales curve" in table
+
+
+def test_readouts_of_one_model_share_one_generation_and_equal_separate_scoring(tiny_backbone_dir):
+    labels = ["untrained GRACE (mean)", "untrained GRACE (summary)"]
+    rows = standard_rows(tiny_backbone_dir, max_new_tokens=4, only=labels)
+    sets = {"a": _pairs(PAIRS), "b": _pairs(PAIRS[::-1])}
+    shared = comparison.compare(rows, sets, resamples=20)["rows"]
+    assert shared[labels[0]]["shared_generation_with"] == [labels[1]]
+    for row in rows:  # each row alone: its own model and generation
+        alone = comparison.score_model(comparison.build_row_model(row), sets, resamples=20)
+        assert np.allclose(shared[row.label]["cosines"]["a"], alone["cosines"]["a"], atol=1e-5)
+        assert shared[row.label]["mean"] == pytest.approx(alone["mean"], abs=1e-6)
+    assert shared[labels[0]]["mean"] != pytest.approx(shared[labels[1]]["mean"], abs=1e-3)
