@@ -141,9 +141,9 @@ def train_contrastive(
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_LogToLogger())
     if max_minutes is not None:
-        from grace_st.trainer import _TimeBudget  # the one time-budget callback (GRACE's max_train_minutes)
+        from grace_st.trainer import TimeBudget  # the one time-budget callback (GRACE's max_train_minutes)
 
-        trainer.add_callback(_TimeBudget(max_minutes))
+        trainer.add_callback(TimeBudget(max_minutes))
     started = time.monotonic()
     trainer.train()
     minutes = (time.monotonic() - started) / 60

@@ -192,7 +192,7 @@ class GraceGRPOTrainer(GRPOTrainer):
         # Prompt ids of the latest rollouts, per mode: training may reuse its rollouts after an evaluation.
         self._rollout_prompt_ids: dict[str, set[tuple[int, ...]]] = {}
         if args.max_train_minutes is not None:
-            self.add_callback(_TimeBudget(args.max_train_minutes))
+            self.add_callback(TimeBudget(args.max_train_minutes))
         # First in line: a checkpoint is marked complete as soon as transformers finished it, whatever other
         # callbacks do in their on_save.
         self.callback_handler.callbacks.insert(0, CheckpointCompletion())
@@ -781,7 +781,7 @@ def _unpadded(features: dict[str, Any], n: int) -> list[list[int]]:
     return [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
-class _TimeBudget(TrainerCallback):
+class TimeBudget(TrainerCallback):
     """Stops training once ``minutes`` of wall time have passed since training began (checked after each step)."""
 
     def __init__(self, minutes: float) -> None:
