@@ -66,8 +66,12 @@ ROW_NAMES: tuple[str, ...] = (
     "+CL (equal budget)",
     "trained GRACE (mean)",
     "trained GRACE (best readout)",
+    "trained GRACE (best readout), rationale removed",
 )
 PROMPTEOL_ROW = "PromptEOL"
+# The ablation of issue 14: the trained model's best readout with no rationale written (the summary suffix follows the
+# prompt directly), so the table shows what the rationale adds.
+ABLATION_ROW = "trained GRACE (best readout), rationale removed"
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -317,6 +321,14 @@ def standard_rows(
             Row(
                 "trained GRACE (best readout)",
                 _spec(trained, f"trained GRACE ({trained_readout})", **options),
+                pooling_mode=trained_readout,
+                needs=readout_needs,
+            )
+        )
+        rows.append(
+            Row(
+                ABLATION_ROW,
+                _spec(trained, ABLATION_ROW, **options, rationale_mode="none"),
                 pooling_mode=trained_readout,
                 needs=readout_needs,
             )

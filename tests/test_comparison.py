@@ -169,7 +169,7 @@ def test_set_readout_switches_the_pooling_of_a_loaded_model(tiny_backbone_dir):
 def test_standard_rows_order_filter_and_trained_settings(tiny_backbone_dir, tmp_path):
     rows = standard_rows(tiny_backbone_dir)
     assert [r.label for r in rows] == list(comparison.ROW_NAMES)
-    assert [r.skip is not None for r in rows] == [False] * 5 + [True] * 3
+    assert [r.skip is not None for r in rows] == [False] * 5 + [True] * 4
     assert "--contrastive" in rows[5].skip and "--trained" in rows[6].skip
     prompteol = rows[2]
     options = dict(prompteol.spec.options)
@@ -186,7 +186,9 @@ def test_standard_rows_order_filter_and_trained_settings(tiny_backbone_dir, tmp_
     assert [r.label for r in rows] == list(comparison.ROW_NAMES) and not any(r.skip for r in rows)
     untrained = dict(rows[3].spec.options)
     assert untrained["system_prompt"] == "Say what it means." and untrained["max_new_tokens"] == 12
-    assert rows[-1].pooling_mode == "lasttoken" and rows[-2].pooling_mode == "mean"
+    assert rows[-2].pooling_mode == "lasttoken" and rows[-3].pooling_mode == "mean"
+    ablation = rows[-1]  # the best readout with the rationale removed
+    assert ablation.pooling_mode == "lasttoken" and dict(ablation.spec.options) == {"rationale_mode": "none"}
     assert [r.label for r in standard_rows(tiny_backbone_dir, only=["echo"])] == ["echo"]
     with pytest.raises(ValueError, match="Unknown row name"):
         standard_rows(tiny_backbone_dir, only=["PromptEOL2"])
@@ -224,7 +226,7 @@ def test_summary_row_reads_out_after_the_suffix(tiny_backbone_dir):
 def test_trained_rows_switch_the_readout_of_a_folder(tiny_backbone_dir, tmp_path):
     trained = tmp_path / "trained"
     from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu").save(str(trained))
-    rows = standard_rows(tiny_backbone_dir, trained=str(trained), trained_readout="lasttoken")[-2:]
+    rows = standard_rows(tiny_backbone_dir, trained=str(trained), trained_readout="lasttoken")[-3:-1]
     mean_model, readout_model = (comparison.build_row_model(row) for row in rows)
     assert mean_model[1].pooling_mode == "mean" and readout_model[1].pooling_mode == "lasttoken"
     assert not np.allclose(mean_model.encode(["A dog runs."]), readout_model.encode(["A dog runs."]))
