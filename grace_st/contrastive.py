@@ -58,6 +58,7 @@ def train_contrastive(
     use_cpu: bool | None = None,
     peft_config=None,
     max_minutes: float | None = None,
+    budget_clock: str = "wall",
     record: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
 ) -> SentenceTransformer:
@@ -79,9 +80,11 @@ def train_contrastive(
         use_cpu: force CPU; None trains where sentence-transformers picks.
         peft_config: a ``peft.LoraConfig`` to train an adapter (merged into the saved model) instead of all weights,
             e.g. the same adapter GRACE trains, for a like-for-like comparison.
-        max_minutes: wall-clock budget in minutes, checked after each step (training stops at the first step past
-            it; GRACE's ``max_train_minutes`` callback); None: no budget. Give enough ``epochs`` for the budget to be
-            the limit.
+        max_minutes: budget in minutes, checked after each step (training stops at the first step past it;
+            :class:`grace_st.trainer.TimeBudget`); None: no budget. Give enough ``epochs`` for the budget to be the
+            limit. With a budget the learning rate is constant (no warmup: the step count is not known).
+        budget_clock: ``"wall"`` or ``"cpu"`` (this process's CPU time: equal budgets on a shared machine).
+            Defaults to ``"wall"``.
         record: extra facts to save in :data:`TRAINING_RECORD` (e.g. the GRACE config the budget comes from).
         options: further :class:`grace_st.Transformer` options (``prompt_template``, ``summary_suffix``,
             ``max_input_tokens``...), e.g. those of the GRACE run, so a summary readout trains the same readout;
@@ -125,7 +128,9 @@ def train_contrastive(
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
-        warmup_steps=0.1,  # a float is a ratio of the total steps
+        # A time budget cannot know its step count: a constant rate, as the GRACE recipes use; else 10 % warmup.
+        warmup_steps=0 if max_minutes is not None else 0.1,  # a float is a ratio of the total steps
+        lr_scheduler_type="constant" if max_minutes is not None else "linear",
         save_strategy="no",
         report_to="none",
         logging_steps=1,
@@ -143,17 +148,19 @@ def train_contrastive(
     if max_minutes is not None:
         from grace_st.trainer import TimeBudget  # the one time-budget callback (GRACE's max_train_minutes)
 
-        trainer.add_callback(TimeBudget(max_minutes))
-    started = time.monotonic()
+        trainer.add_callback(TimeBudget(max_minutes, clock=budget_clock))
+    started, cpu_started = time.monotonic(), time.process_time()
     trainer.train()
-    minutes = (time.monotonic() - started) / 60
+    minutes, cpu_minutes = (time.monotonic() - started) / 60, (time.process_time() - cpu_started) / 60
     if peft_config is not None:
         transformer.model = transformer.model.merge_and_unload()
     model.save(output_dir)
     facts = {
         **(record or {}),
         "max_minutes": max_minutes,
+        "budget_clock": budget_clock,
         "minutes": minutes,
+        "cpu_minutes": cpu_minutes,
         "steps": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "epochs": trainer.state.epoch,

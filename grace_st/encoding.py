@@ -43,15 +43,16 @@ class EncodedCorpus:
 
     Attributes:
         embeddings: ``(n, dim)`` float32 on the CPU.
-        rationales: rationale text per text (``""`` in rationale_mode ``"none"`` and for models that are not GRACE).
+        rationales: rationale text per text (``""`` in rationale_mode ``"none"`` and for models that are not GRACE);
+            with ``num_rationales=k > 1``, a list of the k rationale texts per text (and so for the two fields below).
         rationale_ids: rationale token ids per text, the closing EOS excluded.
         finished: per text, True where the rationale ended with an EOS before ``max_new_tokens``.
     """
 
     embeddings: np.ndarray
-    rationales: list[str]
-    rationale_ids: list[list[int]]
-    finished: list[bool]
+    rationales: list[str] | list[list[str]]
+    rationale_ids: list[list[int]] | list[list[list[int]]]
+    finished: list[bool] | list[list[bool]]
 
 
 def encode_corpus(
@@ -92,6 +93,9 @@ def encode_corpus(
     if cache_dir is not None and not is_grace:
         raise ValueError(f"cache_dir needs a GRACE model; the first module is {type(module).__name__}.")
     prompt = resolve_prompt(model, prompt, prompt_name)
+    k = getattr(module, "num_rationales", 1) if is_grace else 1
+    if cache_dir is not None and k > 1:
+        raise ValueError(f"cache_dir is not supported with num_rationales={k} > 1; encode without a cache.")
     unique = list(dict.fromkeys(texts))
     entries: list[CacheEntry | None] = [None] * len(unique)
     keys: list[str] = []
@@ -113,8 +117,12 @@ def encode_corpus(
     where = {text: i for i, text in enumerate(unique)}
     order = [where[text] for text in texts]
     # A finished rationale's last id is the EOS that closed it.
-    ids_of = [entry.ids[: len(entry.ids) - int(entry.finished)].tolist() for entry in entries]
-    texts_of = [module.decode_ids(ids) if is_grace else "" for ids in ids_of]
+    if k > 1:
+        ids_of = [[r[: len(r) - int(f)].tolist() for r, f in zip(e.ids, e.finished, strict=True)] for e in entries]
+        texts_of = [[module.decode_ids(ids) for ids in rows] for rows in ids_of]
+    else:
+        ids_of = [entry.ids[: len(entry.ids) - int(entry.finished)].tolist() for entry in entries]
+        texts_of = [module.decode_ids(ids) if is_grace else "" for ids in ids_of]
     return EncodedCorpus(
         embeddings=np.ascontiguousarray(rows[order], dtype=np.float32),
         rationales=[texts_of[i] for i in order],
@@ -126,11 +134,12 @@ def encode_corpus(
 @dataclass
 class CacheEntry:
     """One text's cached result: the model's embedding (before optional normalisation), its rationale ids (closing
-    EOS included, as the model wrote them) and whether the rationale finished."""
+    EOS included, as the model wrote them) and whether the rationale finished (with ``num_rationales=k > 1``, never
+    cached: a list of k id arrays and of k flags)."""
 
     embedding: np.ndarray
-    ids: np.ndarray
-    finished: bool
+    ids: np.ndarray | list[np.ndarray]
+    finished: bool | list[bool]
 
 
 def _encode(model, texts, prompt, batch_size, show_progress_bar, is_grace) -> list[CacheEntry]:
@@ -141,14 +150,16 @@ def _encode(model, texts, prompt, batch_size, show_progress_bar, is_grace) -> li
     items = model.encode(
         texts, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar, output_value=None
     )
-    return [
-        CacheEntry(
-            item["sentence_embedding"].detach().float().cpu().numpy(),
-            item["rationale_ids"][item["rationale_mask"].bool()].cpu().numpy().astype(np.int64),
-            bool(item["rationale_finished"]),
-        )
-        for item in items
-    ]
+    entries = []
+    for item in items:
+        ids, masks, finished = (item[key].cpu() for key in ("rationale_ids", "rationale_mask", "rationale_finished"))
+        embedding = item["sentence_embedding"].detach().float().cpu().numpy()
+        if ids.dim() == 1:
+            entries.append(CacheEntry(embedding, ids[masks.bool()].numpy().astype(np.int64), bool(finished)))
+        else:  # num_rationales > 1: a k axis
+            rows = [row[mask.bool()].numpy().astype(np.int64) for row, mask in zip(ids, masks, strict=True)]
+            entries.append(CacheEntry(embedding, rows, [bool(f) for f in finished]))
+    return entries
 
 
 def resolve_prompt(model, prompt: str | None, prompt_name: str | None) -> str | None:

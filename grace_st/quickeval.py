@@ -61,13 +61,14 @@ def encode(model, texts: Sequence[str], batch_size: int = 16, prompt: str | None
         embeddings = corpus.embeddings
         first = {text: i for i, text in reversed(list(enumerate(texts)))}
         rows = [first[text] for text in unique]
-        stats = rationale_stats(
-            [corpus.rationale_ids[i] for i in rows],
-            model[0].text_token_ids([(prompt or "") + text for text in unique]),
-            [corpus.finished[i] for i in rows],
-            texts=unique,
-            rationales=[corpus.rationales[i] for i in rows],
-        )
+        sources = model[0].text_token_ids([(prompt or "") + text for text in unique])
+        ids, finished, rationales = corpus.rationale_ids, corpus.finished, corpus.rationales
+        ids, finished, rationales = ([field[i] for i in rows] for field in (ids, finished, rationales))
+        k = model[0].num_rationales
+        if k > 1:  # every one of the k rationales of a text counts
+            ids, finished, rationales = ([x for per_text in f for x in per_text] for f in (ids, finished, rationales))
+            sources, unique = ([x for x in field for _ in range(k)] for field in (sources, unique))
+        stats = rationale_stats(ids, sources, finished, texts=unique, rationales=rationales)
     stats.seconds = time.perf_counter() - start
     return Encoded(np.asarray(embeddings, dtype=np.float32), stats)
 

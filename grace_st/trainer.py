@@ -782,17 +782,28 @@ def _unpadded(features: dict[str, Any], n: int) -> list[list[int]]:
 
 
 class TimeBudget(TrainerCallback):
-    """Stops training once ``minutes`` of wall time have passed since training began (checked after each step)."""
+    """Stops training once ``minutes`` have passed since training began (checked after each step).
 
-    def __init__(self, minutes: float) -> None:
+    Args:
+        minutes: the budget.
+        clock: ``"wall"`` (elapsed time) or ``"cpu"`` (this process's CPU time, all threads: an equal budget for runs
+            sharing a machine). Defaults to ``"wall"``.
+    """
+
+    CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
+
+    def __init__(self, minutes: float, clock: str = "wall") -> None:
+        if clock not in self.CLOCKS:
+            raise ValueError(f"clock={clock!r} is not supported; choose one of {sorted(self.CLOCKS)}.")
         self.seconds = minutes * 60.0
+        self.clock = self.CLOCKS[clock]
         self.start: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
+        self.start = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
-        elapsed = 0.0 if self.start is None else time.monotonic() - self.start
+        elapsed = 0.0 if self.start is None else self.clock() - self.start
         if elapsed > self.seconds and not control.should_training_stop:
             logger.warning("Time budget %.1f min reached at step %d; stopping.", self.seconds / 60, state.global_step)
             control.should_training_stop = True

@@ -287,9 +287,6 @@ def test_k_curve_k1_is_the_greedy_untrained_row(tiny_backbone_dir):
         comparison.k_curve(spec, sets, ks=(0,))
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError, strict=True, reason="encode_corpus does not handle num_rationales > 1 outputs yet"
-)
 def test_k_curve_samples_k_rationales(tiny_backbone_dir):
     spec = standard_rows(tiny_backbone_dir, max_new_tokens=4)[3].spec
     points = comparison.k_curve(spec, {"s": _pairs(PAIRS)}, ks=(1, 2), resamples=20)

@@ -137,3 +137,23 @@ def test_script_takes_backbone_data_lora_and_budget_from_the_grace_config(
         _run_script(monkeypatch, ["--grace_config", str(path), "--output_dir", str(out), "--lora_r", "8"])
     with pytest.raises(ValueError, match="--train_data"):  # the data comes from the GRACE config: not a flag then
         _run_script(monkeypatch, ["--grace_config", str(path), "--train_data", "demo"])
+
+
+def test_cpu_budget_and_constant_rate_under_a_budget(tiny_backbone_dir, tmp_path, caplog):
+    import json
+
+    from grace_st.contrastive import TRAINING_RECORD
+
+    dataset = load_triplets(demo_data_path("train"), max_rows=16)
+    caplog.set_level("INFO", logger="grace_st.contrastive")
+    train_contrastive(
+        tiny_backbone_dir, dataset, str(tmp_path / "cl"), batch_size=4, max_steps=40, use_cpu=True,
+        max_minutes=1e-6, budget_clock="cpu", learning_rate=3e-5,
+    )  # fmt: skip
+    record = json.loads((tmp_path / "cl" / TRAINING_RECORD).read_text())
+    assert record["steps"] == 1 and record["budget_clock"] == "cpu" and record["cpu_minutes"] > 0
+    logs = [json.loads(r.getMessage().split(": ", 1)[1]) for r in caplog.records if r.msg.startswith("step")]
+    rates = [log["learning_rate"] for log in logs if "learning_rate" in log]
+    assert rates and rates[0] == pytest.approx(3e-5)  # no warmup under a budget: full rate from the first step
+    with pytest.raises(ValueError, match="clock='gpu'"):
+        train_contrastive(tiny_backbone_dir, dataset, str(tmp_path / "y"), max_minutes=1, budget_clock="gpu")

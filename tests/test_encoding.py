@@ -337,3 +337,19 @@ def test_cache_file_format_is_checked(tmp_path):
     assert cache.get("ab" + "0" * 38, 5) is None
     assert cache.get("cd" + "0" * 38, 4) is None
     json.dumps(got.finished)  # a plain bool
+
+
+def test_encode_corpus_returns_the_k_rationales_of_each_text(tiny_backbone_dir):
+    model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=4, do_sample=True, num_rationales=2, device="cpu")
+    texts = ["A man is playing a guitar.", "Cats sleep.", "A man is playing a guitar."]
+    corpus = grace_st.encode_corpus(model, texts, batch_size=2)
+    assert all(len(r) == 2 and len(i) == 2 and len(f) == 2 for r, i, f in zip(
+        corpus.rationales, corpus.rationale_ids, corpus.finished, strict=True))  # fmt: skip
+    items = model.encode(texts[:2], output_value=None)
+    for item, ids in zip(items, corpus.rationale_ids[:2], strict=True):
+        expected = [r[m.bool()].tolist() for r, m in zip(item["rationale_ids"], item["rationale_mask"], strict=True)]
+        finished = item["rationale_finished"].tolist()
+        assert ids == [row[: len(row) - int(f)] for row, f in zip(expected, finished, strict=True)]
+    assert np.allclose(corpus.embeddings[0], corpus.embeddings[2])
+    with pytest.raises(ValueError, match="cache_dir is not supported with num_rationales=2"):
+        grace_st.encode_corpus(model, texts, cache_dir="unused")

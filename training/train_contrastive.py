@@ -54,7 +54,10 @@ class ContrastiveArguments:
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many steps (-1: run the epochs)."})
     max_minutes: float | None = field(
-        default=None, metadata={"help": "Wall-clock budget: stop at the first step past it (null: none)."}
+        default=None, metadata={"help": "Budget in minutes: stop at the first step past it (null: none)."}
+    )
+    budget_clock: str = field(
+        default="wall", metadata={"help": "'wall' or 'cpu' (this process's CPU minutes: equal budgets on a busy CPU)."}
     )
     seed: int | None = field(default=None, metadata={"help": "Random seed (default 42)."})
     use_cpu: bool | None = field(default=None, metadata={"help": "Train on the CPU even when a GPU is present."})
@@ -131,6 +134,7 @@ def main() -> None:
         use_cpu=settings["use_cpu"],
         peft_config=lora,
         max_minutes=settings["max_minutes"],
+        budget_clock=args.budget_clock,
         record=record,
         options=options,
     )
