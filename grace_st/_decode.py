@@ -181,7 +181,8 @@ def decode(
         temperature: sampling temperature, one value or a ``(batch,)`` tensor (one per row). Defaults to 1.0.
         top_k: top-k cut-off when sampling, 0/None for none.
         top_p: nucleus mass when sampling, 1.0/None for none.
-        counts: if given, ``decode_row_steps`` (rows fed during decoding, suffix steps included), ``prompt_tokens``
+        counts: if given, ``decode_row_steps`` (rows fed during decoding, suffix steps included), ``decode_steps``
+            (decode forward calls: on a CPU each costs a fixed weight read plus a little per row), ``prompt_tokens``
             (prompt positions run through the model, padding included) and, with ``suffix_ids``, ``suffix_tokens``
             (suffix positions run, padding included) are added to it.
         compact_at: finished rows are dropped from the batch once at most this fraction of its rows is still writing
@@ -318,6 +319,7 @@ def decode(
             states[rows[alive], width + length[alive] - 1] = step_states[alive]
             if counts is not None:
                 counts["decode_row_steps"] = counts.get("decode_row_steps", 0) + len(rows)
+                counts["decode_steps"] = counts.get("decode_steps", 0) + 1
             alive = alive & ~torch.isin(token, eos) & (length < max_new_tokens)
             active = alive  # rows with work left: writing, or (with suffixes) feeding their suffix
             if in_suffix is not None:
@@ -428,8 +430,9 @@ def decode_stream(
             to keep prefill padding small.
         max_new_tokens, eos_token_ids, pad_token_id: as in :func:`decode`.
         batch_size: rows decoding at once.
-        counts: if given, ``decode_row_steps`` (rows fed during decoding), ``prompt_tokens`` (prompt positions run,
-            padding included; the prefix once) and ``refills`` are added to it.
+        counts: if given, ``decode_row_steps`` (rows fed during decoding), ``decode_steps`` (decode forward calls),
+            ``prompt_tokens`` (prompt positions run, padding included; the prefix once) and ``refills`` (prefill
+            forward calls after the prefix) are added to it.
         refill_at: refill once at most this fraction of the batch's rows is still writing. Defaults to 0.75.
 
     Returns:
@@ -563,6 +566,7 @@ def decode_stream(
                 gen_states[index[alive], length[alive] - 1] = captured.pop()[alive, -1]
                 if counts is not None:
                     counts["decode_row_steps"] = counts.get("decode_row_steps", 0) + len(rows)
+                    counts["decode_steps"] = counts.get("decode_steps", 0) + 1
                 alive = alive & ~torch.isin(token, eos) & (length < max_new_tokens)
                 logits, position = out.logits[:, -1], position + 1
     finally:
