@@ -15,8 +15,8 @@ the default backbone, greedy decoding, one thread, prints:
       which other processes on a loaded machine disturb less); no embedding or rationale cache between runs;
   (w) the work each path does, counted in an untimed pass: decode forward calls (on a CPU each costs a fixed read
       of the weights plus a little per row, so calls matter more than rows), decode row-steps computed / useful
-      (useful: one per rationale token, the final EOS included), prefix tokens computed / needed (needed: the shared system prompt +
-      user header once) and prompt positions computed / real (padding included);
+      (useful: one per rationale token, the final EOS included), prefix tokens computed / needed (needed: the
+      shared system prompt + user header once) and prompt positions computed / real (padding included);
   and that the engine and continuous batching give the reference's rationales, with the largest embedding
   difference.
 With --extras also (b) single-pass / two-pass encode, (c) half repeats / all unique and (e) peak RSS of encode vs
