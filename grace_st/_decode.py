@@ -409,7 +409,7 @@ def decode_stream(
     pad_token_id: int,
     batch_size: int,
     counts: dict[str, int] | None = None,
-    refill_at: float = 0.75,
+    refill_at: float = 0.875,
 ) -> Any:
     """Greedy rationales for many prompts ``prefix_ids + own_ids[i]`` with continuous batching: yields a
     :class:`StreamRow` per prompt as the rows leave the batch (not in input order).
@@ -433,7 +433,8 @@ def decode_stream(
         counts: if given, ``decode_row_steps`` (rows fed during decoding), ``decode_steps`` (decode forward calls),
             ``prompt_tokens`` (prompt positions run, padding included; the prefix once) and ``refills`` (prefill
             forward calls after the prefix) are added to it.
-        refill_at: refill once at most this fraction of the batch's rows is still writing. Defaults to 0.75.
+        refill_at: refill once at most this fraction of the batch's rows is still writing. Defaults to 0.875 (on
+            this CPU, 0.75-1.0 gave the same CPU time within noise: 64 texts, batch 16, 48 tokens).
 
     Returns:
         A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook.
