@@ -9,6 +9,13 @@ large corpora::
     corpus = encode_corpus(model, texts, batch_size=16, cache_dir="~/.cache/grace-embeddings")
     corpus.embeddings  # (len(texts), dim) float32, in the order of `texts`
     corpus.rationales  # one string per text
+
+GRACE models with greedy decoding on the decode engine are encoded with continuous batching
+(``schedule="continuous"``, the default where it applies, :func:`continuous_reason`): ``batch_size`` rows decode
+together and a row that finishes hands its slot to the next waiting text (``_decode.decode_stream``), instead of the
+batch waiting for its longest rationale; the pooled states go through the model's own modules after the first
+(pooling, normalisation). Embeddings equal ``model.encode``'s (``schedule="batches"``, the reference) within float
+tolerance, rationales are the same greedy ones.
 """
 
 from __future__ import annotations
@@ -22,19 +29,23 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import sentence_transformers
 import torch
 import transformers
+from sentence_transformers.base.modules import Normalize
 
+from grace_st._decode import decode_stream, unsupported_reason
 from grace_st._options import check_texts
 from grace_st.model_kind import is_grace_model
-from grace_st.modeling import __version__
+from grace_st.modeling import RationalePooling, Transformer, __version__
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "grace-embedding-cache-2"  # part of every key: entries of another format are never read
+SCHEDULES = ("continuous", "batches")
 
 
 @dataclass
@@ -65,6 +76,7 @@ def encode_corpus(
     normalize_embeddings: bool = True,
     cache_dir: str | os.PathLike | None = None,
     show_progress_bar: bool | None = None,
+    schedule: Literal["continuous", "batches"] = "continuous",
 ) -> EncodedCorpus:
     """Encode a list of texts: each distinct text is encoded once, cached rows are reused, rationales come back too.
 
@@ -78,7 +90,10 @@ def encode_corpus(
         normalize_embeddings: L2-normalise the rows. Defaults to True.
         cache_dir: folder of an on-disk :class:`EmbeddingCache` shared across calls and processes; None (the default)
             caches nothing. A folder that cannot be written is warned about and the embeddings are still returned.
-        show_progress_bar: passed to ``model.encode``.
+        show_progress_bar: passed to ``model.encode`` (a progress bar over texts with continuous batching).
+        schedule: ``"continuous"`` (default): continuous batching where :func:`continuous_reason` allows it, else
+            ``model.encode``; ``"batches"``: always ``model.encode`` (one batch of ``batch_size`` texts at a time; the
+            reference). Both give the same cached entries.
 
     Returns:
         An :class:`EncodedCorpus`.
@@ -88,6 +103,10 @@ def encode_corpus(
             unknown ``prompt_name``; ``cache_dir`` with a model that is not GRACE.
     """
     texts = check_texts(texts)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not supported; choose one of {SCHEDULES}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1.")
     module = model[0]
     is_grace = is_grace_model(model)
     if cache_dir is not None and not is_grace:
@@ -105,7 +124,11 @@ def encode_corpus(
         entries = [cache.get(key, model.get_embedding_dimension()) for key in keys]
     missing = [i for i, entry in enumerate(entries) if entry is None]
     if missing:
-        fresh = _encode(model, [unique[i] for i in missing], prompt, batch_size, show_progress_bar, is_grace)
+        todo = [unique[i] for i in missing]
+        if is_grace and schedule == "continuous" and continuous_reason(model) is None:
+            fresh = _encode_continuous(model, todo, prompt, batch_size, show_progress_bar)
+        else:
+            fresh = _encode(model, todo, prompt, batch_size, show_progress_bar, is_grace)
         for i, entry in zip(missing, fresh, strict=True):
             entries[i] = entry
             if cache is not None:
@@ -160,6 +183,117 @@ def _encode(model, texts, prompt, batch_size, show_progress_bar, is_grace) -> li
             rows = [row[mask.bool()].numpy().astype(np.int64) for row, mask in zip(ids, masks, strict=True)]
             entries.append(CacheEntry(embedding, rows, [bool(f) for f in finished]))
     return entries
+
+
+def continuous_reason(model) -> str | None:
+    """Why :func:`encode_corpus` cannot use continuous batching for ``model`` (then it calls ``model.encode``), or
+    None if it can: a GRACE ``Transformer`` writing greedy rationales with the decode engine and the single-pass
+    states, followed only by ``RationalePooling`` and ``Normalize``."""
+    module = model[0]
+    if type(module) is not Transformer:
+        return f"the first module is {type(module).__name__}, not grace_st.Transformer"
+    if module.rationale_mode != "generate" or not module.single_pass:
+        return f"rationale_mode={module.rationale_mode!r}, single_pass={module.single_pass!r}"
+    if module.generation_backend is not None or module.decode_path != "engine":
+        return "a generation backend or decode_path other than the engine"
+    if module.do_sample:
+        return "sampling (continuous batching is greedy only)"
+    if module.summary_suffix:
+        return "a summary_suffix (continuous batching feeds no suffix)"
+    others = [type(m).__name__ for m in list(model)[1:] if type(m) not in (RationalePooling, Normalize)]
+    if others:
+        return f"modules {others} after the Transformer (only RationalePooling and Normalize are supported)"
+    if not module.template_pieces()[0]:
+        return "the chat prompt has no prefix before the text"
+    return unsupported_reason(module.model, module.generation_kwargs())
+
+
+def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> list[CacheEntry]:
+    """:func:`_encode` for a GRACE model by continuous batching (``_decode.decode_stream``); the model's modules after
+    the first pool the rows, fed what ``Transformer.forward`` would output for them."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    module = model[0]
+    prefix_len = len(module.template_pieces()[0])
+    # Longest first (as sentence-transformers sorts): similar lengths enter the batch together, little padding.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    own: list[list[int]] = []
+    prefix: list[int] = []
+    for start in range(0, len(order), batch_size):
+        # The module's own tokenization (prompt, truncation and its warning), batch by batch as encode does.
+        features = module.preprocess([texts[i] for i in order[start : start + batch_size]], prompt=prompt)
+        for ids, mask in zip(features["input_ids"], features["attention_mask"], strict=True):
+            real = ids[mask.bool()].tolist()
+            prefix = real[:prefix_len]
+            own.append(real[prefix_len:])
+    kwargs = module.generation_kwargs()
+    eos = kwargs["eos_token_id"]
+    entries: list[CacheEntry | None] = [None] * len(texts)
+    pending = []
+    stream = decode_stream(
+        module.model,
+        prefix,
+        own,
+        max_new_tokens=kwargs["max_new_tokens"],
+        eos_token_ids=[eos] if isinstance(eos, int) else list(eos),
+        pad_token_id=kwargs["pad_token_id"],
+        batch_size=batch_size,
+        counts=module.decode_counts,
+    )
+    with torch.inference_mode(), tqdm(total=len(texts), desc="Texts", disable=not show_progress_bar) as bar:
+        for row in stream:
+            pending.append(row)
+            if len(pending) == batch_size:
+                _pool_rows(model, prefix, own, pending, order, entries)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            _pool_rows(model, prefix, own, pending, order, entries)
+            bar.update(len(pending))
+    return entries
+
+
+def _pool_rows(model, prefix: list[int], own: list[list[int]], rows: list, order: list[int], entries: list) -> None:
+    """Pool finished stream rows with ``model[1:]`` and store their :class:`CacheEntry` at ``entries[order[i]]``.
+
+    The features are those ``Transformer.forward`` writes (each row left-aligned: prompt, rationale, padding)."""
+    module = model[0]
+    pad = module.tokenizer.pad_token_id
+    rationales = module.rationale_batch([row.generated.tolist() for row in rows])
+    lengths = [len(row.states) for row in rows]
+    width, device = max(lengths), rows[0].states.device
+    states = rows[0].states.new_zeros(len(rows), width, rows[0].states.shape[-1])
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for j, row in enumerate(rows):
+        states[j, : lengths[j]] = row.states
+        ids = prefix + own[row.index] + row.generated.tolist()
+        input_ids[j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[j, : lengths[j]] = 1
+    pooling_mask = attention_mask.clone()
+    pooling_mask[:, : len(prefix)] = 0
+    features: dict[str, Any] = {
+        "input_ids": input_ids,
+        "token_embeddings": states,
+        "attention_mask": attention_mask,
+        "pooling_mask": pooling_mask,
+        "text_start": torch.full((len(rows),), len(prefix), dtype=torch.long, device=device),
+        "rationale_ids": rationales.ids.to(device),
+        "rationale_mask": rationales.mask.to(device),
+        "rationale_finished": rationales.finished.to(device),
+    }
+    for later in list(model)[1:]:
+        features = later(features)
+    embeddings = features["sentence_embedding"]
+    if model.truncate_dim is not None:
+        embeddings = embeddings[:, : model.truncate_dim]
+    for j, row in enumerate(rows):
+        entries[order[row.index]] = CacheEntry(
+            embeddings[j].detach().float().cpu().numpy(),
+            row.generated.cpu().numpy().astype(np.int64),
+            bool(rationales.finished[j]),
+        )
 
 
 def resolve_prompt(model, prompt: str | None, prompt_name: str | None) -> str | None:

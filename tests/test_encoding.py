@@ -12,9 +12,18 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+from test_decode import _model, _split_rows
 
 import grace_st
-from grace_st.encoding import CacheEntry, EmbeddingCache, cache_keys, encode_corpus, weights_fingerprint
+import grace_st.encoding
+from grace_st.encoding import (
+    CacheEntry,
+    EmbeddingCache,
+    cache_keys,
+    continuous_reason,
+    encode_corpus,
+    weights_fingerprint,
+)
 
 TEXTS = ["A man is playing a guitar.", "The stock market fell sharply.", "Cats sleep most of the day."]
 
@@ -24,15 +33,22 @@ def model(tiny_backbone_dir):
     return grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=6, device="cpu")
 
 
-def count_generated_rows(model) -> list[int]:
+def count_generated_rows(model, monkeypatch) -> list[int]:
+    """Rows generated from now on, whichever path writes them (model.encode or continuous batching)."""
     rows: list[int] = []
-    original = model[0].generate_rationales  # counts rows whichever decode path writes them
+    original = model[0].generate_rationales
+    stream = grace_st.encoding.decode_stream
 
     def counting_generate(features, *args, **kwargs):
         rows.append(features["input_ids"].shape[0])
         return original(features, *args, **kwargs)
 
+    def counting_stream(model, prefix_ids, own_ids, *args, **kwargs):
+        rows.append(len(own_ids))
+        return stream(model, prefix_ids, own_ids, *args, **kwargs)
+
     model[0].generate_rationales = counting_generate
+    monkeypatch.setattr(grace_st.encoding, "decode_stream", counting_stream)
     return rows
 
 
@@ -41,9 +57,9 @@ def entries(folder) -> list:
 
 
 # ---------------------------------------------------------------- encode_corpus
-def test_encode_corpus_matches_encode_with_rationales_in_the_callers_order(model):
+def test_encode_corpus_matches_encode_with_rationales_in_the_callers_order(model, monkeypatch):
     texts = ["beta", "alpha", "gamma", "alpha", "beta"]
-    rows = count_generated_rows(model)
+    rows = count_generated_rows(model, monkeypatch)
     corpus = encode_corpus(model, texts, batch_size=2)
     assert sum(rows) == 3, "each distinct text is generated once"
     unique = ["beta", "alpha", "gamma"]
@@ -113,9 +129,9 @@ def test_encode_corpus_with_a_model_that_is_not_grace(model, tmp_path):
 
 
 # ---------------------------------------------------------------- the cache
-def test_cache_reuses_entries_and_repairs_corrupt_ones(model, tmp_path):
+def test_cache_reuses_entries_and_repairs_corrupt_ones(model, tmp_path, monkeypatch):
     expected = encode_corpus(model, TEXTS)
-    rows = count_generated_rows(model)
+    rows = count_generated_rows(model, monkeypatch)
     first = encode_corpus(model, TEXTS, cache_dir=tmp_path)
     assert sum(rows) == 3 and len(entries(tmp_path)) == 3
     second = encode_corpus(model, TEXTS, cache_dir=tmp_path)
@@ -328,6 +344,89 @@ def test_item9_a_failed_write_leaves_no_temporary_file(model, tmp_path, monkeypa
     assert any("disk full" in r.getMessage() for r in caplog.records)
 
 
+# ---------------------------------------------------------------- continuous batching
+CORPUS = [
+    t + s for t in TEXTS + ["", "Rain again.", "Birds fly south in winter."] for s in ("", " now", " and then more")
+]
+
+
+def _varied_model(tiny_backbone_dir, **options):
+    """The tiny LM with clear greedy margins and EOS ids that end rows at different steps (some are cut)."""
+    model = _model(tiny_backbone_dir, max_new_tokens=10, **options)
+    _split_rows(model[0], model[0].preprocess(CORPUS[::2]), 10)
+    model[0].decode_path = "engine"
+    return model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"prompt": "Query: "}, {"truncate_dim": 8}, {"pooling_mode": "lasttoken"}, {"attention": "eager"}],
+)
+def test_continuous_batching_equals_the_batch_path(tiny_backbone_dir, options):
+    options = dict(options)
+    prompt, truncate_dim = options.pop("prompt", None), options.pop("truncate_dim", None)
+    pooling_mode = options.pop("pooling_mode", None)
+    model = _varied_model(tiny_backbone_dir, **options)
+    model.truncate_dim = truncate_dim
+    if pooling_mode:
+        model[1].pooling_mode = pooling_mode
+    assert continuous_reason(model) is None
+    model[0].decode_counts = {}
+    new = encode_corpus(model, CORPUS, batch_size=4, prompt=prompt, normalize_embeddings=False)
+    counts, model[0].decode_counts = model[0].decode_counts, {}
+    reference = encode_corpus(
+        model, CORPUS, batch_size=4, prompt=prompt, normalize_embeddings=False, schedule="batches"
+    )
+    assert counts["refills"] > len(CORPUS) / 4, "freed slots were refilled"
+    assert new.rationale_ids == reference.rationale_ids and new.finished == reference.finished
+    assert 0 < sum(new.finished) < len(CORPUS)
+    assert new.embeddings.shape == reference.embeddings.shape == (len(CORPUS), truncate_dim or 32)
+    assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
+    # Fewer decode row-steps than the batch path (which decodes each batch until its longest rationale ends).
+    assert counts["decode_row_steps"] < model[0].decode_counts["decode_row_steps"]
+
+
+def test_continuous_batching_falls_back_where_it_does_not_apply(tiny_backbone_dir, monkeypatch):
+    model = _varied_model(tiny_backbone_dir)
+    expected = encode_corpus(model, CORPUS[:5], schedule="batches")
+    for change, reason in [
+        (lambda m: setattr(m[0], "decode_path", "generate"), "decode_path"),
+        (lambda m: setattr(m[0], "do_sample", True), "sampling"),
+        (lambda m: setattr(m[0], "repetition_penalty", 1.2), "repetition_penalty"),
+        (lambda m: setattr(m[0], "single_pass", False), "single_pass"),
+        (lambda m: m.append(torch.nn.Identity()), "Identity"),
+        (lambda m: setattr(m[0], "summary_suffix", "\nIn one word:"), "summary_suffix"),
+    ]:
+        model = _varied_model(tiny_backbone_dir)
+        change(model)
+        assert reason in continuous_reason(model)
+        if reason in ("decode_path", "single_pass"):  # same embeddings by model.encode; the stream is not called
+            rows = count_generated_rows(model, monkeypatch)
+            got = encode_corpus(model, CORPUS[:5])
+            assert rows == [5] and got.rationale_ids == expected.rationale_ids
+    with pytest.raises(ValueError, match="schedule='fast'.*continuous"):
+        encode_corpus(model, CORPUS[:2], schedule="fast")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        encode_corpus(model, CORPUS[:2], batch_size=0)
+
+
+@pytest.mark.slow
+def test_continuous_batching_equals_the_batch_path_on_the_real_backbone(default_backbone_dir, shared_data):
+    from grace_st.readers import read_pairs
+
+    texts: dict[str, None] = {}
+    for pair in read_pairs(shared_data / "sts2013" / "headlines.test.tsv", format="sts"):
+        texts.update(dict.fromkeys([pair.sentence1, pair.sentence2]))
+    texts = list(texts)[:12]
+    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=24, device="cpu")
+    model[0].decode_counts = {}
+    new = encode_corpus(model, texts, batch_size=4)
+    assert model[0].decode_counts["refills"] >= 3
+    reference = encode_corpus(model, texts, batch_size=4, schedule="batches")
+    assert new.rationales == reference.rationales
+    assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
+
+
 def test_cache_file_format_is_checked(tmp_path):
     cache = EmbeddingCache(tmp_path)
     entry = CacheEntry(np.arange(4, dtype=np.float32), np.array([5, 2], dtype=np.int64), True)
@@ -353,3 +452,12 @@ def test_encode_corpus_returns_the_k_rationales_of_each_text(tiny_backbone_dir):
     assert np.allclose(corpus.embeddings[0], corpus.embeddings[2])
     with pytest.raises(ValueError, match="cache_dir is not supported with num_rationales=2"):
         grace_st.encode_corpus(model, texts, cache_dir="unused")
+
+
+def test_a_summary_readout_model_encodes_through_the_module(tiny_backbone_dir):
+    model = grace_st.from_backbone(
+        tiny_backbone_dir, max_new_tokens=4, summary_suffix="\nIn one word:", pooling_mode="summary", device="cpu"
+    )
+    texts = ["A man is playing a guitar.", "Cats sleep."]
+    corpus = encode_corpus(model, texts)
+    assert np.allclose(corpus.embeddings, model.encode(texts), atol=1e-5)
