@@ -12,10 +12,10 @@ large corpora::
 
 GRACE models with greedy decoding on the decode engine are encoded with continuous batching
 (``schedule="continuous"``, the default where it applies, :func:`continuous_reason`): ``batch_size`` rows decode
-together and a row that finishes hands its slot to the next waiting text (``_decode.decode_stream``), instead of the
-batch waiting for its longest rationale; the pooled states go through the model's own modules after the first
-(pooling, normalisation). Embeddings equal ``model.encode``'s (``schedule="batches"``, the reference) within float
-tolerance, rationales are the same greedy ones.
+together and a row that finishes hands its slot to the next waiting text (:func:`grace_st.streaming.decode_stream`),
+instead of the batch waiting for its longest rationale; the pooled states go through the model's own modules after
+the first (pooling, normalisation). Embeddings equal ``model.encode``'s (``schedule="batches"``, the reference)
+within float tolerance, rationales are the same greedy ones.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ import torch
 import transformers
 from sentence_transformers.base.modules import Normalize
 
-from grace_st._decode import decode_stream, unsupported_reason
+from grace_st._decode import unsupported_reason
 from grace_st._options import check_texts
 from grace_st.model_kind import is_grace_model
 from grace_st.modeling import RationalePooling, Transformer, __version__
+from grace_st.streaming import decode_stream
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +210,8 @@ def continuous_reason(model) -> str | None:
 
 
 def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> list[CacheEntry]:
-    """:func:`_encode` for a GRACE model by continuous batching (``_decode.decode_stream``); the model's modules after
-    the first pool the rows, fed what ``Transformer.forward`` would output for them."""
+    """:func:`_encode` for a GRACE model by continuous batching (:func:`grace_st.streaming.decode_stream`); the model's
+    modules after the first pool the rows, fed what ``Transformer.forward`` would output for them."""
     from tqdm.auto import tqdm
 
     model.eval()

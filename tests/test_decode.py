@@ -15,7 +15,6 @@ import grace_st
 from grace_st._decode import (
     RowTemperature,
     decode,
-    decode_stream,
     generate_plain,
     generate_with_engine,
     generate_with_states,
@@ -472,55 +471,6 @@ def test_suffix_states_equal_the_two_pass_reference_on_the_real_backbone(default
     assert float((out.suffix_states - reference).abs().max()) < 1e-6 * float(reference.abs().max()) * 10
     normalize = torch.nn.functional.normalize
     assert float((normalize(out.suffix_states, dim=-1) - normalize(reference, dim=-1)).abs().max()) < 1e-5
-
-
-# ---------------------------------------------------------------- decode_stream: continuous batching
-@pytest.mark.parametrize("refill_at", [0.0, 0.5, 0.875, 1.0])
-def test_decode_stream_equals_decode(tiny_backbone_dir, refill_at):
-    module = _model(tiny_backbone_dir, max_new_tokens=10)[0]
-    _split_rows(module, module.preprocess(TEXTS), 10)
-    texts = TEXTS * 3
-    features = module.preprocess(texts)
-    prefix_len = len(module.template_pieces()[0])
-    kwargs = module.generation_kwargs()
-    reference = _engine(module, features)
-    pairs = zip(features["input_ids"], features["attention_mask"], strict=True)
-    real = [ids[mask.bool()].tolist() for ids, mask in pairs]
-    counts = {}
-    rows = list(
-        decode_stream(
-            module.model,
-            real[0][:prefix_len],
-            [row[prefix_len:] for row in real],
-            10,
-            kwargs["eos_token_id"],
-            kwargs["pad_token_id"],
-            batch_size=5,
-            counts=counts,
-            refill_at=refill_at,
-        )
-    )
-    assert sorted(row.index for row in rows) == list(range(len(texts)))
-    assert counts["refills"] >= len(texts) // 5 and counts["prompt_tokens"] < features["input_ids"].numel()
-    width = features["input_ids"].shape[1]
-    batch = module.rationale_batch(reference.generated)
-    for row in rows:
-        i, n = row.index, int(batch.mask[row.index].sum())
-        assert row.generated.tolist() == reference.generated[i, :n].tolist()
-        seen = torch.cat([features["attention_mask"][i], batch.mask[i]]).bool()
-        expected = reference.states[i, : width + reference.generated.shape[1]][seen]
-        assert row.states.shape == expected.shape
-        assert float((row.states - expected).abs().max()) < 1e-5
-
-
-def test_decode_stream_arguments_are_checked(tiny_backbone_dir):
-    module = _model(tiny_backbone_dir)[0]
-    with pytest.raises(ValueError, match="at least one token"):
-        next(decode_stream(module.model, [1, 2], [[3], []], 4, [2], 2, batch_size=2))
-    with pytest.raises(ValueError, match="batch_size=0"):
-        next(decode_stream(module.model, [1, 2], [[3]], 4, [2], 2, batch_size=0))
-    with pytest.raises(ValueError, match="refill_at=2"):
-        next(decode_stream(module.model, [1, 2], [[3]], 4, [2], 2, batch_size=1, refill_at=2))
 
 
 @pytest.mark.slow
