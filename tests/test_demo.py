@@ -60,7 +60,13 @@ def test_demo_output_log_and_rerun(tiny_config, tmp_path):
     lines = first.stdout.splitlines()
     table_end = max(i for i, line in enumerate(lines) if line.startswith("|"))
     assert lines[table_end].startswith("| GRACE trained ") and len(lines) - table_end - 1 <= 4
-    header = table_end - 6  # header, rule, no rationale, echo, GRACE untrained, contrastive (+CL), GRACE trained
+    # header, rule, no rationale, echo, PromptEOL, GRACE untrained, contrastive (+CL), GRACE trained
+    header = table_end - 7
+    assert [line.split("|")[1].strip() for line in lines[header + 2 : table_end + 1]][:3] == [
+        "no rationale",
+        "echo",
+        "PromptEOL",
+    ]
     assert lines[header].startswith("| model ") and all(line.startswith("|") for line in lines[header:table_end])
     assert lines[-1].startswith("total time ")
     log = (out / "demo.log").read_text(encoding="utf-8")

@@ -656,6 +656,9 @@ def test_item12_trained_model_folder_carries_its_training_record(tiny_dir, tmp_p
         "temperature": 1.0,
         "query_temperature": 0.4,
         "system_prompt": args.system_prompt,
+        "prompt_template": "{text}",
+        "summary_suffix": "",
+        "pooling_mode": "mean",
     }
     assert record["config"]["copy_penalty"] == 0.25 and record["config"]["output_dir"] == args.output_dir
     card = render_card(path)  # the card reads the record (its display is hub.py's)
