@@ -307,14 +307,7 @@ def decode(
                 next_suffix = suffix_table[rows, suffix_pos.clamp(max=suffix_table.shape[1] - 1)]
                 token = torch.where(in_suffix, next_suffix, token)
             # Feed every row's new token once: its state is part of the embedding.
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            out = model(
-                input_ids=token.unsqueeze(1),
-                attention_mask=mask,
-                position_ids=position.unsqueeze(1),
-                cache=cache,
-                use_cache=True,
-            )
+            out, mask = decode_step(model, token, mask, position, cache)
             step_states = captured.pop()[:, -1]
             states[rows[alive], width + length[alive] - 1] = step_states[alive]
             if counts is not None:
@@ -351,6 +344,14 @@ def decode(
         hook.remove()
     longest = int(lengths.max())
     return DecodeOutput(generated[:, :longest], states[:, : width + longest], suffix_states)
+
+
+def decode_step(model: Any, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any):
+    """Feed one new token per row through the KV cache: ``(model output, attention mask grown by one column)``."""
+    mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
+    ids, position_ids = token.unsqueeze(1), position.unsqueeze(1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+    return out, mask
 
 
 def _suffix_tail(model, cache, captured, mask, position, rows, tail, pad_token_id, counts) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import DynamicCache
 
-from grace_st._decode import pad_rows
+from grace_st._decode import decode_step, pad_rows
 
 
 class StreamRow(NamedTuple):
@@ -187,14 +187,7 @@ def decode_stream(
                 index = torch.arange(len(rows), device=device)
                 generated[index[alive], length[alive]] = token[alive]
                 length = length + alive.long()
-                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                out = model(
-                    input_ids=token.unsqueeze(1),
-                    attention_mask=mask,
-                    position_ids=position.unsqueeze(1),
-                    cache=cache,
-                    use_cache=True,
-                )
+                out, mask = decode_step(model, token, mask, position, cache)
                 gen_states[index[alive], length[alive] - 1] = captured.pop()[alive, -1]
                 if counts is not None:
                     counts["decode_row_steps"] = counts.get("decode_row_steps", 0) + len(rows)

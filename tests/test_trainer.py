@@ -108,6 +108,20 @@ class _Recorder:
         return out
 
 
+def _rollout_and_reward(trainer, rows) -> dict:
+    """One rollout of ``rows`` and its reward; the metrics the reward logged."""
+    out = trainer.grace_rollout(rows)
+    logged, log_metric = _metric_log()
+    trainer.grace_reward(
+        prompts=rows,
+        completions=None,
+        completion_ids=out["completion_ids"],
+        grace_rollouts=[out["grace_rollouts"]] * 4,
+        log_metric=log_metric,
+    )
+    return logged
+
+
 def _metric_log() -> tuple[dict, object]:
     """A stand-in for TRL's ``log_metric`` keyword and the dict it fills."""
     logged: dict[str, float] = {}
@@ -334,15 +348,7 @@ def test_logged_copy_rate_is_token_weighted_and_the_penalty_per_rollout(tiny_dir
 
     trainer.use_vllm = True
     trainer.vllm_generation = FakeVLLMGeneration()
-    out = trainer.grace_rollout(rows)
-    logged, log_metric = _metric_log()
-    trainer.grace_reward(
-        prompts=rows,
-        completions=None,
-        completion_ids=out["completion_ids"],
-        grace_rollouts=[out["grace_rollouts"]] * 4,
-        log_metric=log_metric,
-    )
+    logged = _rollout_and_reward(trainer, rows)
     rationales = [sources[0], [101, 102], [103, 104], [105, 106]]
     weighted = rationale_stats(rationales, sources, [True, True, True, False]).copy_rate
     assert weighted == pytest.approx(len(sources[0]) / (len(sources[0]) + 6))
@@ -351,15 +357,7 @@ def test_logged_copy_rate_is_token_weighted_and_the_penalty_per_rollout(tiny_dir
     assert logged["grace/copy_rate"] == pytest.approx(weighted)
     assert logged["grace/copy_penalty"] == pytest.approx(0.5 * sum(per_rollout) / 4)
     written[:] = [[eos]] * 4  # every rollout empty: no rationale tokens, so the batch has no copy rate to log
-    out = trainer.grace_rollout(rows)
-    logged, log_metric = _metric_log()
-    trainer.grace_reward(
-        prompts=rows,
-        completions=None,
-        completion_ids=out["completion_ids"],
-        grace_rollouts=[out["grace_rollouts"]] * 4,
-        log_metric=log_metric,
-    )
+    logged = _rollout_and_reward(trainer, rows)
     assert "grace/copy_rate" not in logged and logged["grace/copy_penalty"] == 0.0
 
 
