@@ -16,8 +16,10 @@ token, which generation never feeds back) and :func:`generate_with_engine` (:fun
   context it has in the left-padded prompt of ``model.generate`` (the embeddings do not change);
 - every token is fed once (its state is part of the embedding), and finished rows leave the batch (their cache rows
   are dropped) once at most half of the batch's rows are still writing: fewer decode row-steps, one cache copy per
-  halving, and no step with a few rows fewer than a full batch (on MKL, a matrix product with 9-15 rows costs more
-  than one with 16: ``benchmarks/encode_speed.py``).
+  halving;
+- the KV cache is kept in :class:`SpareLayer` layers (a decode step writes its column in place instead of copying
+  the cache), and on a CPU the weights are laid out for few-row products while it runs (:func:`cpu_weight_layout`:
+  in the usual layout, MKL's product with 9-15 rows costs more than one with 16; ``benchmarks/encode_speed.py``).
 
 Supported: decoder-only LMs whose decoder ends with a ``norm`` module (Llama, Qwen2/3, Mistral, ...), ``eager`` or
 ``sdpa`` attention, full attention in every layer (no sliding window), greedy or sampled decoding with temperature
@@ -28,12 +30,16 @@ whose unpadding does not expect padding inside a row; repetition penalty; other 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import threading
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 ENGINE_ATTENTION = ("eager", "sdpa")
@@ -80,6 +86,116 @@ class RowTemperature(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores / self.temperatures.to(device=scores.device, dtype=scores.dtype).unsqueeze(1)
+
+
+class SpareLayer(DynamicLayer):
+    """A full-attention cache layer whose keys/values are views into buffers with ``spare`` free columns after them:
+    a decode step writes its new column in place, where :class:`DynamicLayer` copies the whole layer
+    (``torch.cat``) at every step. When the room runs out the buffers grow by ``spare`` columns again. Values and
+    attention results are identical to :class:`DynamicLayer`'s.
+
+    Args:
+        keys, values: ``(batch, heads, length, head_dim)`` the layer's cached keys/values so far (copied); with
+            ``length``, buffers whose first ``length`` columns hold them (used as they are, no copy).
+        spare: free columns kept after them when the buffers grow (> 0).
+        length: see ``keys``.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int, length: int | None = None) -> None:
+        _check_cache_api()
+        super().__init__()
+        if not isinstance(spare, int) or spare < 1:
+            raise ValueError(f"spare={spare!r} must be an int >= 1.")
+        self.spare = spare
+        self.lazy_initialization(keys, values)
+        if length is None:
+            self._grow(keys, values, keys[:, :, :0], values[:, :, :0])
+        else:
+            self._key_buffer, self._value_buffer = keys, values
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+    def _grow(self, keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor):
+        length = keys.shape[2] + new_keys.shape[2]
+        batch, heads, _, dim = new_keys.shape
+        self._key_buffer = new_keys.new_empty(batch, heads, length + self.spare, dim)
+        self._value_buffer = new_values.new_empty(batch, heads, length + self.spare, values.shape[-1])
+        old = keys.shape[2]
+        self._key_buffer[:, :, :old], self._key_buffer[:, :, old:length] = keys, new_keys
+        self._value_buffer[:, :, :old], self._value_buffer[:, :, old:length] = values, new_values
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start, new = self.keys.shape[2], key_states.shape[2]
+        if start + new > self._key_buffer.shape[2] or key_states.shape[0] != self._key_buffer.shape[0]:
+            self._grow(self.keys, self.values, key_states, value_states)
+        else:
+            self._key_buffer[:, :, start : start + new] = key_states
+            self._value_buffer[:, :, start : start + new] = value_states
+            self.keys = self._key_buffer[:, :, : start + new]
+            self.values = self._value_buffer[:, :, : start + new]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        length = self.keys.shape[2]
+        self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+
+
+@functools.cache
+def _check_cache_api() -> None:
+    """:class:`SpareLayer` overrides :class:`DynamicLayer` methods (public, but their contract may change): fail
+    loudly, naming the tested versions, if their signatures are not the ones it was written against."""
+    expected = {
+        "update": ["self", "key_states", "value_states", "args", "kwargs"],
+        "batch_select_indices": ["self", "indices"],
+        "lazy_initialization": ["self", "key_states", "value_states"],
+    }
+    for name, params in expected.items():
+        found = list(inspect.signature(getattr(DynamicLayer, name)).parameters)
+        if found != params:
+            raise RuntimeError(
+                f"transformers.cache_utils.DynamicLayer.{name} has parameters {found}, not {params} (tested with "
+                "transformers 5.24); grace_st's decode engine overrides it. Install transformers>=5.0,<6 as "
+                "pyproject.toml pins it, or report the new version."
+            )
+
+
+def spare_cache(kv: Any, spare: int) -> Cache:
+    """A :class:`~transformers.Cache` of :class:`SpareLayer` layers holding the ``(keys, values)`` pairs ``kv``."""
+    return Cache(layers=[SpareLayer(keys, values, spare) for keys, values in kv])
+
+
+_LAYOUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def cpu_weight_layout(model: Any) -> Iterator[None]:
+    """While active, the float32 weights of the ``torch.nn.Linear`` modules of a model on a CPU are stored
+    transposed (``[in, out]`` contiguous; the tensors keep their shape and values): ``x @ W.T`` then runs as a plain
+    product, which on MKL costs less at a few rows (a decode step): ``benchmarks/encode_speed.py``. Products may
+    differ from the usual layout's in the last bits. The original tensors are put back on exit (no copy). A no-op on
+    other devices and dtypes, and while another call already holds the layout."""
+    if model.device.type != "cpu" or not _LAYOUT_LOCK.acquire(blocking=False):
+        yield
+        return
+    originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    try:
+        for module in model.modules():
+            weight = getattr(module, "weight", None) if isinstance(module, torch.nn.Linear) else None
+            if (
+                isinstance(weight, torch.nn.Parameter)
+                and id(weight) not in originals
+                and weight.dtype == torch.float32
+                and weight.dim() == 2
+                and weight.is_contiguous()
+            ):
+                originals[id(weight)] = (weight, weight.data)
+                weight.data = weight.data.t().contiguous().t()
+        yield
+    finally:
+        for weight, data in originals.values():
+            weight.data = data
+        _LAYOUT_LOCK.release()
 
 
 def pad_rows(rows: Any, pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +339,8 @@ def decode(
     keeps = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     last_only = {"logits_to_keep": 1} if keeps else {}
     captured: list[torch.Tensor] = []
+    layout = contextlib.ExitStack()
+    layout.enter_context(cpu_weight_layout(model))
     hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
         # The shared prefix, once, for one row.
@@ -233,7 +351,8 @@ def decode(
         prefix_states = captured.pop()
         prefix_kv = [(keys, values) for keys, values, *_ in out.cache]
         # Every row's own tokens after it, padding between prefix and text; positions as in the left-padded prompt.
-        cache = DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_kv])
+        room = own_ids.shape[1] + max_new_tokens + max((len(row) for row in suffix_ids or []), default=0)
+        cache = spare_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_kv], room)
         mask = torch.cat([own_mask.new_ones(batch, prefix_len), own_mask], dim=1)
         positions = (prefix_len + own_mask.cumsum(1) - 1).clamp(min=prefix_len)
         out = model(
@@ -342,6 +461,7 @@ def decode(
                     suffix_pos = suffix_pos[keep]
     finally:
         hook.remove()
+        layout.close()
     longest = int(lengths.max())
     return DecodeOutput(generated[:, :longest], states[:, : width + longest], suffix_states)
 

@@ -228,6 +228,9 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
             real = ids[mask.bool()].tolist()
             prefix = real[:prefix_len]
             own.append(real[prefix_len:])
+    # Then longest first in tokens: rows that enter the batch together are prefilled with less padding.
+    by_tokens = sorted(range(len(own)), key=lambda i: -len(own[i]))
+    order, own = [order[i] for i in by_tokens], [own[i] for i in by_tokens]
     kwargs = module.generation_kwargs()
     eos = kwargs["eos_token_id"]
     entries: list[CacheEntry | None] = [None] * len(texts)

@@ -7,13 +7,87 @@ of ``_decode.py``; this scheduler works over a whole corpus, which sentence-tran
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import logging
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
-from grace_st._decode import decode_step, pad_rows
+from grace_st._decode import SpareLayer, cpu_weight_layout, decode_step, pad_rows, spare_cache
+
+logger = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
+
+
+# torch's own CPU ops for MKL's packed matrix product (private: torch's compiler uses them), as tested (torch 2.13).
+MKL_PACKED_SCHEMAS = {
+    "_mkl_reorder_linear_weight": "mkl::_mkl_reorder_linear_weight(Tensor X, int batch_size) -> Tensor",
+    "_mkl_linear": "mkl::_mkl_linear(Tensor X, Tensor MKL_W, Tensor ORI_W, Tensor? B, int batch_size) -> Tensor",
+}
+
+
+def packing_unsupported_reason(model: Any) -> str | None:
+    """Why :func:`packed_linears` leaves ``model`` as it is, or None if it packs its weights."""
+    if model.device.type != "cpu":
+        return f"the model is on {model.device.type}, not the CPU"
+    if not torch.backends.mkl.is_available():
+        return "this torch build has no MKL"
+    for name, schema in MKL_PACKED_SCHEMAS.items():
+        op = getattr(torch.ops.mkl, name, None)
+        found = str(op.default._schema) if op is not None else None
+        if found != schema:
+            return f"torch.ops.mkl.{name} is {found!r}, not {schema!r} as in torch 2.13 (tested)"
+    return None
+
+
+@contextlib.contextmanager
+def packed_linears(model: Any, rows: int) -> Iterator[None]:
+    """While active, the float32 ``torch.nn.Linear`` modules of a model on a CPU with MKL multiply inputs of exactly
+    ``rows`` rows (a decode step of a full batch) by weights packed once on entry, through torch's own MKL ops
+    (:data:`MKL_PACKED_SCHEMAS`): the usual product re-packs every weight at every call (on this CPU a full
+    16-row decode step then costs ~9 ms less of ~113: ``benchmarks/encode_speed.py``). Other row counts, and
+    modules whose ``forward`` is already replaced (e.g. by accelerate's hooks), use the usual product. The results
+    equal ``torch.nn.functional.linear``'s (tests/test_streaming.py). Where :func:`packing_unsupported_reason` gives a
+    reason, a no-op (logged once). Costs one packed copy of the weights while active."""
+    reason = packing_unsupported_reason(model)
+    if reason is not None:
+        if model.device.type == "cpu" and reason not in _LOGGED:
+            _LOGGED.add(reason)
+            logger.warning("Continuous batching multiplies without packed weights (a little slower): %s.", reason)
+        yield
+        return
+    patched = []
+    try:
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if (
+                isinstance(module, torch.nn.Linear)
+                and "forward" not in vars(module)
+                and isinstance(weight, torch.Tensor)
+                and weight.dtype == torch.float32
+                and weight.dim() == 2
+            ):
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+                module.forward = functools.partial(_packed_forward, module, packed, rows)
+                patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, rows: int, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` by MKL's packed product when ``x`` has ``rows`` rows (torch's op falls back to the usual product
+    with ``module.weight`` otherwise)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.dtype != torch.float32 or flat.shape[0] != rows:
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    out = torch.ops.mkl._mkl_linear(flat, packed, module.weight, module.bias, rows)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class StreamRow(NamedTuple):
@@ -45,14 +119,18 @@ def decode_stream(
     """Greedy rationales for many prompts ``prefix_ids + own_ids[i]`` with continuous batching: yields a
     :class:`StreamRow` per prompt as the rows leave the batch (not in input order).
 
-    At most ``batch_size`` rows decode together. The shared prefix runs once for the whole call. When at most
-    ``refill_at`` of the batch's rows are still writing, the finished rows leave and waiting prompts take their
-    slots: their own tokens are prefilled (together, left-padded after the prefix, as in :func:`decode`) against the
-    prefix's keys/values, and their cache rows join the batch's, right-aligned with the other rows' last column
-    (padding columns between prefix and text are masked; positions are explicit, so every real token has the position
-    and context it has in its own left-padded prompt). Columns masked in every row are dropped at each refill. Once no
-    prompt waits, finished rows leave as in :func:`decode` (at most half the rows writing). The rationales and states
-    equal :func:`decode`'s on the same prompts within float tolerance (batch shapes differ, so do the last bits).
+    At most ``batch_size`` rows decode together. The shared prefix runs once for the whole call. Prompts are
+    prefilled ``batch_size`` at a time, in order, whenever a slot needs one and none is ready: their own tokens in one
+    forward (left-padded after the prefix, as in :func:`decode`) against the prefix's keys/values; they then wait for
+    a slot with their cache rows, so a refill runs no forward of its own. When at most ``refill_at`` of the batch's
+    rows are still writing, the finished rows leave and ready prompts take their slots: their cache rows join the
+    batch's in one copy, right-aligned with the other rows' last column (padding columns between prefix and text are
+    masked; positions are explicit, so every real token has the position and context it has in its own left-padded
+    prompt). Columns masked in every row are dropped at each refill. Once no prompt waits, finished rows leave as in
+    :func:`decode` (at most half the rows writing). The cache keeps free columns (``SpareLayer``); on a CPU the
+    weights are laid out for few-row products (``cpu_weight_layout``) and, with MKL, packed for full batches
+    (:func:`packed_linears`). The rationales and states equal :func:`decode`'s on the same prompts within float
+    tolerance (batch shapes and kernels differ, so do the last bits).
 
     Args:
         model: a causal LM for which :func:`unsupported_reason` is None, in eval mode (greedy decoding only).
@@ -65,7 +143,7 @@ def decode_stream(
             ``prompt_tokens`` (prompt positions run, padding included; the prefix once) and ``refills`` (prefill
             forward calls after the prefix) are added to it.
         refill_at: refill once at most this fraction of the batch's rows is still writing. Defaults to 0.875 (on
-            this CPU, 0.75-1.0 gave the same CPU time within noise: 64 texts, batch 16, 48 tokens).
+            this CPU, 0.875 and 1.0 gave the same time within noise: 64 texts, batch 16, 48 tokens).
 
     Returns:
         A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook.
@@ -83,6 +161,34 @@ def decode_stream(
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     prefix_len = len(prefix_ids)
     captured: list[torch.Tensor] = []
+
+    def prefill(group: list[int]) -> _Prefilled:
+        """The own tokens of prompts ``group`` in one forward, left-padded after the shared prefix's keys/values."""
+        ids, own_mask = pad_rows([own_ids[i] for i in group], pad_token_id, left=True)
+        ids, own_mask = ids.to(device), own_mask.to(device)
+        k = len(group)
+        cache = spare_cache([(a.expand(k, -1, -1, -1), b.expand(k, -1, -1, -1)) for a, b in prefix_kv], ids.shape[1])
+        mask = torch.cat([own_mask.new_ones(k, prefix_len), own_mask], dim=1)
+        positions = (prefix_len + own_mask.cumsum(1) - 1).clamp(min=prefix_len)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **last_only
+        )
+        states = captured.pop()
+        if counts is not None:
+            counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + ids.numel()
+            counts["refills"] = counts.get("refills", 0) + 1
+        return _Prefilled(
+            torch.tensor(group, dtype=torch.long, device=device),
+            [(layer.keys, layer.values) for layer in cache.layers],
+            mask,
+            out.logits[:, -1],
+            positions[:, -1] + 1,
+            [states[j][own_mask[j].bool()] for j in range(k)],
+        )
+
+    layout = contextlib.ExitStack()
+    layout.enter_context(packed_linears(model, min(batch_size, len(own_ids))))
+    layout.enter_context(cpu_weight_layout(model))
     hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
         with torch.no_grad():
@@ -96,14 +202,18 @@ def decode_stream(
             prefix_kv = [(keys, values) for keys, values, *_ in out.cache]
             if counts is not None:
                 counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + prefix_len
-            waiting = 0  # next row of own_ids to enter
+            next_prompt = 0  # next row of own_ids to prefill
+            ready: _Prefilled | None = None  # prefilled prompts waiting for a slot
             # Batch state, one entry per batch row.
-            cache: DynamicCache | None = None
-            mask = rows = alive = length = position = logits = own_states = generated = gen_states = None
+            cache: Cache | None = None
+            kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+            mask = rows = alive = length = position = logits = generated = gen_states = None
+            own_states: list[torch.Tensor] = []
             while True:
                 n_alive = 0 if alive is None else int(alive.sum())
                 n_rows = 0 if rows is None else len(rows)
-                refill = waiting < len(own_ids) and n_alive <= refill_at * n_rows and n_alive < batch_size
+                waiting = next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)
+                refill = waiting and n_alive <= refill_at * n_rows and n_alive < batch_size
                 compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= 0.5 * n_rows)
                 if n_rows and (refill or compact):
                     # Finished rows leave the batch (and are handed out).
@@ -118,70 +228,50 @@ def decode_stream(
                     rows, alive, length, position, logits = (t[keep] for t in (rows, alive, length, position, logits))
                     generated, gen_states, mask = generated[keep], gen_states[keep], mask[keep]
                     own_states = [own_states[i] for i in keep.tolist()]
-                    kv = [(k[keep], v[keep]) for k, v, *_ in cache]
+                    kept = [
+                        (layer.keys.index_select(0, keep), layer.values.index_select(0, keep))
+                        for layer in cache.layers
+                    ]
                     live = mask.bool().any(dim=0)  # columns some row still attends to
                     if not bool(live.all()):
-                        mask = mask[:, live]
-                        kv = [(k[:, :, live], v[:, :, live]) for k, v in kv]
-                    cache = DynamicCache(kv)
+                        mask, columns = mask[:, live], live.nonzero().squeeze(1)
+                        kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in kept]
+                    # With a refill the kept rows go straight into the joined cache below.
+                    cache = None if refill else _joined_cache([kept], mask.shape[1], max_new_tokens)
                     n_rows = len(rows)
-                if n_rows == 0 and waiting >= len(own_ids):
+                if n_rows == 0 and not waiting:
                     break
                 if refill:
-                    new = list(range(waiting, min(len(own_ids), waiting + batch_size - n_rows)))
-                    waiting = new[-1] + 1
-                    ids, new_mask = pad_rows([own_ids[i] for i in new], pad_token_id, left=True)
-                    ids, new_mask = ids.to(device), new_mask.to(device)
-                    k = len(new)
-                    new_cache = DynamicCache(
-                        [(a.expand(k, -1, -1, -1), b.expand(k, -1, -1, -1)) for a, b in prefix_kv]
+                    # Free slots take prefilled prompts (prefilled batch_size at a time when none is ready).
+                    parts: list[_Prefilled] = []
+                    need = batch_size - n_rows
+                    while need > 0 and (next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)):
+                        if ready is None or len(ready.rows) == 0:
+                            group = list(range(next_prompt, min(len(own_ids), next_prompt + batch_size)))
+                            next_prompt = group[-1] + 1
+                            ready = prefill(group)
+                        part, ready = ready.split(need)
+                        parts.append(part)
+                        need -= len(part.rows)
+                    # Right-align every group's columns: masked zero columns on the left of the narrower ones.
+                    groups = ([kept] if n_rows else []) + [part.kv for part in parts]
+                    masks = ([mask] if n_rows else []) + [part.mask for part in parts]
+                    width = max(m.shape[1] for m in masks)
+                    cache = _joined_cache(groups, width, max_new_tokens)
+                    mask = torch.cat([_left_pad(m, width) for m in masks], dim=0)
+                    k = sum(len(part.rows) for part in parts)
+                    own_states = own_states + [state for part in parts for state in part.own_states]
+                    rows = torch.cat(([rows] if n_rows else []) + [part.rows for part in parts])
+                    logits = torch.cat(([logits] if n_rows else []) + [part.logits for part in parts])
+                    position = torch.cat(([position] if n_rows else []) + [part.position for part in parts])
+                    alive = torch.cat(([alive] if n_rows else []) + [torch.ones(k, dtype=torch.bool, device=device)])
+                    length = torch.cat(
+                        ([length] if n_rows else []) + [torch.zeros(k, dtype=torch.long, device=device)]
                     )
-                    full_mask = torch.cat([new_mask.new_ones(k, prefix_len), new_mask], dim=1)
-                    positions = (prefix_len + new_mask.cumsum(1) - 1).clamp(min=prefix_len)
-                    out = model(
-                        input_ids=ids,
-                        attention_mask=full_mask,
-                        position_ids=positions,
-                        cache=new_cache,
-                        use_cache=True,
-                        **last_only,
-                    )
-                    states_new = captured.pop()
-                    if counts is not None:
-                        counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + ids.numel()
-                        counts["refills"] = counts.get("refills", 0) + 1
-                    new_own = [states_new[j][new_mask[j].bool()] for j in range(k)]
-                    new_rows = torch.tensor(new, dtype=torch.long, device=device)
-                    hidden = states_new.shape[-1]
-                    if n_rows == 0:
-                        cache, mask, own_states = new_cache, full_mask, new_own
-                        rows, logits, position = new_rows, out.logits[:, -1], positions[:, -1] + 1
-                        alive = torch.ones(k, dtype=torch.bool, device=device)
-                        length = torch.zeros(k, dtype=torch.long, device=device)
-                        generated = torch.full((k, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-                        gen_states = states_new.new_zeros(k, max_new_tokens, hidden)
-                    else:
-                        # Right-align both groups' columns: masked zero columns on the left of the narrower one.
-                        width = max(mask.shape[1], full_mask.shape[1])
-                        kv = [
-                            (
-                                torch.cat([_left_pad(a, width), _left_pad(na, width)], dim=0),
-                                torch.cat([_left_pad(b, width), _left_pad(nb, width)], dim=0),
-                            )
-                            for (a, b, *_), (na, nb, *_) in zip(cache, new_cache, strict=True)
-                        ]
-                        cache = DynamicCache(kv)
-                        mask = torch.cat([_left_pad(mask, width), _left_pad(full_mask, width)], dim=0)
-                        own_states = own_states + new_own
-                        rows = torch.cat([rows, new_rows])
-                        logits = torch.cat([logits, out.logits[:, -1]])
-                        position = torch.cat([position, positions[:, -1] + 1])
-                        alive = torch.cat([alive, torch.ones(k, dtype=torch.bool, device=device)])
-                        length = torch.cat([length, torch.zeros(k, dtype=torch.long, device=device)])
-                        generated = torch.cat(
-                            [generated, generated.new_full((k, max_new_tokens), pad_token_id)], dim=0
-                        )
-                        gen_states = torch.cat([gen_states, gen_states.new_zeros(k, max_new_tokens, hidden)], dim=0)
+                    new_generated = torch.full((k, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+                    generated = torch.cat(([generated] if n_rows else []) + [new_generated])
+                    new_states = prefix_states.new_zeros(k, max_new_tokens, prefix_states.shape[-1])
+                    gen_states = torch.cat(([gen_states] if n_rows else []) + [new_states])
                 # One greedy decode step for every batch row (finished rows ride along, fed padding).
                 token = logits.float().argmax(dim=-1).masked_fill(~alive, pad_token_id)
                 index = torch.arange(len(rows), device=device)
@@ -196,6 +286,59 @@ def decode_stream(
                 logits, position = out.logits[:, -1], position + 1
     finally:
         hook.remove()
+        layout.close()
+
+
+class _Prefilled(NamedTuple):
+    """Prompts of :func:`decode_stream` prefilled and waiting for a slot (rows of one prefill call not yet taken)."""
+
+    rows: torch.Tensor  # (n,) their indices in own_ids
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (n, heads, width, head_dim) keys and values
+    mask: torch.Tensor  # (n, width) attention mask: prefix, left padding, own tokens
+    logits: torch.Tensor  # (n, vocab) at each prompt's last position
+    position: torch.Tensor  # (n,) position of each row's first rationale token
+    own_states: list[torch.Tensor]  # each row's last-layer states of its own tokens (no padding)
+
+    def split(self, n: int) -> tuple[_Prefilled, _Prefilled]:
+        """The first ``n`` rows (views, no copy) and the rest."""
+        head = _Prefilled(
+            self.rows[:n],
+            [(k[:n], v[:n]) for k, v in self.kv],
+            self.mask[:n],
+            self.logits[:n],
+            self.position[:n],
+            self.own_states[:n],
+        )
+        tail = _Prefilled(
+            self.rows[n:],
+            [(k[n:], v[n:]) for k, v in self.kv],
+            self.mask[n:],
+            self.logits[n:],
+            self.position[n:],
+            self.own_states[n:],
+        )
+        return head, tail
+
+
+def _joined_cache(groups: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int, spare: int) -> Cache:
+    """A cache of :class:`~grace_st._decode.SpareLayer` layers holding the rows of every group (per layer
+    ``(keys, values)``), group after group, each right-aligned in ``width`` columns (zero columns on the left: masked)
+    and ``spare`` free columns after them; one copy of every kept key and value."""
+    layers = []
+    for per_layer in zip(*groups, strict=True):
+        first_keys, first_values = per_layer[0]
+        rows = sum(keys.shape[0] for keys, _ in per_layer)
+        buffers = [t.new_empty(rows, t.shape[1], width + spare, t.shape[3]) for t in (first_keys, first_values)]
+        start = 0
+        for pair in per_layer:
+            stop = start + pair[0].shape[0]
+            for buffer, tensor in zip(buffers, pair, strict=True):
+                offset = width - tensor.shape[2]
+                buffer[start:stop, :, :offset] = 0
+                buffer[start:stop, :, offset:width] = tensor
+            start = stop
+        layers.append(SpareLayer(*buffers, spare, length=width))
+    return Cache(layers=layers)
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -517,3 +517,79 @@ def test_gpu_check_runs_on_a_tiny_cpu_config(default_backbone_dir, tmp_path):
     assert summary["ok"] and summary["agreement"]["rationale_tokens_engine"] == [4]
     assert set(summary["throughput"]) == {"8", "32"}
     assert summary["throughput"]["32"]["engine"]["texts_per_s"] > 0
+
+
+def _decode_steps(model, cache, ids, steps):
+    """Logits and last-layer states of ``steps`` greedy decode steps after ``ids`` through ``cache``."""
+    out = model(input_ids=ids, cache=cache, use_cache=True, output_hidden_states=True)
+    logits, states = [out.logits[:, -1]], [out.hidden_states[-1][:, -1]]
+    for _ in range(steps):
+        out = model(
+            input_ids=logits[-1].argmax(-1, keepdim=True), cache=cache, use_cache=True, output_hidden_states=True
+        )
+        logits.append(out.logits[:, -1])
+        states.append(out.hidden_states[-1][:, -1])
+    return torch.stack(logits), torch.stack(states)
+
+
+def test_spare_cache_equals_the_dynamic_cache(tiny_backbone_dir):
+    from transformers import DynamicCache
+
+    from grace_st._decode import spare_cache
+
+    model = _model(tiny_backbone_dir)[0].model
+    ids = torch.randint(0, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        prefix = model(input_ids=ids[:, :4], use_cache=True).cache
+        kv = [(layer.keys, layer.values) for layer in prefix.layers]
+        expected = _decode_steps(model, DynamicCache(kv), ids[:, 4:], 5)
+        # spare=1: the buffers grow during the steps (after the 2 prompt tokens and at every other step).
+        cache = spare_cache(kv, 1)
+        found = _decode_steps(model, cache, ids[:, 4:], 5)
+        assert all(torch.equal(a, b) for a, b in zip(expected, found, strict=True))
+        assert cache.layers[0].keys.shape[2] == 4 + 2 + 5
+        # Rows leave: the rest go on as in a dynamic cache that dropped the same rows.
+        reference, kept = DynamicCache(kv), spare_cache(kv, 3)
+        _decode_steps(model, reference, ids[:, 4:], 1)
+        _decode_steps(model, kept, ids[:, 4:], 1)
+        keep = torch.tensor([0, 2])
+        reference.batch_select_indices(keep)
+        kept.batch_select_indices(keep)
+        step = ids[keep, :1]
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(_decode_steps(model, reference, step, 2), _decode_steps(model, kept, step, 2), strict=True)
+        )
+
+
+def test_a_changed_cache_layer_api_fails_loudly(monkeypatch):
+    from transformers.cache_utils import DynamicLayer
+
+    from grace_st._decode import _check_cache_api
+
+    _check_cache_api.__wrapped__()  # the installed transformers has the signatures SpareLayer overrides
+    monkeypatch.setattr(DynamicLayer, "update", lambda self, key_states, value_states, layer_index: None)
+    with pytest.raises(RuntimeError, match=r"DynamicLayer\.update has parameters .*\(tested with transformers 5\.24\)"):
+        _check_cache_api.__wrapped__()
+
+
+def test_cpu_weight_layout_keeps_values_and_restores_the_weights(tiny_backbone_dir):
+    from grace_st._decode import cpu_weight_layout
+
+    model = _model(tiny_backbone_dir)[0].model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    before = [(m.weight, m.weight.data, m.weight.detach().clone()) for m in linears]
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with cpu_weight_layout(model):
+            assert all(not m.weight.is_contiguous() and m.weight.t().is_contiguous() for m in linears)
+            assert all(torch.equal(m.weight, saved) for m, (_, _, saved) in zip(linears, before, strict=True))
+            with cpu_weight_layout(model):  # nested: the layout is already held, nothing changes
+                assert all(not m.weight.is_contiguous() for m in linears)
+            assert all(not m.weight.is_contiguous() for m in linears)
+            found = model(input_ids=ids).logits
+    assert float((found - expected).abs().max()) < 1e-5
+    for module, (parameter, data, _) in zip(linears, before, strict=True):
+        assert module.weight is parameter and module.weight.data.data_ptr() == data.data_ptr()
+        assert module.weight.is_contiguous()

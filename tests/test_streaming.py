@@ -55,3 +55,27 @@ def test_decode_stream_arguments_are_checked(tiny_backbone_dir):
         next(decode_stream(module.model, [1, 2], [[3]], 4, [2], 2, batch_size=0))
     with pytest.raises(ValueError, match="refill_at=2"):
         next(decode_stream(module.model, [1, 2], [[3]], 4, [2], 2, batch_size=1, refill_at=2))
+
+
+def test_packed_linears_give_the_usual_products_and_are_removed(tiny_backbone_dir):
+    from grace_st.streaming import packed_linears, packing_unsupported_reason
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch build has no MKL: packed_linears is a no-op")
+    module = _model(tiny_backbone_dir)[0]
+    model = module.model
+    # torch's private MKL ops still have the tested signatures (this fails when a torch release changes them).
+    assert packing_unsupported_reason(model) is None
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    hooked = linears[0]
+    hooked.forward = hooked.forward  # a replaced forward (as accelerate's hooks do) is left alone
+    generator = torch.Generator().manual_seed(2)
+    ids = {rows: torch.randint(0, model.config.vocab_size, (rows, 1), generator=generator) for rows in (4, 3)}
+    with torch.no_grad():
+        expected = {rows: model(input_ids=x).logits for rows, x in ids.items()}
+        with packed_linears(model, rows=4):
+            assert all("forward" in vars(m) for m in linears)
+            assert hooked.forward.__self__ is hooked
+            found = {rows: model(input_ids=x).logits for rows, x in ids.items()}
+    assert all(torch.equal(expected[rows], found[rows]) for rows in ids)
+    assert all("forward" not in vars(m) for m in linears[1:]) and "forward" in vars(hooked)
