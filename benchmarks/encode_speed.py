@@ -2,10 +2,11 @@
 
 Usage:
     .venv/bin/python benchmarks/encode_speed.py [--texts 64] [--batch-size 16] [--repeats 3]
-        [--settings paper48,paper128,sick40] [--extras] [--memory-texts 1000]
+        [--settings paper48,paper128,sick40] [--trained FOLDER] [--extras] [--memory-texts 1000]
 
 For each setting (``paper48``: the paper's prompt, 48 new tokens; ``paper128``: 128 new tokens; ``sick40``: the
-system prompt of training/configs/sick.yaml, 40 new tokens), on the same real sentences (../shared/data STS files),
+system prompt of training/configs/sick.yaml, 40 new tokens; ``trained``, with --trained: a saved model with its own
+settings and readout), on the same real sentences (../shared/data STS files),
 the default backbone, greedy decoding, one thread, prints:
   (a) encode / time of model.generate alone on the same length-sorted batches and settings, for continuous batching
       (``grace_st.encoding.encode_corpus``, ``schedule="continuous"``: finished rows hand their slot to the next
@@ -69,10 +70,27 @@ def settings() -> dict[str, dict]:
     }
 
 
-def build(single_pass: bool = True, **options):
+def build(single_pass: bool = True, folder: str | None = None, **options):
+    """The default backbone with ``options``, or (``folder``) a saved GRACE model as it was saved."""
     import grace_st
 
+    if folder is not None:
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(folder, device="cpu", trust_remote_code=True)
     return grace_st.from_backbone(grace_st.default_backbone(), single_pass=single_pass, device="cpu", **options)
+
+
+def generate_with_stream_kernels(model, texts: list[str], batch_size: int) -> None:
+    """:func:`generate_only` with the CPU kernels continuous batching uses (weights laid out for few-row products,
+    MKL-packed for full batches; set up inside the timed call, as the stream does): separates the gain of the
+    schedule and the shared prefix from the gain of the kernels."""
+    from grace_st._decode import cpu_weight_layout
+    from grace_st.streaming import packed_linears
+
+    lm = model[0].model
+    with packed_linears(lm, min(batch_size, len(texts))), cpu_weight_layout(lm):
+        generate_only(model, texts, batch_size)
 
 
 def sorted_batches(texts: list[str], batch_size: int) -> list[list[str]]:
@@ -197,9 +215,10 @@ def ratio_run(name: str, options: dict, texts: list[str], batch_size: int, repea
         module.decode_path = "engine"
         encode_corpus(model, texts, batch_size=batch_size, schedule="continuous")
 
-    runs = {"generate": [], "continuous": [], "engine": [], "reference": []}
+    runs = {"generate": [], "continuous": [], "engine": [], "reference": [], "generate_kernels": []}
     jobs = [
         ("generate", lambda: generate_only(model, texts, batch_size)),
+        ("generate_kernels", lambda: generate_with_stream_kernels(model, texts, batch_size)),
         ("continuous", corpus),
         ("engine", encode("engine")),
         ("reference", encode("generate")),
@@ -210,8 +229,17 @@ def ratio_run(name: str, options: dict, texts: list[str], batch_size: int, repea
             runs[key].append(timed(job))
     module.decode_path = "engine"
     median = {key: tuple(statistics.median(run[i] for run in values) for i in (0, 1)) for key, values in runs.items()}
+    pooling = next((m for m in model if type(m).__name__ == "RationalePooling"), None)
+    source = options.get("folder") or "the default backbone (untrained)"
+    suffix = "yes" if module.summary_suffix else "no"
+    about = (
+        f"Model: {source}; max_new_tokens {module.max_new_tokens}; readout "
+        f"{getattr(pooling, 'pooling_mode', None)!r}; summary suffix: {suffix}; system prompt "
+        f"{module.system_prompt[:60]!r}."
+    )
     return {
         "name": name,
+        "about": about,
         "counts": counts,
         "differ": differ,
         "delta": delta,
@@ -226,12 +254,14 @@ def print_ratio(result: dict, n_texts: int, batch_size: int) -> None:
     median, counts = result["median"], result["counts"]
     g_wall, g_cpu = median["generate"]
     print(f"\n### {result['name']}: {n_texts} real sentences, batch {batch_size}, greedy, one thread")
+    print(result["about"])
     print("| path | encode / generate alone (wall) | (CPU) | encode s | generate s | runs (wall ratio) |")
     print("|---|---|---|---|---|---|")
     labels = {
         "continuous": "continuous batching (encode_corpus)",
         "engine": "decode engine, batch by batch (model.encode)",
         "reference": "reference (generate + 1 step)",
+        "generate_kernels": "generate alone with the stream's CPU kernels (not an encode path; for reference)",
     }
     for key, label in labels.items():
         wall, cpu = median[key]
@@ -252,6 +282,11 @@ def print_ratio(result: dict, n_texts: int, batch_size: int) -> None:
             f"| {c['prefix_computed']} / {c['prefix_needed']} "
             f"| {c['prompt_computed']} / {c['prompt_real']} |"
         )
+    print(
+        f"Continuous batching / generate with the same CPU kernels: "
+        f"{median['continuous'][0] / median['generate_kernels'][0]:.3f} (the part of the gain that the schedule and "
+        "the shared prefix give; the rest is the kernels')."
+    )
     print(
         f"Engine vs reference: {result['differ']} of {n_texts} rationales differ; "
         f"max |embedding diff| = {result['delta']:.1e} (target: 0, < 1e-5)."
@@ -328,6 +363,11 @@ def main() -> None:
         "--settings", default="paper48,paper128,sick40", help="comma-separated: " + ",".join(settings())
     )
     parser.add_argument("--extras", action="store_true", help="also (b), (c) and (e) for the first setting")
+    parser.add_argument(
+        "--trained",
+        help="a saved GRACE model folder (e.g. trained with training/configs/sick-summary.yaml): adds the setting "
+        "'trained', with the model's own prompt, rationale length and readout",
+    )
     parser.add_argument("--memory-texts", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=48, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["encode", "generate"], help=argparse.SUPPRESS)
@@ -340,6 +380,9 @@ def main() -> None:
         return
     known = settings()
     chosen = [name.strip() for name in args.settings.split(",") if name.strip()]
+    if args.trained:
+        known["trained"] = {"folder": args.trained}
+        chosen += [] if "trained" in chosen else ["trained"]
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise SystemExit(f"Unknown settings {unknown}; choose from {sorted(known)}.")

@@ -466,9 +466,18 @@ def decode(
     return DecodeOutput(generated[:, :longest], states[:, : width + longest], suffix_states)
 
 
-def decode_step(model: Any, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any):
-    """Feed one new token per row through the KV cache: ``(model output, attention mask grown by one column)``."""
-    mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
+def decode_step(
+    model: Any,
+    token: torch.Tensor,
+    mask: torch.Tensor,
+    position: torch.Tensor,
+    cache: Any,
+    attend: torch.Tensor | None = None,
+):
+    """Feed one new token per row through the KV cache: ``(model output, attention mask grown by one column)``.
+    ``attend`` (``(batch,)`` bool): rows whose new column later steps attend to (default: every row)."""
+    column = mask.new_ones(len(token), 1) if attend is None else attend.to(mask.dtype).unsqueeze(1)
+    mask = torch.cat([mask, column], dim=1)
     ids, position_ids = token.unsqueeze(1), position.unsqueeze(1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
     return out, mask

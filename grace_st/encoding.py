@@ -21,6 +21,7 @@ within float tolerance, rationales are the same greedy ones.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -40,7 +41,7 @@ from sentence_transformers.base.modules import Normalize
 from grace_st._decode import unsupported_reason
 from grace_st._options import check_texts
 from grace_st.model_kind import is_grace_model
-from grace_st.modeling import RationalePooling, Transformer, __version__
+from grace_st.modeling import SHIPPED_FILES, RationalePooling, Transformer, __version__
 from grace_st.streaming import decode_stream
 
 logger = logging.getLogger(__name__)
@@ -186,22 +187,43 @@ def _encode(model, texts, prompt, batch_size, show_progress_bar, is_grace) -> li
     return entries
 
 
+def _runs_installed_code(cls: type, installed: type) -> bool:
+    """Whether ``cls`` is ``installed`` or the same class from a saved model's copy of this installed version's module
+    files (sentence-transformers loads a saved GRACE model's classes from the model's own copy, also where grace_st
+    is installed; a copy from another version falls back to ``model.encode``)."""
+    if cls is installed:
+        return True
+    if cls.__name__ != installed.__name__:
+        return False
+    try:
+        folder = Path(inspect.getsourcefile(cls)).parent
+    except TypeError:  # a class without a source file
+        return False
+    here = Path(inspect.getsourcefile(installed)).parent
+    return all(
+        (folder / name).is_file() and (folder / name).read_bytes() == (here / source).read_bytes()
+        for name, source in SHIPPED_FILES.items()
+    )
+
+
 def continuous_reason(model) -> str | None:
     """Why :func:`encode_corpus` cannot use continuous batching for ``model`` (then it calls ``model.encode``), or
     None if it can: a GRACE ``Transformer`` writing greedy rationales with the decode engine and the single-pass
     states, followed only by ``RationalePooling`` and ``Normalize``."""
     module = model[0]
-    if type(module) is not Transformer:
-        return f"the first module is {type(module).__name__}, not grace_st.Transformer"
+    if not _runs_installed_code(type(module), Transformer):
+        return f"the first module is {type(module).__module__}.{type(module).__name__}, not grace_st.Transformer"
     if module.rationale_mode != "generate" or not module.single_pass:
         return f"rationale_mode={module.rationale_mode!r}, single_pass={module.single_pass!r}"
     if module.generation_backend is not None or module.decode_path != "engine":
         return "a generation backend or decode_path other than the engine"
     if module.do_sample:
         return "sampling (continuous batching is greedy only)"
-    if module.summary_suffix:
-        return "a summary_suffix (continuous batching feeds no suffix)"
-    others = [type(m).__name__ for m in list(model)[1:] if type(m) not in (RationalePooling, Normalize)]
+    others = [
+        type(m).__name__
+        for m in list(model)[1:]
+        if type(m) is not Normalize and not _runs_installed_code(type(m), RationalePooling)
+    ]
     if others:
         return f"modules {others} after the Transformer (only RationalePooling and Normalize are supported)"
     if not module.template_pieces()[0]:
@@ -220,6 +242,7 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
     # Longest first (as sentence-transformers sorts): similar lengths enter the batch together, little padding.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     own: list[list[int]] = []
+    suffixes: list[list[int]] = []  # each text's summary suffix ids (with a summary_suffix)
     prefix: list[int] = []
     for start in range(0, len(order), batch_size):
         # The module's own tokenization (prompt, truncation and its warning), batch by batch as encode does.
@@ -228,9 +251,13 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
             real = ids[mask.bool()].tolist()
             prefix = real[:prefix_len]
             own.append(real[prefix_len:])
+        if "suffix_ids" in features:
+            pairs = zip(features["suffix_ids"], features["suffix_mask"], strict=True)
+            suffixes.extend(ids[mask.bool()].tolist() for ids, mask in pairs)
     # Then longest first in tokens: rows that enter the batch together are prefilled with less padding.
     by_tokens = sorted(range(len(own)), key=lambda i: -len(own[i]))
     order, own = [order[i] for i in by_tokens], [own[i] for i in by_tokens]
+    suffixes = [suffixes[i] for i in by_tokens] if suffixes else []
     kwargs = module.generation_kwargs()
     eos = kwargs["eos_token_id"]
     entries: list[CacheEntry | None] = [None] * len(texts)
@@ -244,6 +271,7 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
         pad_token_id=kwargs["pad_token_id"],
         batch_size=batch_size,
         counts=module.decode_counts,
+        suffix_ids=suffixes or None,
     )
     with torch.inference_mode(), tqdm(total=len(texts), desc="Texts", disable=not show_progress_bar) as bar:
         for row in stream:
@@ -287,6 +315,8 @@ def _pool_rows(model, prefix: list[int], own: list[list[int]], rows: list, order
         "rationale_mask": rationales.mask.to(device),
         "rationale_finished": rationales.finished.to(device),
     }
+    if rows[0].suffix_state is not None:
+        features["summary_embeddings"] = torch.stack([row.suffix_state for row in rows])
     for later in list(model)[1:]:
         features = later(features)
     embeddings = features["sentence_embedding"]

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import Cache
 
-from grace_st._decode import SpareLayer, cpu_weight_layout, decode_step, pad_rows, spare_cache
+from grace_st._decode import SpareLayer, check_suffix_ids, cpu_weight_layout, decode_step, pad_rows, spare_cache
 
 logger = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
@@ -98,11 +98,14 @@ class StreamRow(NamedTuple):
         generated: ``(r,)`` its rationale ids, the closing EOS included when it finished (no padding).
         states: ``(prefix_len + len(own_ids[index]) + r, hidden)`` last-layer states of the shared prefix, the row's
             own tokens and its rationale, in order (no padding).
+        suffix_state: ``(hidden,)`` the last-layer state of the row's last suffix token, fed after its rationale
+            (with ``suffix_ids``; else None).
     """
 
     index: int
     generated: torch.Tensor
     states: torch.Tensor
+    suffix_state: torch.Tensor | None = None
 
 
 def decode_stream(
@@ -115,6 +118,7 @@ def decode_stream(
     batch_size: int,
     counts: dict[str, int] | None = None,
     refill_at: float = 0.875,
+    suffix_ids: list[list[int]] | None = None,
 ) -> Any:
     """Greedy rationales for many prompts ``prefix_ids + own_ids[i]`` with continuous batching: yields a
     :class:`StreamRow` per prompt as the rows leave the batch (not in input order).
@@ -144,6 +148,11 @@ def decode_stream(
             forward calls after the prefix) are added to it.
         refill_at: refill once at most this fraction of the batch's rows is still writing. Defaults to 0.875 (on
             this CPU, 0.875 and 1.0 gave the same time within noise: 64 texts, batch 16, 48 tokens).
+        suffix_ids: per row of ``own_ids``, token ids (at least one) fed after its rationale ends, as in
+            :func:`decode` (a cut rationale is treated like a finished one): the finished rows that leave the batch
+            together run their suffixes in one forward over their cache rows (right-padded), at the positions that
+            follow their rationales directly; ``StreamRow.suffix_state`` is the state of the last one. Counted as
+            ``suffix_tokens`` (padding included).
 
     Returns:
         A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook.
@@ -154,6 +163,8 @@ def decode_stream(
         raise ValueError(f"batch_size={batch_size!r} must be >= 1.")
     if not 0.0 <= refill_at <= 1.0:
         raise ValueError(f"refill_at={refill_at!r} must be in [0, 1].")
+    if suffix_ids is not None:
+        suffix_ids = check_suffix_ids(suffix_ids, len(own_ids), getattr(model.config, "vocab_size", None))
     device = model.device
     params = inspect.signature(model.forward).parameters
     keeps = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -186,6 +197,24 @@ def decode_stream(
             [states[j][own_mask[j].bool()] for j in range(k)],
         )
 
+    def suffix_states(leaving: torch.Tensor) -> torch.Tensor:
+        """The last suffix token's state of batch rows ``leaving``: their suffixes in one forward (right-padded)."""
+        kv = [(layer.keys.index_select(0, leaving), layer.values.index_select(0, leaving)) for layer in cache.layers]
+        tokens, real = pad_rows([suffix_ids[int(rows[i])] for i in leaving.tolist()], pad_token_id)
+        tokens, real = tokens.to(device), real.to(device)
+        span = tokens.shape[1]
+        model(
+            input_ids=tokens,
+            attention_mask=torch.cat([mask[leaving], real.to(mask.dtype)], dim=1),
+            position_ids=(start[leaving] + length[leaving]).unsqueeze(1) + torch.arange(span, device=device),
+            cache=spare_cache(kv, span),
+            use_cache=True,
+            **last_only,
+        )
+        if counts is not None:
+            counts["suffix_tokens"] = counts.get("suffix_tokens", 0) + tokens.numel()
+        return captured.pop()[torch.arange(len(leaving), device=device), real.sum(dim=1) - 1]
+
     layout = contextlib.ExitStack()
     layout.enter_context(packed_linears(model, min(batch_size, len(own_ids))))
     layout.enter_context(cpu_weight_layout(model))
@@ -207,7 +236,7 @@ def decode_stream(
             # Batch state, one entry per batch row.
             cache: Cache | None = None
             kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-            mask = rows = alive = length = position = logits = generated = gen_states = None
+            mask = rows = alive = length = position = start = logits = generated = gen_states = None
             own_states: list[torch.Tensor] = []
             while True:
                 n_alive = 0 if alive is None else int(alive.sum())
@@ -217,15 +246,20 @@ def decode_stream(
                 compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= 0.5 * n_rows)
                 if n_rows and (refill or compact):
                     # Finished rows leave the batch (and are handed out).
-                    for i in (~alive).nonzero().squeeze(1).tolist():
+                    leaving = (~alive).nonzero().squeeze(1)
+                    last = None if suffix_ids is None else suffix_states(leaving)
+                    for j, i in enumerate(leaving.tolist()):
                         r = int(length[i])
                         yield StreamRow(
                             int(rows[i]),
                             generated[i, :r].clone(),
                             torch.cat([prefix_states, own_states[i], gen_states[i, :r]], dim=0),
+                            None if last is None else last[j],
                         )
                     keep = alive.nonzero().squeeze(1)
-                    rows, alive, length, position, logits = (t[keep] for t in (rows, alive, length, position, logits))
+                    rows, alive, length, position, start, logits = (
+                        t[keep] for t in (rows, alive, length, position, start, logits)
+                    )
                     generated, gen_states, mask = generated[keep], gen_states[keep], mask[keep]
                     own_states = [own_states[i] for i in keep.tolist()]
                     kept = [
@@ -264,6 +298,7 @@ def decode_stream(
                     rows = torch.cat(([rows] if n_rows else []) + [part.rows for part in parts])
                     logits = torch.cat(([logits] if n_rows else []) + [part.logits for part in parts])
                     position = torch.cat(([position] if n_rows else []) + [part.position for part in parts])
+                    start = torch.cat(([start] if n_rows else []) + [part.position for part in parts])
                     alive = torch.cat(([alive] if n_rows else []) + [torch.ones(k, dtype=torch.bool, device=device)])
                     length = torch.cat(
                         ([length] if n_rows else []) + [torch.zeros(k, dtype=torch.long, device=device)]
@@ -272,12 +307,13 @@ def decode_stream(
                     generated = torch.cat(([generated] if n_rows else []) + [new_generated])
                     new_states = prefix_states.new_zeros(k, max_new_tokens, prefix_states.shape[-1])
                     gen_states = torch.cat(([gen_states] if n_rows else []) + [new_states])
-                # One greedy decode step for every batch row (finished rows ride along, fed padding).
+                # One greedy decode step for every batch row (finished rows ride along, fed padding that no row
+                # attends to: their cache rows stay as they were when they finished, for their suffix).
                 token = logits.float().argmax(dim=-1).masked_fill(~alive, pad_token_id)
                 index = torch.arange(len(rows), device=device)
                 generated[index[alive], length[alive]] = token[alive]
                 length = length + alive.long()
-                out, mask = decode_step(model, token, mask, position, cache)
+                out, mask = decode_step(model, token, mask, position, cache, attend=alive)
                 gen_states[index[alive], length[alive] - 1] = captured.pop()[alive, -1]
                 if counts is not None:
                     counts["decode_row_steps"] = counts.get("decode_row_steps", 0) + len(rows)

@@ -569,7 +569,9 @@ def test_a_changed_cache_layer_api_fails_loudly(monkeypatch):
 
     _check_cache_api.__wrapped__()  # the installed transformers has the signatures SpareLayer overrides
     monkeypatch.setattr(DynamicLayer, "update", lambda self, key_states, value_states, layer_index: None)
-    with pytest.raises(RuntimeError, match=r"DynamicLayer\.update has parameters .*\(tested with transformers 5\.24\)"):
+    with pytest.raises(
+        RuntimeError, match=r"DynamicLayer\.update has parameters .*\(tested with transformers 5\.24\)"
+    ):
         _check_cache_api.__wrapped__()
 
 

@@ -16,6 +16,7 @@ from test_decode import _model, _split_rows
 
 import grace_st
 import grace_st.encoding
+from grace_st._options import SUMMARY_SUFFIX
 from grace_st.encoding import (
     CacheEntry,
     EmbeddingCache,
@@ -360,7 +361,15 @@ def _varied_model(tiny_backbone_dir, **options):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"prompt": "Query: "}, {"truncate_dim": 8}, {"pooling_mode": "lasttoken"}, {"attention": "eager"}],
+    [
+        {},
+        {"prompt": "Query: "},
+        {"truncate_dim": 8},
+        {"pooling_mode": "lasttoken"},
+        {"attention": "eager"},
+        {"summary_suffix": "\nIn one word:", "pooling_mode": "summary"},
+        {"summary_suffix": ' This: "{text}" means', "pooling_mode": "mean+summary", "prompt": "Query: "},
+    ],
 )
 def test_continuous_batching_equals_the_batch_path(tiny_backbone_dir, options):
     options = dict(options)
@@ -395,7 +404,6 @@ def test_continuous_batching_falls_back_where_it_does_not_apply(tiny_backbone_di
         (lambda m: setattr(m[0], "repetition_penalty", 1.2), "repetition_penalty"),
         (lambda m: setattr(m[0], "single_pass", False), "single_pass"),
         (lambda m: m.append(torch.nn.Identity()), "Identity"),
-        (lambda m: setattr(m[0], "summary_suffix", "\nIn one word:"), "summary_suffix"),
     ]:
         model = _varied_model(tiny_backbone_dir)
         change(model)
@@ -411,14 +419,17 @@ def test_continuous_batching_falls_back_where_it_does_not_apply(tiny_backbone_di
 
 
 @pytest.mark.slow
-def test_continuous_batching_equals_the_batch_path_on_the_real_backbone(default_backbone_dir, shared_data):
+@pytest.mark.parametrize("summary", [False, True])
+def test_continuous_batching_equals_the_batch_path_on_the_real_backbone(default_backbone_dir, shared_data, summary):
     from grace_st.readers import read_pairs
 
     texts: dict[str, None] = {}
     for pair in read_pairs(shared_data / "sts2013" / "headlines.test.tsv", format="sts"):
         texts.update(dict.fromkeys([pair.sentence1, pair.sentence2]))
     texts = list(texts)[:12]
-    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=24, device="cpu")
+    # With summary: the readout of training/configs/sick-summary.yaml (its suffix repeats the text).
+    options = {"summary_suffix": SUMMARY_SUFFIX, "pooling_mode": "summary"} if summary else {}
+    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=24, device="cpu", **options)
     model[0].decode_counts = {}
     new = encode_corpus(model, texts, batch_size=4)
     assert model[0].decode_counts["refills"] >= 3
@@ -461,3 +472,25 @@ def test_a_summary_readout_model_encodes_through_the_module(tiny_backbone_dir):
     texts = ["A man is playing a guitar.", "Cats sleep."]
     corpus = encode_corpus(model, texts)
     assert np.allclose(corpus.embeddings, model.encode(texts), atol=1e-5)
+
+
+def test_continuous_batching_serves_a_saved_model_loaded_through_its_own_code(tiny_backbone_dir, tmp_path):
+    model = _varied_model(tiny_backbone_dir, summary_suffix="\nIn one word:")
+    model[1].pooling_mode = "mean+summary"
+    model.save(str(tmp_path / "saved"))
+    loaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu", trust_remote_code=True)
+    assert type(loaded[0]) is not grace_st.Transformer  # sentence-transformers loads the saved copy of the code
+    assert continuous_reason(loaded) is None
+    loaded[0].decode_counts = {}
+    new = encode_corpus(loaded, CORPUS, batch_size=4)
+    assert loaded[0].decode_counts["refills"] >= 2, "the stream ran"
+    reference = encode_corpus(model, CORPUS, batch_size=4, schedule="batches")
+    assert new.rationale_ids == reference.rationale_ids
+    assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
+    # A copy of other code (another grace_st version) is not run by the stream: model.encode serves it.
+    (tmp_path / "saved" / "_decode.py").write_text(
+        (tmp_path / "saved" / "_decode.py").read_text(encoding="utf-8") + "\n# another version\n", encoding="utf-8"
+    )
+    (tmp_path / "saved").rename(tmp_path / "other")
+    other = SentenceTransformer(str(tmp_path / "other"), device="cpu", trust_remote_code=True)
+    assert "not grace_st.Transformer" in continuous_reason(other)
