@@ -91,8 +91,9 @@ class RowTemperature(LogitsProcessor):
 class SpareLayer(DynamicLayer):
     """A full-attention cache layer whose keys/values are views into buffers with ``spare`` free columns after them:
     a decode step writes its new column in place, where :class:`DynamicLayer` copies the whole layer
-    (``torch.cat``) at every step. When the room runs out the buffers grow by ``spare`` columns again. Values and
-    attention results are identical to :class:`DynamicLayer`'s.
+    (``torch.cat``) at every step. When the room runs out the buffers grow by ``spare`` columns again. The cached
+    values are the same as :class:`DynamicLayer`'s (attention over the strided views matched it bit for bit in the
+    tests; other kernels may differ in the last bits).
 
     Args:
         keys, values: ``(batch, heads, length, head_dim)`` the layer's cached keys/values so far (copied); with
@@ -125,8 +126,18 @@ class SpareLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.keys is None:  # reset: start again from empty buffers
+            self.lazy_initialization(key_states, value_states)
+            self._grow(key_states[:, :, :0], value_states[:, :, :0], key_states, value_states)
+            return self.keys, self.values
         start, new = self.keys.shape[2], key_states.shape[2]
-        if start + new > self._key_buffer.shape[2] or key_states.shape[0] != self._key_buffer.shape[0]:
+        if (
+            start + new > self._key_buffer.shape[2]
+            or key_states.shape[0] != self._key_buffer.shape[0]
+            # keys/values replaced by an inherited method (reorder_cache, offload, ...): no longer views of the buffers
+            or self.keys.data_ptr() != self._key_buffer.data_ptr()
+            or self.values.data_ptr() != self._value_buffer.data_ptr()
+        ):
             self._grow(self.keys, self.values, key_states, value_states)
         else:
             self._key_buffer[:, :, start : start + new] = key_states
@@ -173,8 +184,9 @@ def cpu_weight_layout(model: Any) -> Iterator[None]:
     """While active, the float32 weights of the ``torch.nn.Linear`` modules of a model on a CPU are stored
     transposed (``[in, out]`` contiguous; the tensors keep their shape and values): ``x @ W.T`` then runs as a plain
     product, which on MKL costs less at a few rows (a decode step): ``benchmarks/encode_speed.py``. Products may
-    differ from the usual layout's in the last bits. The original tensors are put back on exit (no copy). A no-op on
-    other devices and dtypes, and while another call already holds the layout."""
+    differ from the usual layout's in the last bits. Costs one transposed copy of those weights while active (the
+    original tensors are kept and put back on exit). A no-op on other devices and dtypes, and while another call
+    already holds the layout. The model must not be changed or run by another thread meanwhile."""
     if model.device.type != "cpu" or not _LAYOUT_LOCK.acquire(blocking=False):
         yield
         return
@@ -186,6 +198,7 @@ def cpu_weight_layout(model: Any) -> Iterator[None]:
                 isinstance(weight, torch.nn.Parameter)
                 and id(weight) not in originals
                 and weight.dtype == torch.float32
+                and weight.device.type == "cpu"
                 and weight.dim() == 2
                 and weight.is_contiguous()
             ):
@@ -340,9 +353,10 @@ def decode(
     last_only = {"logits_to_keep": 1} if keeps else {}
     captured: list[torch.Tensor] = []
     layout = contextlib.ExitStack()
-    layout.enter_context(cpu_weight_layout(model))
-    hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
+        layout.enter_context(cpu_weight_layout(model))
+        hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
+        layout.callback(hook.remove)
         # The shared prefix, once, for one row.
         positions = torch.arange(prefix_len, device=device).unsqueeze(0)
         out = model(input_ids=prefix[:1], position_ids=positions, use_cache=True, **last_only)
@@ -460,7 +474,6 @@ def decode(
                 if in_suffix is not None:
                     suffix_pos = suffix_pos[keep]
     finally:
-        hook.remove()
         layout.close()
     longest = int(lengths.max())
     return DecodeOutput(generated[:, :longest], states[:, : width + longest], suffix_states)

@@ -20,6 +20,7 @@ within float tolerance, rationales are the same greedy ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import io
@@ -262,7 +263,7 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
     eos = kwargs["eos_token_id"]
     entries: list[CacheEntry | None] = [None] * len(texts)
     pending = []
-    stream = decode_stream(
+    stream = decode_stream(  # closed below even if pooling fails: it holds the weights' CPU layout
         module.model,
         prefix,
         own,
@@ -273,7 +274,11 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
         counts=module.decode_counts,
         suffix_ids=suffixes or None,
     )
-    with torch.inference_mode(), tqdm(total=len(texts), desc="Texts", disable=not show_progress_bar) as bar:
+    with (
+        contextlib.closing(stream),
+        torch.inference_mode(),
+        tqdm(total=len(texts), desc="Texts", disable=not show_progress_bar) as bar,
+    ):
         for row in stream:
             pending.append(row)
             if len(pending) == batch_size:

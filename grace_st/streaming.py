@@ -51,8 +51,11 @@ def packed_linears(model: Any, rows: int) -> Iterator[None]:
     (:data:`MKL_PACKED_SCHEMAS`): the usual product re-packs every weight at every call (on this CPU a full
     16-row decode step then costs ~9 ms less of ~113: ``benchmarks/encode_speed.py``). Other row counts, and
     modules whose ``forward`` is already replaced (e.g. by accelerate's hooks), use the usual product. The results
-    equal ``torch.nn.functional.linear``'s (tests/test_streaming.py). Where :func:`packing_unsupported_reason` gives a
-    reason, a no-op (logged once). Costs one packed copy of the weights while active."""
+    equal ``torch.nn.functional.linear``'s (tests/test_streaming.py); where gradients are needed the usual product
+    runs (the packed op has no backward). Where :func:`packing_unsupported_reason` gives a reason, a no-op (logged
+    once). Costs one packed copy of the weights while active (on top of :func:`cpu_weight_layout`'s copy when both are
+    active: continuous batching). The packed weights are those of the moment of entry: do not change the weights while
+    it is active."""
     reason = packing_unsupported_reason(model)
     if reason is not None:
         if model.device.type == "cpu" and reason not in _LOGGED:
@@ -84,7 +87,8 @@ def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, rows: int, x:
     """``module(x)`` by MKL's packed product when ``x`` has ``rows`` rows (torch's op falls back to the usual product
     with ``module.weight`` otherwise)."""
     flat = x.reshape(-1, x.shape[-1])
-    if flat.dtype != torch.float32 or flat.shape[0] != rows:
+    grads = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    if grads or flat.dtype != torch.float32 or flat.shape[0] != rows:  # the packed op has no backward
         return torch.nn.functional.linear(x, module.weight, module.bias)
     out = torch.ops.mkl._mkl_linear(flat, packed, module.weight, module.bias, rows)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -155,7 +159,8 @@ def decode_stream(
             ``suffix_tokens`` (padding included).
 
     Returns:
-        A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook.
+        A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook and to
+        put back the weights' layout and ``forward`` methods (values and results are the same meanwhile).
     """
     if not prefix_ids or any(len(row) == 0 for row in own_ids):
         raise ValueError("decode_stream: the prefix and every row's own tokens need at least one token.")
@@ -216,10 +221,11 @@ def decode_stream(
         return captured.pop()[torch.arange(len(leaving), device=device), real.sum(dim=1) - 1]
 
     layout = contextlib.ExitStack()
-    layout.enter_context(packed_linears(model, min(batch_size, len(own_ids))))
-    layout.enter_context(cpu_weight_layout(model))
-    hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
+        layout.enter_context(packed_linears(model, min(batch_size, len(own_ids))))
+        layout.enter_context(cpu_weight_layout(model))
+        hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
+        layout.callback(hook.remove)
         with torch.no_grad():
             out = model(
                 input_ids=torch.tensor([prefix_ids], device=device),
@@ -321,7 +327,6 @@ def decode_stream(
                 alive = alive & ~torch.isin(token, eos) & (length < max_new_tokens)
                 logits, position = out.logits[:, -1], position + 1
     finally:
-        hook.remove()
         layout.close()
 
 

@@ -562,6 +562,31 @@ def test_spare_cache_equals_the_dynamic_cache(tiny_backbone_dir):
         )
 
 
+def test_spare_cache_survives_inherited_methods_that_replace_its_tensors(tiny_backbone_dir):
+    from transformers import DynamicCache
+
+    from grace_st._decode import spare_cache
+
+    model = _model(tiny_backbone_dir)[0].model
+    ids = torch.randint(0, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        kv = [(layer.keys, layer.values) for layer in model(input_ids=ids[:, :4], use_cache=True).cache.layers]
+        order = torch.tensor([2, 0, 1])
+        reference, spare = DynamicCache(kv), spare_cache(kv, 4)
+        reference.reorder_cache(order)
+        spare.reorder_cache(order)  # replaces keys/values with new tensors: the next step must not use stale buffers
+        step = ids[order, 4:]
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                _decode_steps(model, reference, step, 2), _decode_steps(model, spare, step, 2), strict=True
+            )
+        )
+        spare.reset()  # keys/values None: filled again from the next update
+        fresh = _decode_steps(model, DynamicCache(), ids, 1)
+        assert all(torch.equal(a, b) for a, b in zip(fresh, _decode_steps(model, spare, ids, 1), strict=True))
+
+
 def test_a_changed_cache_layer_api_fails_loudly(monkeypatch):
     from transformers.cache_utils import DynamicLayer
 

@@ -494,3 +494,21 @@ def test_continuous_batching_serves_a_saved_model_loaded_through_its_own_code(ti
     (tmp_path / "saved").rename(tmp_path / "other")
     other = SentenceTransformer(str(tmp_path / "other"), device="cpu", trust_remote_code=True)
     assert "not grace_st.Transformer" in continuous_reason(other)
+
+
+def test_a_failure_while_pooling_puts_the_weights_back(tiny_backbone_dir, monkeypatch):
+    from grace_st._decode import _LAYOUT_LOCK
+
+    model = _varied_model(tiny_backbone_dir)
+    linears = [m for m in model[0].model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("pooling failed")
+
+    monkeypatch.setattr(grace_st.encoding, "_pool_rows", fail)
+    with pytest.raises(RuntimeError, match="pooling failed") as caught:
+        encode_corpus(model, CORPUS, batch_size=4)
+    assert caught.value is not None  # the traceback (and the stream's frame) is still alive here
+    assert all(m.weight.is_contiguous() and "forward" not in vars(m) for m in linears)
+    assert _LAYOUT_LOCK.acquire(blocking=False)
+    _LAYOUT_LOCK.release()

@@ -79,3 +79,9 @@ def test_packed_linears_give_the_usual_products_and_are_removed(tiny_backbone_di
             found = {rows: model(input_ids=x).logits for rows, x in ids.items()}
     assert all(torch.equal(expected[rows], found[rows]) for rows in ids)
     assert all("forward" not in vars(m) for m in linears[1:]) and "forward" in vars(hooked)
+    # Where gradients are needed the usual product runs (the packed op has no backward).
+    linear = linears[1]
+    x = torch.randn(4, linear.in_features, requires_grad=True)
+    with packed_linears(model, rows=4):
+        linear(x).sum().backward()
+    assert x.grad is not None and linear.weight.grad is not None
