@@ -275,8 +275,8 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
         suffix_ids=suffixes or None,
     )
     with (
-        contextlib.closing(stream),
         torch.inference_mode(),
+        contextlib.closing(stream),
         tqdm(total=len(texts), desc="Texts", disable=not show_progress_bar) as bar,
     ):
         for row in stream:

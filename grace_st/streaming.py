@@ -178,6 +178,7 @@ def decode_stream(
     prefix_len = len(prefix_ids)
     captured: list[torch.Tensor] = []
 
+    @torch.no_grad()
     def prefill(group: list[int]) -> _Prefilled:
         """The own tokens of prompts ``group`` in one forward, left-padded after the shared prefix's keys/values."""
         ids, own_mask = pad_rows([own_ids[i] for i in group], pad_token_id, left=True)
@@ -202,6 +203,7 @@ def decode_stream(
             [states[j][own_mask[j].bool()] for j in range(k)],
         )
 
+    @torch.no_grad()
     def suffix_states(leaving: torch.Tensor) -> torch.Tensor:
         """The last suffix token's state of batch rows ``leaving``: their suffixes in one forward (right-padded)."""
         kv = [(layer.keys.index_select(0, leaving), layer.values.index_select(0, leaving)) for layer in cache.layers]
@@ -226,6 +228,8 @@ def decode_stream(
         layout.enter_context(cpu_weight_layout(model))
         hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
         layout.callback(hook.remove)
+        # Grad mode is set around each forward, never across a yield: a suspended generator must not change the
+        # caller's mode (nor restore a stale one when it is closed later).
         with torch.no_grad():
             out = model(
                 input_ids=torch.tensor([prefix_ids], device=device),
@@ -233,99 +237,97 @@ def decode_stream(
                 use_cache=True,
                 **last_only,
             )
-            prefix_states = captured.pop()[0]
-            prefix_kv = [(keys, values) for keys, values, *_ in out.cache]
-            if counts is not None:
-                counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + prefix_len
-            next_prompt = 0  # next row of own_ids to prefill
-            ready: _Prefilled | None = None  # prefilled prompts waiting for a slot
-            # Batch state, one entry per batch row.
-            cache: Cache | None = None
-            kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-            mask = rows = alive = length = position = start = logits = generated = gen_states = None
-            own_states: list[torch.Tensor] = []
-            while True:
-                n_alive = 0 if alive is None else int(alive.sum())
-                n_rows = 0 if rows is None else len(rows)
-                waiting = next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)
-                refill = waiting and n_alive <= refill_at * n_rows and n_alive < batch_size
-                compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= 0.5 * n_rows)
-                if n_rows and (refill or compact):
-                    # Finished rows leave the batch (and are handed out).
-                    leaving = (~alive).nonzero().squeeze(1)
-                    last = None if suffix_ids is None else suffix_states(leaving)
-                    for j, i in enumerate(leaving.tolist()):
-                        r = int(length[i])
-                        yield StreamRow(
-                            int(rows[i]),
-                            generated[i, :r].clone(),
-                            torch.cat([prefix_states, own_states[i], gen_states[i, :r]], dim=0),
-                            None if last is None else last[j],
-                        )
-                    keep = alive.nonzero().squeeze(1)
-                    rows, alive, length, position, start, logits = (
-                        t[keep] for t in (rows, alive, length, position, start, logits)
+        prefix_states = captured.pop()[0]
+        prefix_kv = [(keys, values) for keys, values, *_ in out.cache]
+        if counts is not None:
+            counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + prefix_len
+        next_prompt = 0  # next row of own_ids to prefill
+        ready: _Prefilled | None = None  # prefilled prompts waiting for a slot
+        # Batch state, one entry per batch row.
+        cache: Cache | None = None
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        mask = rows = alive = length = position = start = logits = generated = gen_states = None
+        own_states: list[torch.Tensor] = []
+        while True:
+            n_alive = 0 if alive is None else int(alive.sum())
+            n_rows = 0 if rows is None else len(rows)
+            waiting = next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)
+            refill = waiting and n_alive <= refill_at * n_rows and n_alive < batch_size
+            compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= 0.5 * n_rows)
+            if n_rows and (refill or compact):
+                # Finished rows leave the batch (and are handed out).
+                leaving = (~alive).nonzero().squeeze(1)
+                last = None if suffix_ids is None else suffix_states(leaving)
+                for j, i in enumerate(leaving.tolist()):
+                    r = int(length[i])
+                    yield StreamRow(
+                        int(rows[i]),
+                        generated[i, :r].clone(),
+                        torch.cat([prefix_states, own_states[i], gen_states[i, :r]], dim=0),
+                        None if last is None else last[j],
                     )
-                    generated, gen_states, mask = generated[keep], gen_states[keep], mask[keep]
-                    own_states = [own_states[i] for i in keep.tolist()]
-                    kept = [
-                        (layer.keys.index_select(0, keep), layer.values.index_select(0, keep))
-                        for layer in cache.layers
-                    ]
-                    live = mask.bool().any(dim=0)  # columns some row still attends to
-                    if not bool(live.all()):
-                        mask, columns = mask[:, live], live.nonzero().squeeze(1)
-                        kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in kept]
-                    # With a refill the kept rows go straight into the joined cache below.
-                    cache = None if refill else _joined_cache([kept], mask.shape[1], max_new_tokens)
-                    n_rows = len(rows)
-                if n_rows == 0 and not waiting:
-                    break
-                if refill:
-                    # Free slots take prefilled prompts (prefilled batch_size at a time when none is ready).
-                    parts: list[_Prefilled] = []
-                    need = batch_size - n_rows
-                    while need > 0 and (next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)):
-                        if ready is None or len(ready.rows) == 0:
-                            group = list(range(next_prompt, min(len(own_ids), next_prompt + batch_size)))
-                            next_prompt = group[-1] + 1
-                            ready = prefill(group)
-                        part, ready = ready.split(need)
-                        parts.append(part)
-                        need -= len(part.rows)
-                    # Right-align every group's columns: masked zero columns on the left of the narrower ones.
-                    groups = ([kept] if n_rows else []) + [part.kv for part in parts]
-                    masks = ([mask] if n_rows else []) + [part.mask for part in parts]
-                    width = max(m.shape[1] for m in masks)
-                    cache = _joined_cache(groups, width, max_new_tokens)
-                    mask = torch.cat([_left_pad(m, width) for m in masks], dim=0)
-                    k = sum(len(part.rows) for part in parts)
-                    own_states = own_states + [state for part in parts for state in part.own_states]
-                    rows = torch.cat(([rows] if n_rows else []) + [part.rows for part in parts])
-                    logits = torch.cat(([logits] if n_rows else []) + [part.logits for part in parts])
-                    position = torch.cat(([position] if n_rows else []) + [part.position for part in parts])
-                    start = torch.cat(([start] if n_rows else []) + [part.position for part in parts])
-                    alive = torch.cat(([alive] if n_rows else []) + [torch.ones(k, dtype=torch.bool, device=device)])
-                    length = torch.cat(
-                        ([length] if n_rows else []) + [torch.zeros(k, dtype=torch.long, device=device)]
-                    )
-                    new_generated = torch.full((k, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-                    generated = torch.cat(([generated] if n_rows else []) + [new_generated])
-                    new_states = prefix_states.new_zeros(k, max_new_tokens, prefix_states.shape[-1])
-                    gen_states = torch.cat(([gen_states] if n_rows else []) + [new_states])
-                # One greedy decode step for every batch row (finished rows ride along, fed padding that no row
-                # attends to: their cache rows stay as they were when they finished, for their suffix).
-                token = logits.float().argmax(dim=-1).masked_fill(~alive, pad_token_id)
-                index = torch.arange(len(rows), device=device)
-                generated[index[alive], length[alive]] = token[alive]
-                length = length + alive.long()
+                keep = alive.nonzero().squeeze(1)
+                rows, alive, length, position, start, logits = (
+                    t[keep] for t in (rows, alive, length, position, start, logits)
+                )
+                generated, gen_states, mask = generated[keep], gen_states[keep], mask[keep]
+                own_states = [own_states[i] for i in keep.tolist()]
+                kept = [
+                    (layer.keys.index_select(0, keep), layer.values.index_select(0, keep)) for layer in cache.layers
+                ]
+                live = mask.bool().any(dim=0)  # columns some row still attends to
+                if not bool(live.all()):
+                    mask, columns = mask[:, live], live.nonzero().squeeze(1)
+                    kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in kept]
+                # With a refill the kept rows go straight into the joined cache below.
+                cache = None if refill else _joined_cache([kept], mask.shape[1], max_new_tokens)
+                n_rows = len(rows)
+            if n_rows == 0 and not waiting:
+                break
+            if refill:
+                # Free slots take prefilled prompts (prefilled batch_size at a time when none is ready).
+                parts: list[_Prefilled] = []
+                need = batch_size - n_rows
+                while need > 0 and (next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)):
+                    if ready is None or len(ready.rows) == 0:
+                        group = list(range(next_prompt, min(len(own_ids), next_prompt + batch_size)))
+                        next_prompt = group[-1] + 1
+                        ready = prefill(group)
+                    part, ready = ready.split(need)
+                    parts.append(part)
+                    need -= len(part.rows)
+                # Right-align every group's columns: masked zero columns on the left of the narrower ones.
+                groups = ([kept] if n_rows else []) + [part.kv for part in parts]
+                masks = ([mask] if n_rows else []) + [part.mask for part in parts]
+                width = max(m.shape[1] for m in masks)
+                cache = _joined_cache(groups, width, max_new_tokens)
+                mask = torch.cat([_left_pad(m, width) for m in masks], dim=0)
+                k = sum(len(part.rows) for part in parts)
+                own_states = own_states + [state for part in parts for state in part.own_states]
+                rows = torch.cat(([rows] if n_rows else []) + [part.rows for part in parts])
+                logits = torch.cat(([logits] if n_rows else []) + [part.logits for part in parts])
+                position = torch.cat(([position] if n_rows else []) + [part.position for part in parts])
+                start = torch.cat(([start] if n_rows else []) + [part.position for part in parts])
+                alive = torch.cat(([alive] if n_rows else []) + [torch.ones(k, dtype=torch.bool, device=device)])
+                length = torch.cat(([length] if n_rows else []) + [torch.zeros(k, dtype=torch.long, device=device)])
+                new_generated = torch.full((k, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+                generated = torch.cat(([generated] if n_rows else []) + [new_generated])
+                new_states = prefix_states.new_zeros(k, max_new_tokens, prefix_states.shape[-1])
+                gen_states = torch.cat(([gen_states] if n_rows else []) + [new_states])
+            # One greedy decode step for every batch row (finished rows ride along, fed padding that no row
+            # attends to: their cache rows stay as they were when they finished, for their suffix).
+            token = logits.float().argmax(dim=-1).masked_fill(~alive, pad_token_id)
+            index = torch.arange(len(rows), device=device)
+            generated[index[alive], length[alive]] = token[alive]
+            length = length + alive.long()
+            with torch.no_grad():
                 out, mask = decode_step(model, token, mask, position, cache, attend=alive)
-                gen_states[index[alive], length[alive] - 1] = captured.pop()[alive, -1]
-                if counts is not None:
-                    counts["decode_row_steps"] = counts.get("decode_row_steps", 0) + len(rows)
-                    counts["decode_steps"] = counts.get("decode_steps", 0) + 1
-                alive = alive & ~torch.isin(token, eos) & (length < max_new_tokens)
-                logits, position = out.logits[:, -1], position + 1
+            gen_states[index[alive], length[alive] - 1] = captured.pop()[alive, -1]
+            if counts is not None:
+                counts["decode_row_steps"] = counts.get("decode_row_steps", 0) + len(rows)
+                counts["decode_steps"] = counts.get("decode_steps", 0) + 1
+            alive = alive & ~torch.isin(token, eos) & (length < max_new_tokens)
+            logits, position = out.logits[:, -1], position + 1
     finally:
         layout.close()
 

@@ -509,6 +509,7 @@ def test_a_failure_while_pooling_puts_the_weights_back(tiny_backbone_dir, monkey
     with pytest.raises(RuntimeError, match="pooling failed") as caught:
         encode_corpus(model, CORPUS, batch_size=4)
     assert caught.value is not None  # the traceback (and the stream's frame) is still alive here
+    assert torch.is_grad_enabled(), "the caller's grad mode is as it was"
     assert all(m.weight.is_contiguous() and "forward" not in vars(m) for m in linears)
     assert _LAYOUT_LOCK.acquire(blocking=False)
     _LAYOUT_LOCK.release()
