@@ -367,8 +367,7 @@ def decode(
         # Every row's own tokens after it, padding between prefix and text; positions as in the left-padded prompt.
         room = own_ids.shape[1] + max_new_tokens + max((len(row) for row in suffix_ids or []), default=0)
         cache = spare_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_kv], room)
-        mask = torch.cat([own_mask.new_ones(batch, prefix_len), own_mask], dim=1)
-        positions = (prefix_len + own_mask.cumsum(1) - 1).clamp(min=prefix_len)
+        mask, positions = after_prefix(own_mask, prefix_len)
         out = model(
             input_ids=own_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **last_only
         )
@@ -477,6 +476,14 @@ def decode(
         layout.close()
     longest = int(lengths.max())
     return DecodeOutput(generated[:, :longest], states[:, : width + longest], suffix_states)
+
+
+def after_prefix(own_mask: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(attention mask, position ids)`` of rows' own tokens (``own_mask``: left-padded) fed after a shared prefix of
+    ``prefix_len`` cached tokens: the mask covers prefix + own columns; every real token gets the position it has in
+    its own left-padded prompt (padding between prefix and text takes no position)."""
+    mask = torch.cat([own_mask.new_ones(len(own_mask), prefix_len), own_mask], dim=1)
+    return mask, (prefix_len + own_mask.cumsum(1) - 1).clamp(min=prefix_len)
 
 
 def decode_step(

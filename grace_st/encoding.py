@@ -21,6 +21,7 @@ within float tolerance, rationales are the same greedy ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import io
@@ -188,6 +189,7 @@ def _encode(model, texts, prompt, batch_size, show_progress_bar, is_grace) -> li
     return entries
 
 
+@functools.cache  # a loaded class's files do not change: read them once per class
 def _runs_installed_code(cls: type, installed: type) -> bool:
     """Whether ``cls`` is ``installed`` or the same class from a saved model's copy of this installed version's module
     files (sentence-transformers loads a saved GRACE model's classes from the model's own copy, also where grace_st

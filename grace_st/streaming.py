@@ -17,7 +17,15 @@ from typing import Any, NamedTuple
 import torch
 from transformers import Cache
 
-from grace_st._decode import SpareLayer, check_suffix_ids, cpu_weight_layout, decode_step, pad_rows, spare_cache
+from grace_st._decode import (
+    SpareLayer,
+    after_prefix,
+    check_suffix_ids,
+    cpu_weight_layout,
+    decode_step,
+    pad_rows,
+    spare_cache,
+)
 
 logger = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
@@ -185,8 +193,7 @@ def decode_stream(
         ids, own_mask = ids.to(device), own_mask.to(device)
         k = len(group)
         cache = spare_cache([(a.expand(k, -1, -1, -1), b.expand(k, -1, -1, -1)) for a, b in prefix_kv], ids.shape[1])
-        mask = torch.cat([own_mask.new_ones(k, prefix_len), own_mask], dim=1)
-        positions = (prefix_len + own_mask.cumsum(1) - 1).clamp(min=prefix_len)
+        mask, positions = after_prefix(own_mask, prefix_len)
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **last_only
         )
