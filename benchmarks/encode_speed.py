@@ -85,8 +85,7 @@ def generate_with_stream_kernels(model, texts: list[str], batch_size: int) -> No
     """:func:`generate_only` with the CPU kernels continuous batching uses (weights laid out for few-row products,
     MKL-packed for full batches; set up inside the timed call, as the stream does): separates the gain of the
     schedule and the shared prefix from the gain of the kernels."""
-    from grace_st._decode import cpu_weight_layout
-    from grace_st.streaming import packed_linears
+    from grace_st.engine.cpu import cpu_weight_layout, packed_linears
 
     lm = model[0].model
     with packed_linears(lm, min(batch_size, len(texts))), cpu_weight_layout(lm):

@@ -81,7 +81,7 @@ def agreement(model, texts: list[str], torch) -> dict:
     """Single vs two pass per path; engine vs reference rationales and embeddings."""
     import torch.nn.functional as F
 
-    from grace_st.modeling import pool
+    from grace_st.model import pool
 
     module = model[0]
     features = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in module.preprocess(texts).items()}

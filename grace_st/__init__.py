@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from grace_st._options import DEFAULT_SYSTEM_PROMPT, PROMPTEOL_TEMPLATE, SUMMARY_SUFFIX
-from grace_st._rationales import RationaleBatch, rationale_mask
 from grace_st.backbone import cache_dir, default_backbone, resolve_backbone
 from grace_st.encoding import EncodedCorpus, encode_corpus
 from grace_st.factory import build_grace_model, from_backbone
-from grace_st.modeling import RationalePooling, Transformer, __version__, pool, pooling_span_mask
+from grace_st.model import (
+    DEFAULT_SYSTEM_PROMPT,
+    PROMPTEOL_TEMPLATE,
+    SUMMARY_SUFFIX,
+    RationaleBatch,
+    RationalePooling,
+    Transformer,
+    __version__,
+    pool,
+    pooling_span_mask,
+    rationale_mask,
+)
 
-# Saved models name their module classes "grace_st.<Class>": model.save() copies modeling.py into the folder as
-# grace_st.py, and sentence-transformers resolves such one-dot references to that file when grace_st is not installed.
+# Saved models name their module classes "grace_st.<Class>": model.save() copies grace_st/model/modules.py into the
+# folder as grace_st.py, which sentence-transformers imports for such one-dot references (see grace_st.model).
 Transformer.__module__ = __name__
 RationalePooling.__module__ = __name__
 

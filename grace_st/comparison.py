@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from grace_st._options import SUMMARY_SUFFIX
 from grace_st.factory import PROMPTEOL_OPTIONS
+from grace_st.model import SUMMARY_SUFFIX
 from grace_st.readers import Pair, read_pairs, resolve_data_path
 from grace_st.tables import format_cell, markdown_table
 
@@ -202,15 +202,16 @@ class Row:
 
 
 def missing_features(needs: Sequence[str]) -> list[str]:
-    """The entries of ``needs`` the installed :mod:`grace_st.modeling` does not support."""
-    from grace_st import modeling
+    """The entries of ``needs`` the installed :mod:`grace_st.model` does not support."""
+    from grace_st.model import Transformer
+    from grace_st.model.options import POOLING_MODES
 
     missing = []
     for need in needs:
         if need.startswith("pooling_mode:"):
-            if need.split(":", 1)[1] not in modeling.POOLING_MODES:
+            if need.split(":", 1)[1] not in POOLING_MODES:
                 missing.append(need)
-        elif need not in modeling.Transformer.config_keys:
+        elif need not in Transformer.config_keys:
             missing.append(need)
     return missing
 

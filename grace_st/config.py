@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from grace_st._options import DEFAULT_SYSTEM_PROMPT, POOLING_MODES, check_option
+from grace_st.model.options import DEFAULT_SYSTEM_PROMPT, POOLING_MODES, check_option
 
 try:
     from trl import GRPOConfig

@@ -139,7 +139,7 @@ def _parse_value(value: str) -> Any:
 
 def _transformer_defaults() -> dict[str, Any]:
     """Every saved option of :class:`grace_st.Transformer` with its default."""
-    from grace_st.modeling import Transformer
+    from grace_st.model import Transformer
 
     parameters = inspect.signature(Transformer.__init__).parameters
     return {key: parameters[key].default for key in Transformer.config_keys if key in parameters}

@@ -9,8 +9,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
-from grace_st._options import PROMPTEOL_TEMPLATE
-from grace_st.modeling import RationalePooling, Transformer, load_backbone
+from grace_st.model import PROMPTEOL_TEMPLATE, RationalePooling, Transformer, load_backbone
 
 # PromptEOL (Jiang et al., 2023) as options of the same modules: the raw prompt (no chat template), no rationale, the
 # state of its last token. ``from_backbone(backbone, **PROMPTEOL_OPTIONS)``.

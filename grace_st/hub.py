@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from grace_st.backbone import DEFAULT_BACKBONE_HUB_ID, DEFAULT_BACKBONE_LICENSE
+from grace_st.model import CORE_FILES, MODULE_FILE_NAME
 from grace_st.model_kind import folder_kind, folder_parameters
-from grace_st.modeling import MODULE_FILE_NAME, SHIPPED_FILES
 from grace_st.tables import format_cell, markdown_table
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ EXAMPLE_TEXTS: tuple[str, ...] = (
 # Top-level files of a saved GRACE model that belong in the published repo (weights, configs, tokenizer).
 _ROOT_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model")
 _EXCLUDED_ROOT_FILES = {"README.md", "trainer_state.json", "training_args.json"}
-_CODE_FILES = tuple(SHIPPED_FILES)  # the model's remote code, written by model.save()
+_CODE_FILES = tuple(CORE_FILES)  # the model's remote code, written by model.save()
 # Hub repo ids as the Hub accepts them (``org/name``); anything else in a training record is described as local.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 _LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow")

@@ -51,7 +51,6 @@ from typing import Any
 import torch
 
 import grace_st
-from grace_st._rationales import RationaleBatch
 from grace_st.backbone import (
     DEFAULT_BACKBONE_HUB_ID,
     DEFAULT_BACKBONE_LICENSE,
@@ -71,14 +70,14 @@ from grace_st.config import GraceGRPOConfig
 from grace_st.diagnostics import RationaleStats, copy_rate, distinct_per_group, group_reward_std, rationale_stats
 from grace_st.factory import build_grace_model
 from grace_st.hub import HUB_ID, TRAINING_INFO_FILE
-from grace_st.modeling import RationalePooling, Transformer
+from grace_st.model import RationaleBatch, RationalePooling, Transformer
 from grace_st.rewards import grace_rewards
 from grace_st.tables import format_cell
 
 try:
     from accelerate.utils import gather_object
     from sentence_transformers.base.modules import Normalize
-    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+    from transformers import LogitsProcessor, LogitsProcessorList, PrinterCallback, ProgressCallback, TrainerCallback
     from trl import GRPOTrainer
     from trl.models.utils import unwrap_model_for_generation
 except ImportError as error:  # pragma: no cover - depends on the installed extras
@@ -89,6 +88,27 @@ logger = logging.getLogger(__name__)
 TESTED_WITH = "trl 1.16 and transformers 5.24"
 _RECORD_KEYS = ("text", "query", "negative")
 _RECORD_COLUMNS = ("prompt", "query", "negative")
+
+
+class RowTemperature(LogitsProcessor):
+    """Divides the logits of each row by that row's own sampling temperature (for ``model.generate``).
+
+    The decode engine takes per-row temperatures directly (``temperature`` as a tensor); this processor gives
+    ``model.generate`` the same behaviour. Pass ``temperature=1.0`` to ``generate`` so no global temperature is
+    applied too.
+
+    Args:
+        temperatures: ``(batch,)`` temperatures, all > 0.
+    """
+
+    def __init__(self, temperatures: torch.Tensor) -> None:
+        temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
+        if temperatures.ndim != 1 or bool((temperatures <= 0).any()):
+            raise ValueError(f"temperatures must be a 1-D tensor of values > 0, got {temperatures.tolist()!r}.")
+        self.temperatures = temperatures
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperatures.to(device=scores.device, dtype=scores.dtype).unsqueeze(1)
 
 
 @dataclass
@@ -272,8 +292,8 @@ class GraceGRPOTrainer(GRPOTrainer):
     def joint_generation_possible(self) -> bool:
         """Whether rollouts and query/negative rationales can be sampled in one ``generate`` call.
 
-        Per-row temperatures are applied by a logits processor that transformers runs after its own sampling
-        filters, so the joint call needs neutral filters; vLLM returns no hidden states.
+        Per-row temperatures are applied by a logits processor (:class:`RowTemperature`) that transformers runs after
+        its own sampling filters, so the joint call needs neutral filters; vLLM returns no hidden states.
         """
         args: GraceGRPOConfig = self.args
         return (
@@ -311,10 +331,11 @@ class GraceGRPOTrainer(GRPOTrainer):
                 rationales = self.grace_module.generate_rationales(
                     features,
                     with_states=True,
-                    # per-row temperatures; the decode engine re-indexes them as finished rows leave the batch
+                    # per-row temperatures (model.generate takes one temperature: a logits processor applies them)
                     **{
                         **self.generation_kwargs,
-                        **{"top_p": 1.0, "top_k": 0, "min_p": None, "temperature": torch.tensor(temperatures)},
+                        **{"top_p": 1.0, "top_k": 0, "min_p": None, "temperature": 1.0},
+                        "logits_processor": LogitsProcessorList([RowTemperature(torch.tensor(temperatures))]),
                     },
                 )
             parts = [(features, rationales)]

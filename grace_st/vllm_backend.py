@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from grace_st._rationales import RationaleBatch
-from grace_st.modeling import Transformer
+from grace_st.model import RationaleBatch, Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def vllm_sampling_kwargs(generate_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 class VLLMBackend:
-    """A :class:`grace_st._rationales.GenerationBackend` that writes rationales with a ``vllm.LLM`` engine.
+    """A :class:`grace_st.model.GenerationBackend` that writes rationales with a ``vllm.LLM`` engine.
 
     Args:
         **engine_kwargs: passed to ``vllm.LLM`` (e.g. ``gpu_memory_utilization=0.5``, ``tensor_parallel_size=2``).

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+# Tests import shared helpers (helpers.py, tiny_sts.py) from this folder; test files are imported by path
+# (--import-mode=importlib), so the subfolders may hold files of the same name.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VARIED_TEXTS = ["A man is playing a guitar.", "The stock market fell sharply.", "Cats sleep most of the day."]
 
@@ -32,7 +36,7 @@ def tiny_backbone_dir(tmp_path_factory, default_backbone_dir) -> str:
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from grace_st.modeling import Transformer
+    from grace_st.model import Transformer
 
     tokenizer = AutoTokenizer.from_pretrained(default_backbone_dir)
     config = LlamaConfig(

@@ -9,7 +9,7 @@ from sentence_transformers.base.modules import Normalize
 
 import grace_st
 from grace_st.factory import build_grace_model, from_backbone
-from grace_st.modeling import RationalePooling, Transformer, load_backbone
+from grace_st.model import RationalePooling, Transformer, load_backbone
 
 
 def test_from_backbone_composes_the_grace_pipeline_with_the_given_options(tiny_backbone_dir):

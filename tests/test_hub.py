@@ -82,9 +82,9 @@ def test_publish_folder_contents(publish_dir, tiny_grace_dir):
     ]:
         assert expected in files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
-    import grace_st.modeling
+    import grace_st.model.modules
 
-    assert (publish_dir / "grace_st.py").read_bytes() == Path(grace_st.modeling.__file__).read_bytes()
+    assert (publish_dir / "grace_st.py").read_bytes() == Path(grace_st.model.modules.__file__).read_bytes()
     assert folder_revision(publish_dir) == folder_revision(tiny_grace_dir)
     assert not list(publish_dir.parent.glob("repo.tmp-*"))  # built aside and renamed
 

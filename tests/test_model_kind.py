@@ -11,6 +11,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 import grace_st
+import grace_st.model.modules
 from grace_st import model_kind
 from grace_st.model_kind import folder_kind, folder_parameters, is_grace_model
 
@@ -37,7 +38,7 @@ def test_folder_carried_module_class_counts(grace_folder, tmp_path):
     # A published folder carries the module file as grace_st.py; sentence-transformers imports that copy first.
     folder = tmp_path / "published"
     shutil.copytree(grace_folder, folder)
-    shutil.copy(Path(grace_st.modeling.__file__), folder / "grace_st.py")
+    shutil.copy(Path(grace_st.model.modules.__file__), folder / "grace_st.py")
     model = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     assert type(model[0]) is not grace_st.Transformer  # an isinstance check would miss it
     assert is_grace_model(model)

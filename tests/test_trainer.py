@@ -17,12 +17,12 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 import grace_st
-from grace_st._rationales import RationaleBatch
 from grace_st.checkpoints import CHECKPOINT_COMPLETE_FILE, last_complete_checkpoint
 from grace_st.config import GraceGRPOConfig
 from grace_st.diagnostics import copy_rate, distinct_per_group, rationale_stats
 from grace_st.factory import build_grace_model
 from grace_st.hub import TRAINING_INFO_FILE
+from grace_st.model import RationaleBatch
 from grace_st.trainer import GraceGRPOTrainer, GraceRollouts, base_model_info
 
 TERMS = ("grace/contrastive", "grace/consistency", "grace/hard_negative", "grace/copy_penalty")
@@ -404,7 +404,7 @@ def test_lora_training_saves_a_merged_model(tiny_dir, tmp_path, caplog):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=tiny_dataset(), peft_config=lora)
     trainer.train()
-    with caplog.at_level("WARNING", logger="grace_st.modeling"):
+    with caplog.at_level("WARNING", logger="grace_st.model.modules"):
         path = trainer.save_grace_model(str(tmp_path / "merged"))
     # Saving encodes the card's widget examples with the merged copy: its single-pass hook must see the states.
     assert "Could not capture" not in caplog.text

@@ -12,7 +12,7 @@ large corpora::
 
 GRACE models with greedy decoding on the decode engine are encoded with continuous batching
 (``schedule="continuous"``, the default where it applies, :func:`continuous_reason`): ``batch_size`` rows decode
-together and a row that finishes hands its slot to the next waiting text (:func:`grace_st.streaming.decode_stream`),
+together and a row that finishes hands its slot to the next waiting text (:func:`grace_st.engine.decode_stream`),
 instead of the batch waiting for its longest rationale; the pooled states go through the model's own modules after
 the first (pooling, normalisation). Embeddings equal ``model.encode``'s (``schedule="batches"``, the reference)
 within float tolerance, rationales are the same greedy ones.
@@ -21,34 +21,22 @@ within float tolerance, rationales are the same greedy ones.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import inspect
-import io
-import json
 import logging
 import os
-import uuid
-import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import sentence_transformers
 import torch
-import transformers
 from sentence_transformers.base.modules import Normalize
 
-from grace_st._decode import unsupported_reason
-from grace_st._options import check_texts
+from grace_st.encoding.cache import CacheEntry, EmbeddingCache, cache_keys
+from grace_st.model.options import check_texts
 from grace_st.model_kind import is_grace_model
-from grace_st.modeling import SHIPPED_FILES, RationalePooling, Transformer, __version__
-from grace_st.streaming import decode_stream
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "grace-embedding-cache-2"  # part of every key: entries of another format are never read
 SCHEDULES = ("continuous", "batches")
 
 
@@ -158,17 +146,6 @@ def encode_corpus(
     )
 
 
-@dataclass
-class CacheEntry:
-    """One text's cached result: the model's embedding (before optional normalisation), its rationale ids (closing
-    EOS included, as the model wrote them) and whether the rationale finished (with ``num_rationales=k > 1``, never
-    cached: a list of k id arrays and of k flags)."""
-
-    embedding: np.ndarray
-    ids: np.ndarray | list[np.ndarray]
-    finished: bool | list[bool]
-
-
 def _encode(model, texts, prompt, batch_size, show_progress_bar, is_grace) -> list[CacheEntry]:
     if not is_grace:
         rows = model.encode(texts, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar)
@@ -189,33 +166,21 @@ def _encode(model, texts, prompt, batch_size, show_progress_bar, is_grace) -> li
     return entries
 
 
-@functools.cache  # a loaded class's files do not change: read them once per class
-def _runs_installed_code(cls: type, installed: type) -> bool:
-    """Whether ``cls`` is ``installed`` or the same class from a saved model's copy of this installed version's module
-    files (sentence-transformers loads a saved GRACE model's classes from the model's own copy, also where grace_st
-    is installed; a copy from another version falls back to ``model.encode``)."""
-    if cls is installed:
-        return True
-    if cls.__name__ != installed.__name__:
-        return False
-    try:
-        folder = Path(inspect.getsourcefile(cls)).parent
-    except TypeError:  # a class without a source file
-        return False
-    here = Path(inspect.getsourcefile(installed)).parent
-    return all(
-        (folder / name).is_file() and (folder / name).read_bytes() == (here / source).read_bytes()
-        for name, source in SHIPPED_FILES.items()
-    )
-
-
 def continuous_reason(model) -> str | None:
     """Why :func:`encode_corpus` cannot use continuous batching for ``model`` (then it calls ``model.encode``), or
-    None if it can: a GRACE ``Transformer`` writing greedy rationales with the decode engine and the single-pass
+    None if it can: a GRACE ``Transformer`` whose code expects this engine (:data:`grace_st.engine.API_VERSION`; a
+    saved model runs its own copy of the code), writing greedy rationales with the decode engine and the single-pass
     states, followed only by ``RationalePooling`` and ``Normalize``."""
     module = model[0]
-    if not _runs_installed_code(type(module), Transformer):
+    if not is_grace_model(model):
         return f"the first module is {type(module).__module__}.{type(module).__name__}, not grace_st.Transformer"
+    try:  # imported here: an engine that cannot be imported (another transformers) leaves model.encode working
+        from grace_st import engine
+    except ImportError as error:
+        return f"the decode engine cannot be imported: {error!r}"
+    version = getattr(module, "engine_api_version", None)
+    if version != engine.API_VERSION:
+        return f"the model's code expects engine API {version!r}, the installed engine is {engine.API_VERSION!r}"
     if module.rationale_mode != "generate" or not module.single_pass:
         return f"rationale_mode={module.rationale_mode!r}, single_pass={module.single_pass!r}"
     if module.generation_backend is not None or module.decode_path != "engine":
@@ -225,17 +190,15 @@ def continuous_reason(model) -> str | None:
     others = [
         type(m).__name__
         for m in list(model)[1:]
-        if type(m) is not Normalize and not _runs_installed_code(type(m), RationalePooling)
+        if type(m) is not Normalize and type(m).__name__ != "RationalePooling"
     ]
     if others:
         return f"modules {others} after the Transformer (only RationalePooling and Normalize are supported)"
-    if not module.template_pieces()[0]:
-        return "the chat prompt has no prefix before the text"
-    return unsupported_reason(module.model, module.generation_kwargs())
+    return engine.unsupported_reason(module) or engine.unsupported_arguments(module.generation_kwargs())
 
 
 def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> list[CacheEntry]:
-    """:func:`_encode` for a GRACE model by continuous batching (:func:`grace_st.streaming.decode_stream`); the model's
+    """:func:`_encode` for a GRACE model by continuous batching (:func:`grace_st.engine.decode_stream`); the model's
     modules after the first pool the rows, fed what ``Transformer.forward`` would output for them."""
     from tqdm.auto import tqdm
 
@@ -265,7 +228,9 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
     eos = kwargs["eos_token_id"]
     entries: list[CacheEntry | None] = [None] * len(texts)
     pending = []
-    stream = decode_stream(  # closed below even if pooling fails: it holds the weights' CPU layout
+    from grace_st import engine
+
+    stream = engine.decode_stream(  # closed below even if pooling fails: it holds the weights' CPU layout
         module.model,
         prefix,
         own,
@@ -347,126 +312,3 @@ def resolve_prompt(model, prompt: str | None, prompt_name: str | None) -> str | 
     if name not in model.prompts:
         raise ValueError(f"prompt_name={name!r} is not a prompt of this model; its prompts: {sorted(model.prompts)}.")
     return model.prompts[name]
-
-
-# ---------------------------------------------------------------------------------------------------- cache keys
-_WEIGHTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer of ``model`` (names, dtypes, shapes, bytes).
-
-    Hashing all weights is slow for large models, so the hash is kept per model object and recomputed only when a
-    tensor was replaced, moved or changed in place: the probe compares each tensor's storage address and its in-place
-    version counter (``Tensor._version``, bumped by ``mul_``, ``copy_``, optimizer steps and ``load_state_dict``).
-    """
-    tensors = model.state_dict(keep_vars=True)
-    probe = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for name, t in tensors.items())
-    known = _WEIGHTS.get(model)
-    if known is not None and known[0] == probe:
-        return known[1]
-    digest = hashlib.blake2b(digest_size=20)
-    for name, tensor in sorted(tensors.items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        data = tensor.detach().cpu().contiguous().reshape(-1)  # reshape: 0-dim tensors (per-tensor scales) too
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    _WEIGHTS[model] = (probe, digest.hexdigest())
-    return _WEIGHTS[model][1]
-
-
-def cache_keys(model, texts: list[str], prompt: str | None) -> list[str]:
-    """Cache key of each text: everything that changes its embedding or rationale.
-
-    Covered: the weights (:func:`weights_fingerprint`), the LM config, every module's saved options, the chat prompt
-    around the text (system prompt and chat template, as token ids), the text's own token ids as the prompt builder
-    makes them (so any tokenizer change that alters them), the generation config (EOS ids, ...), the generation
-    backend, the model's ``truncate_dim``, the device type and the torch / transformers / grace_st versions.
-    """
-    module = model[0]
-    lm = module.model
-    drop = {"_name_or_path", "transformers_version"}  # where the weights came from does not change them
-    settings = {
-        "format": CACHE_FORMAT,
-        "weights": weights_fingerprint(model),
-        "lm_config": {k: v for k, v in lm.config.to_dict().items() if k not in drop},
-        "generation_config": {k: v for k, v in lm.generation_config.to_dict().items() if k not in drop},
-        "modules": [[type(m).__name__, m.get_config_dict()] for m in model],
-        "template": module.template_pieces(),
-        "eos": module.eos_token_ids,
-        "pad": module.tokenizer.pad_token_id,
-        "backend": None if module.generation_backend is None else repr(module.generation_backend),
-        "truncate_dim": model.truncate_dim,
-        "prompt": prompt,
-        "device": model.device.type,
-        "versions": [torch.__version__, transformers.__version__, __version__],
-    }
-    base = json.dumps(settings, sort_keys=True, default=str)
-    ids = module.text_token_ids([(prompt or "") + text for text in texts])
-    return [hashlib.blake2b(f"{base}\0{row}".encode(), digest_size=20).hexdigest() for row in ids]
-
-
-# ---------------------------------------------------------------------------------------------------- the cache
-class EmbeddingCache:
-    """On-disk cache of :class:`CacheEntry` rows, one small file per key (see :func:`cache_keys`).
-
-    Entries are written atomically (temporary file + rename) with a checksum and the umask's permissions, so several
-    processes and users may share a folder. A corrupt entry, or one of the wrong shape or dtype, is recomputed and
-    rewritten, never returned. A failed write removes its temporary file, warns once and leaves the result intact.
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder).expanduser()
-        self._warned = False
-
-    def path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.npz"
-
-    def get(self, key: str, dim: int | None = None) -> CacheEntry | None:
-        """The entry of ``key``, or None when it is absent, corrupt or not a ``(dim,)`` float32 embedding."""
-        try:
-            blob = self.path(key).read_bytes()
-        except OSError:
-            return None
-        digest, payload = blob[:16], blob[16:]
-        try:
-            if hashlib.blake2b(payload, digest_size=16).digest() != digest:
-                raise ValueError("checksum mismatch")
-            with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-                entry = CacheEntry(data["embedding"], data["ids"], data["finished"])
-            ok = entry.embedding.dtype == np.float32 and entry.embedding.ndim == 1
-            ok = ok and (dim is None or entry.embedding.shape == (dim,)) and entry.ids.ndim == 1
-            if not (
-                ok and entry.ids.dtype == np.int64 and entry.finished.dtype == np.bool_ and entry.finished.ndim == 0
-            ):
-                raise ValueError("unexpected shape or dtype")
-        except (ValueError, OSError, KeyError) as error:
-            logger.warning("Embedding cache entry %s is invalid (%s); recomputing it.", self.path(key), error)
-            return None
-        entry.finished = bool(entry.finished)
-        return entry
-
-    def put(self, key: str, entry: CacheEntry) -> bool:
-        """Write ``entry``; returns False (after one warning per cache) when the folder cannot be written."""
-        buffer = io.BytesIO()
-        np.savez(buffer, embedding=entry.embedding, ids=entry.ids, finished=np.bool_(entry.finished))
-        payload = buffer.getvalue()
-        path = self.path(key)
-        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # os.open with 0o666 lets the umask decide the permissions (mkstemp would force 0600).
-            handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            try:
-                with os.fdopen(handle, "wb") as f:
-                    f.write(hashlib.blake2b(payload, digest_size=16).digest() + payload)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as error:
-            if not self._warned:
-                logger.warning(
-                    "Cannot write the embedding cache in %s (%s); results are not cached.", self.folder, error
-                )
-                self._warned = True
-            return False
-        return True

@@ -1,15 +1,15 @@
-"""Tests of grace_st/_rationales.py (the rationale-writing mixin): doctests, seeds, rationale batches."""
+"""Tests of grace_st/generation.py (the rationale-writing mixin): doctests, seeds, rationale batches."""
 
 from __future__ import annotations
 
 import doctest
 
 import grace_st
-from grace_st import _rationales
+from grace_st.model import generation
 
 
 def test_doctests():
-    result = doctest.testmod(_rationales)
+    result = doctest.testmod(generation)
     assert result.attempted >= 2 and result.failed == 0
 
 

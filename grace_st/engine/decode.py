@@ -1,13 +1,8 @@
-"""GRACE decode engine: rationales plus last-layer states with no decode work for finished rows and a shared prefix.
+"""Per-batch decoding: rationales plus last-layer states with no decode work for finished rows and a shared prefix.
 
-Self-contained (imports only torch, transformers and the standard library; never ``modeling.py``): saved and published
-models carry it as ``_decode.py`` beside their remote code ``grace_st.py``, which imports it. It also holds the
-transformers generation paths of ``Transformer.generate_rationales`` (plain functions taking the model and the
-``generate`` arguments): :func:`generate_plain` (``model.generate``), :func:`generate_with_states` (the reference
-single-pass path: ``model.generate`` with the last-layer states captured, plus one cached decode step for the final
-token, which generation never feeds back) and :func:`generate_with_engine` (:func:`decode`).
-
-:func:`decode` replaces ``model.generate`` + the final cached step of the single-pass path:
+Installed only (saved models do not carry it; their ``Transformer`` uses it through :mod:`grace_st.engine` where a
+compatible grace_st is installed). :func:`decode` replaces ``model.generate`` + the final cached step of the
+reference single-pass path (``grace_st.model.generation.generate_with_states``):
 
 - the chat-prompt prefix shared by every row (system prompt + user header) is run once per call, for one row, and its
   keys/values are reused by every row through the KV cache;
@@ -17,9 +12,9 @@ token, which generation never feeds back) and :func:`generate_with_engine` (:fun
 - every token is fed once (its state is part of the embedding), and finished rows leave the batch (their cache rows
   are dropped) once at most half of the batch's rows are still writing: fewer decode row-steps, one cache copy per
   halving;
-- the KV cache is kept in :class:`SpareLayer` layers (a decode step writes its column in place instead of copying
-  the cache), and on a CPU the weights are laid out for few-row products while it runs (:func:`cpu_weight_layout`:
-  in the usual layout, MKL's product with 9-15 rows costs more than one with 16; ``benchmarks/encode_speed.py``).
+- the KV cache is kept in :class:`~grace_st.engine.cache.SpareLayer` layers (a decode step writes its column in
+  place), and on a CPU the weights are laid out for few-row products while it runs
+  (:func:`~grace_st.engine.cpu.cpu_weight_layout`).
 
 Supported: decoder-only LMs whose decoder ends with a ``norm`` module (Llama, Qwen2/3, Mistral, ...), ``eager`` or
 ``sdpa`` attention, full attention in every layer (no sliding window), greedy or sampled decoding with temperature
@@ -31,16 +26,17 @@ whose unpadding does not expect padding inside a row; repetition penalty; other 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
-import threading
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
+
+from grace_st.engine.cache import spare_cache
+from grace_st.engine.cpu import cpu_weight_layout
+from grace_st.model.generation import pad_rows
 
 ENGINE_ATTENTION = ("eager", "sdpa")
 # Generation-config fields the engine honours (or that do not change which tokens are produced).
@@ -67,164 +63,13 @@ class DecodeOutput(NamedTuple):
     suffix_states: torch.Tensor | None = None
 
 
-class RowTemperature(LogitsProcessor):
-    """Divides the logits of each row by that row's own sampling temperature (for ``model.generate``).
-
-    :func:`decode` takes per-row temperatures directly (``temperature`` as a tensor) and re-indexes them as rows
-    leave; this processor gives ``model.generate`` the same behaviour. Pass ``temperature=1.0`` to ``generate`` so no
-    global temperature is applied too.
-
-    Args:
-        temperatures: ``(batch,)`` temperatures, all > 0.
-    """
-
-    def __init__(self, temperatures: torch.Tensor) -> None:
-        temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
-        if temperatures.ndim != 1 or bool((temperatures <= 0).any()):
-            raise ValueError(f"temperatures must be a 1-D tensor of values > 0, got {temperatures.tolist()!r}.")
-        self.temperatures = temperatures
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.temperatures.to(device=scores.device, dtype=scores.dtype).unsqueeze(1)
-
-
-class SpareLayer(DynamicLayer):
-    """A full-attention cache layer whose keys/values are views into buffers with ``spare`` free columns after them:
-    a decode step writes its new column in place, where :class:`DynamicLayer` copies the whole layer
-    (``torch.cat``) at every step. When the room runs out the buffers grow by ``spare`` columns again. The cached
-    values are the same as :class:`DynamicLayer`'s (attention over the strided views matched it bit for bit in the
-    tests; other kernels may differ in the last bits).
-
-    Args:
-        keys, values: ``(batch, heads, length, head_dim)`` the layer's cached keys/values so far (copied); with
-            ``length``, buffers whose first ``length`` columns hold them (used as they are, no copy).
-        spare: free columns kept after them when the buffers grow (> 0).
-        length: see ``keys``.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int, length: int | None = None) -> None:
-        _check_cache_api()
-        super().__init__()
-        if not isinstance(spare, int) or spare < 1:
-            raise ValueError(f"spare={spare!r} must be an int >= 1.")
-        self.spare = spare
-        self.lazy_initialization(keys, values)
-        if length is None:
-            self._grow(keys, values, keys[:, :, :0], values[:, :, :0])
-        else:
-            self._key_buffer, self._value_buffer = keys, values
-            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-
-    def _grow(self, keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor):
-        length = keys.shape[2] + new_keys.shape[2]
-        batch, heads, _, dim = new_keys.shape
-        self._key_buffer = new_keys.new_empty(batch, heads, length + self.spare, dim)
-        self._value_buffer = new_values.new_empty(batch, heads, length + self.spare, values.shape[-1])
-        old = keys.shape[2]
-        self._key_buffer[:, :, :old], self._key_buffer[:, :, old:length] = keys, new_keys
-        self._value_buffer[:, :, :old], self._value_buffer[:, :, old:length] = values, new_values
-        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.keys is None:  # reset: start again from empty buffers
-            self.lazy_initialization(key_states, value_states)
-            self._grow(key_states[:, :, :0], value_states[:, :, :0], key_states, value_states)
-            return self.keys, self.values
-        start, new = self.keys.shape[2], key_states.shape[2]
-        if (
-            start + new > self._key_buffer.shape[2]
-            or key_states.shape[0] != self._key_buffer.shape[0]
-            # keys/values replaced by an inherited method (reorder_cache, offload, ...): no longer views of the buffers
-            or self.keys.data_ptr() != self._key_buffer.data_ptr()
-            or self.values.data_ptr() != self._value_buffer.data_ptr()
-        ):
-            self._grow(self.keys, self.values, key_states, value_states)
-        else:
-            self._key_buffer[:, :, start : start + new] = key_states
-            self._value_buffer[:, :, start : start + new] = value_states
-            self.keys = self._key_buffer[:, :, : start + new]
-            self.values = self._value_buffer[:, :, : start + new]
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        length = self.keys.shape[2]
-        self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
-        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
-
-
-@functools.cache
-def _check_cache_api() -> None:
-    """:class:`SpareLayer` overrides :class:`DynamicLayer` methods (public, but their contract may change): fail
-    loudly, naming the tested versions, if their signatures are not the ones it was written against."""
-    expected = {
-        "update": ["self", "key_states", "value_states", "args", "kwargs"],
-        "batch_select_indices": ["self", "indices"],
-        "lazy_initialization": ["self", "key_states", "value_states"],
-    }
-    for name, params in expected.items():
-        found = list(inspect.signature(getattr(DynamicLayer, name)).parameters)
-        if found != params:
-            raise RuntimeError(
-                f"transformers.cache_utils.DynamicLayer.{name} has parameters {found}, not {params} (tested with "
-                "transformers 5.24); grace_st's decode engine overrides it. Install transformers>=5.0,<6 as "
-                "pyproject.toml pins it, or report the new version."
-            )
-
-
-def spare_cache(kv: Any, spare: int) -> Cache:
-    """A :class:`~transformers.Cache` of :class:`SpareLayer` layers holding the ``(keys, values)`` pairs ``kv``."""
-    return Cache(layers=[SpareLayer(keys, values, spare) for keys, values in kv])
-
-
-_LAYOUT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def cpu_weight_layout(model: Any) -> Iterator[None]:
-    """While active, the float32 weights of the ``torch.nn.Linear`` modules of a model on a CPU are stored
-    transposed (``[in, out]`` contiguous; the tensors keep their shape and values): ``x @ W.T`` then runs as a plain
-    product, which on MKL costs less at a few rows (a decode step): ``benchmarks/encode_speed.py``. Products may
-    differ from the usual layout's in the last bits. Costs one transposed copy of those weights while active (the
-    original tensors are kept and put back on exit). A no-op on other devices and dtypes, and while another call
-    already holds the layout. The model must not be changed or run by another thread meanwhile."""
-    if model.device.type != "cpu" or not _LAYOUT_LOCK.acquire(blocking=False):
-        yield
-        return
-    originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
-    try:
-        for module in model.modules():
-            weight = getattr(module, "weight", None) if isinstance(module, torch.nn.Linear) else None
-            if (
-                isinstance(weight, torch.nn.Parameter)
-                and id(weight) not in originals
-                and weight.dtype == torch.float32
-                and weight.device.type == "cpu"
-                and weight.dim() == 2
-                and weight.is_contiguous()
-            ):
-                originals[id(weight)] = (weight, weight.data)
-                weight.data = weight.data.t().contiguous().t()
-        yield
-    finally:
-        for weight, data in originals.values():
-            weight.data = data
-        _LAYOUT_LOCK.release()
-
-
-def pad_rows(rows: Any, pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, mask)`` of id rows of different lengths, right-padded with ``pad`` (``left``: left-padded)."""
-    width = max((len(row) for row in rows), default=0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
 def unsupported_reason(model: Any, generate_kwargs: dict[str, Any]) -> str | None:
     """Why :func:`decode` cannot reproduce ``model.generate(**generate_kwargs)`` on ``model``, or None if it can."""
+    return model_unsupported_reason(model) or arguments_unsupported_reason(generate_kwargs)
+
+
+def model_unsupported_reason(model: Any) -> str | None:
+    """Why :func:`decode` cannot serve ``model`` at all (its attention, architecture or generation config), or None."""
     attention = model.config._attn_implementation
     if attention not in ENGINE_ATTENTION:
         return f"attention implementation {attention!r} (the engine supports {ENGINE_ATTENTION})"
@@ -232,6 +77,14 @@ def unsupported_reason(model: Any, generate_kwargs: dict[str, Any]) -> str | Non
         return "the decoder has no final `norm` module to read the last-layer states from"
     if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
         return "a layer that is not full attention (sliding window, linear, shared KV, ...)"
+    fields = sorted(set(model.generation_config.to_diff_dict()) - _ENGINE_GENERATION_FIELDS)
+    if fields:
+        return f"generation-config settings {fields}"
+    return None
+
+
+def arguments_unsupported_reason(generate_kwargs: dict[str, Any]) -> str | None:
+    """Why :func:`decode` cannot honour these ``generate`` arguments (a caller's choice), or None if it can."""
     extra = sorted(
         set(generate_kwargs)
         - {"max_new_tokens", "do_sample", "eos_token_id", "pad_token_id"}
@@ -241,9 +94,6 @@ def unsupported_reason(model: Any, generate_kwargs: dict[str, Any]) -> str | Non
         return f"generate arguments {extra}"
     if generate_kwargs.get("repetition_penalty") not in (None, 1.0):
         return f"repetition_penalty={generate_kwargs['repetition_penalty']!r}"
-    fields = sorted(set(model.generation_config.to_diff_dict()) - _ENGINE_GENERATION_FIELDS)
-    if fields:
-        return f"generation-config settings {fields}"
     return None
 
 
@@ -533,180 +383,6 @@ def _suffix_tail(model, cache, captured, mask, position, rows, tail, pad_token_i
     if counts is not None:
         counts["suffix_tokens"] = counts.get("suffix_tokens", 0) + tokens.numel()
     return suffix_states
-
-
-def _generate_kwargs(generate_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``generate_kwargs`` for ``model.generate``, which takes one temperature: per-row ones become a processor."""
-    kwargs = dict(generate_kwargs)
-    if isinstance(kwargs.get("temperature"), torch.Tensor):
-        processors = [*(kwargs.get("logits_processor") or []), RowTemperature(kwargs["temperature"])]
-        kwargs.update(temperature=1.0, logits_processor=LogitsProcessorList(processors))
-    return kwargs
-
-
-def generate_plain(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    generate_kwargs: dict[str, Any],
-    seeds: list[int] | None = None,
-) -> torch.Tensor:
-    """The ``(batch, R)`` ids ``model.generate`` writes after the left-padded prompts (no states).
-
-    ``seeds`` (sampling only): one seed per row; each row is then generated alone, without its padding, under
-    ``torch.random.fork_rng()`` + ``torch.manual_seed(seed)`` (the global RNG is left as it was). Deterministic and
-    independent of the batch, but not the same draws as :func:`decode`'s per-row generators."""
-    if seeds is not None:
-        rows = _per_row(model, input_ids, attention_mask, generate_kwargs, seeds, with_states=False)
-        return pad_rows([row[0][0].tolist() for row in rows], generate_kwargs["pad_token_id"])[0].to(input_ids.device)
-    with torch.no_grad():
-        sequences = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **_generate_kwargs(generate_kwargs)
-        )
-    return sequences[:, input_ids.shape[1] :]
-
-
-def _per_row(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    generate_kwargs: dict[str, Any],
-    seeds: list[int],
-    with_states: bool,
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(generated, states)`` of each row generated alone (its padding removed) under its own seed."""
-    if not generate_kwargs.get("do_sample"):
-        raise ValueError("seeds are per-row sampling seeds: pass them with do_sample=True (greedy draws nothing).")
-    seeds = check_seeds(seeds, len(input_ids))
-    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-    results = []
-    for row, seed in enumerate(seeds):
-        kwargs = dict(generate_kwargs)
-        if isinstance(kwargs.get("temperature"), torch.Tensor):
-            kwargs["temperature"] = kwargs["temperature"][row : row + 1]
-        keep = attention_mask[row].bool()
-        ids, mask = input_ids[row : row + 1, keep], attention_mask[row : row + 1, keep]
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            if with_states:
-                results.append(generate_with_states(model, ids, mask, kwargs))
-            else:
-                results.append((generate_plain(model, ids, mask, kwargs), None))
-    return results
-
-
-class _LastLayerStates:
-    """Collects the last-layer states of every forward call while active: a hook on the decoder's final norm when the
-    architecture has one (Llama, Qwen, Mistral, ...), else ``output_hidden_states`` (all layers, more memory)."""
-
-    def __init__(self, model: Any) -> None:
-        self.norm = getattr(model.get_decoder(), "norm", None)
-        self.needs_hidden_states = not isinstance(self.norm, torch.nn.Module)
-        self.states: list[torch.Tensor] = []
-        self._handle = None
-
-    def __enter__(self) -> _LastLayerStates:
-        if not self.needs_hidden_states:
-            self._handle = self.norm.register_forward_hook(lambda module, args, output: self.states.append(output))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-
-
-def generate_with_states(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    generate_kwargs: dict[str, Any],
-    seeds: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(generated, states)``: the ids of :func:`generate_plain` and the ``(batch, P + R, hidden)`` last-layer states
-    of prompt + generated ids, from generation (prefill + decode steps) plus one cached decode step for the final
-    token. ``states`` is None when the hooked norm was not on the forward path (e.g. a re-wrapped copy).
-    ``seeds`` as in :func:`generate_plain` (rows generated one by one; zeros at padding)."""
-    if seeds is not None:
-        return _assemble_rows(
-            _per_row(model, input_ids, attention_mask, generate_kwargs, seeds, with_states=True),
-            input_ids.shape[1],
-            generate_kwargs["pad_token_id"],
-        )
-    kwargs = _generate_kwargs(generate_kwargs)
-    with torch.no_grad(), _LastLayerStates(model) as captured:
-        kwargs.update(return_dict_in_generate=True, output_hidden_states=captured.needs_hidden_states)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        generated = out.sequences[:, input_ids.shape[1] :]
-        if captured.needs_hidden_states:
-            captured.states = [step[-1] for step in out.hidden_states]
-        # Generation never feeds its last token back; one cached decode step gives that token's state.
-        full_mask = torch.cat([attention_mask, torch.ones_like(generated)], dim=1)
-        last = model(
-            input_ids=generated[:, -1:],
-            attention_mask=full_mask,
-            position_ids=full_mask.sum(dim=1, keepdim=True) - 1,
-            cache=out.cache,
-            cache_position=torch.tensor([full_mask.shape[1] - 1], device=full_mask.device),
-            use_cache=True,
-            output_hidden_states=captured.needs_hidden_states,
-        )
-        if captured.needs_hidden_states:
-            captured.states.append(last.hidden_states[-1])
-    if sum(state.shape[1] for state in captured.states) != input_ids.shape[1] + generated.shape[1]:
-        return generated, None
-    return generated, torch.cat(captured.states, dim=1)
-
-
-def _assemble_rows(
-    rows: list[tuple[torch.Tensor, torch.Tensor | None]], width: int, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One batch ``(generated, states)`` from rows generated alone: ids right-padded with ``pad_token_id``; states
-    laid out like a ``width``-column left-padded prompt + the generated ids, zeros at padding."""
-    generated = pad_rows([row[0][0].tolist() for row in rows], pad_token_id)[0].to(rows[0][0].device)
-    if any(states is None for _, states in rows):
-        return generated, None
-    first = rows[0][1]
-    states = first.new_zeros(len(rows), width + generated.shape[1], first.shape[-1])
-    for index, (ids, row_states) in enumerate(rows):
-        prompt = row_states.shape[1] - ids.shape[1]
-        states[index, width - prompt : width + ids.shape[1]] = row_states[0]
-    return generated, states
-
-
-def suffix_states_two_pass(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    rationale_ids: torch.Tensor,
-    rationale_mask: torch.Tensor,
-    suffix_ids: list[list[int]],
-) -> torch.Tensor:
-    """``(batch, hidden)`` last-layer state of each row's last suffix token from one forward pass over prompt +
-    rationale + suffix (the two-pass reference of :func:`decode`'s ``suffix_states``, and the fallback where the
-    engine does not apply).
-
-    Args:
-        model: the causal LM.
-        input_ids, attention_mask: ``(batch, P)`` the left-padded prompts.
-        rationale_ids, rationale_mask: ``(batch, R)`` the rationales (mask: 1 for rationale tokens, the closing EOS
-            included).
-        suffix_ids: per row, the suffix token ids (at least one).
-    """
-    suffix_ids = check_suffix_ids(suffix_ids, len(input_ids), getattr(model.config, "vocab_size", None))
-    rows = [
-        ids[mask.bool()].tolist() + r_ids[r_mask.bool()].tolist() + suffix
-        for ids, mask, r_ids, r_mask, suffix in zip(
-            input_ids, attention_mask, rationale_ids, rationale_mask.to(rationale_ids.device), suffix_ids, strict=True
-        )
-    ]
-    ids, mask = pad_rows(rows, 0, left=True)  # left padding: every row's last suffix token is in the last column
-    ids, mask = ids.to(input_ids.device), mask.to(input_ids.device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as Transformer.embed and generate
-    with torch.no_grad():
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False
-        )
-    return out.hidden_states[-1][:, -1]
 
 
 def generate_with_engine(

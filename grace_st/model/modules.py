@@ -1,10 +1,7 @@
 """GRACE modules ``[Transformer, RationalePooling, Normalize]``: the LM writes a rationale per text; the embedding is
-the mean of its last-layer states over user text + rationale. Self-contained (torch, transformers,
-sentence-transformers, and beside it the decode engine ``_decode.py``, which also holds the transformers generation
-paths, and the option checks ``_options.py``): ``model.save()`` copies the three files into the folder (this one
-as ``grace_st.py``), so saved and published GRACE models load with plain sentence-transformers
-(``trust_remote_code=True``) where grace_st is not installed.
-"""
+the mean of its last-layer states over user text + rationale. A saved model carries this package's files as its own
+code (:data:`CORE_FILES`; this file as ``grace_st.py``): standard library, torch, public transformers and
+sentence-transformers API only, so it loads with ``trust_remote_code=True`` where grace_st is not installed."""
 
 from __future__ import annotations
 
@@ -13,18 +10,16 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from sentence_transformers.base.modules import InputModule, Module
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ._decode import pad_rows
-from ._options import (
+from .generation import RationaleBatch, RationaleWriter, pad_rows
+from .options import (
     DEFAULT_SYSTEM_PROMPT,
-    OPTION_RULES,
-    POOLING_MODES,
-    RATIONALE_MODES,
     TEXT_FIELD,
     TRANSFORMER_RULES,
     check_combination,
@@ -32,24 +27,21 @@ from ._options import (
     check_texts,
     is_real,
 )
-from ._rationales import RationaleBatch, RationaleWriter
 
 __version__ = "0.1.0"  # the grace_st version; saved in grace_config.json as "grace_st_version"
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "OPTION_RULES", "POOLING_MODES", "RATIONALE_MODES", "check_option", "check_texts"]
 
 logger = logging.getLogger(__name__)
 
 RationaleMode = Literal["generate", "none", "echo"]
-MODULE_FILE_NAME = "grace_st.py"
-SHIPPED_FILES = {
-    MODULE_FILE_NAME: "modeling.py",
-    **{name: name for name in ("_decode.py", "_options.py", "_rationales.py")},
-}
+MODULE_FILE_NAME = "grace_st.py"  # modules.json names "grace_st.Transformer": sentence-transformers imports this file
+# The files a saved model carries (folder name -> name in this package): every module of grace_st/model/ but its
+# __init__ (tests/model/test_shipped_core.py keeps the two in step).
+CORE_FILES = {MODULE_FILE_NAME: "modules.py", "generation.py": "generation.py", "options.py": "options.py"}
 _TEXT_PLACEHOLDER = "\u2063GRACE_ST_TEXT\u2063"  # where the user text goes when the chat template is rendered
 
 
 def pooling_span_mask(attention_mask: torch.Tensor, text_start: torch.Tensor) -> torch.Tensor:
-    """New mask of the GRACE pooled span in ``(batch, P + R)`` ``attention_mask`` (not modified): from each row's
+    """New mask of the pooled span in ``(batch, P + R)`` ``attention_mask`` (not modified): from each row's
     ``text_start`` (first user-text token) to the end of the rationale, padding excluded.
 
     Example:
@@ -79,40 +71,32 @@ class Transformer(RationaleWriter, InputModule):
     ``<|im_end|>``, become ordinary tokens and cannot close the user turn of the chat prompt.
 
     Reads (from :meth:`preprocess`): ``input_ids``, ``attention_mask`` (left-padded prompts), ``text_start`` (and
-    ``echo_ids``/``echo_mask``). Writes, over prompt + rationale with each row left-aligned (the text's own tokens
-    first, then padding, so a row does not depend on its batch-mates): ``input_ids``, ``token_embeddings``,
-    ``attention_mask``, ``pooling_mask``, ``text_start``; and ``rationale_ids``/``rationale_mask``/
-    ``rationale_finished`` (text: :meth:`decode_rationale`). ``encode(output_value="token_embeddings")`` gives each
-    text its own rows; rows from :attr:`span_start` on are the pooled span (``lasttoken`` pools the last row only).
-    With ``summary_suffix``, also ``summary_embeddings``; with ``num_rationales=k > 1`` every per-rationale output
-    gains a second axis of size k (``(batch, k, ...)``).
+    ``echo_ids``/``echo_mask``, ``suffix_ids``/``suffix_mask``). Writes, over prompt + rationale with each row
+    left-aligned (own tokens, then padding): ``input_ids``, ``token_embeddings``, ``attention_mask``, ``pooling_mask``
+    (rows from :attr:`span_start` on), ``text_start``, ``rationale_ids``/``rationale_mask``/``rationale_finished``
+    (text: :meth:`decode_rationale`) and, with ``summary_suffix``, ``summary_embeddings``; with ``num_rationales=k``
+    every per-rationale output gains a second axis of size k.
 
-    Args:
-        model, tokenizer: the causal LM (any ``AutoModelForCausalLM``) and its tokenizer (must have a chat template).
-        system_prompt: system message of the GRACE prompt. Defaults to the paper's prompt.
+    Args (each option is type- and range-checked by ``options.py``; all but ``model``/``tokenizer`` are saved):
+        model, tokenizer: the causal LM (any ``AutoModelForCausalLM``) and its tokenizer.
+        system_prompt: system message of the chat prompt. Defaults to the paper's prompt.
         prompt_template: the user message, ``{text}`` marking where the text goes. Defaults to ``"{text}"``.
-        chat_template: wrap the prompt in the backbone's chat template (system prompt, user turn, assistant header);
-            False: the prompt is ``prompt_template`` alone (then ``system_prompt`` must be ""; PromptEOL is
-            ``rationale_mode="none"``, ``chat_template=False``, ``prompt_template=PROMPTEOL_TEMPLATE``, last-token
-            pooling). Defaults to True.
-        rationale_mode: ``"generate"`` (GRACE), ``"none"`` (no rationale) or ``"echo"`` (the text repeated as the
-            rationale). Defaults to ``"generate"``.
-        max_new_tokens: rationale length limit in tokens. Defaults to 128.
-        max_input_tokens: longer user texts are truncated (with a warning). Defaults to 1024.
-        do_sample: sample instead of greedy decoding (greedy keeps embeddings deterministic). Defaults to False.
-        temperature, top_p, top_k, repetition_penalty: sampling settings (with ``do_sample``) and the repetition
-            penalty. Default to 1.0, 1.0, 0 (no top-k cut-off), 1.0.
-        single_pass: pool the states generation computed instead of a second pass over prompt + rationale (same
-            embedding within float tolerance; the two-pass path is the reference). Defaults to True.
-        summary_suffix: text fed after each rationale (``{text}``, if present, is the user text again); the state of
-            its last token is the summary readout (``RationalePooling`` modes ``"summary"``, ``"mean+summary"``).
-            Defaults to "" (none).
-        num_rationales: k rationales per text, sampled with a seed derived from the text (``do_sample=True``), whose
-            normalised embeddings are averaged. Defaults to 1.
+        chat_template: wrap the prompt in the backbone's chat template; False: ``prompt_template`` alone (then
+            ``system_prompt`` must be ""). Defaults to True.
+        rationale_mode: ``"generate"`` (GRACE), ``"none"`` or ``"echo"`` (the text repeated). Defaults to generate.
+        max_new_tokens, max_input_tokens: rationale and user-text limits in tokens (longer texts are truncated with a
+            warning). Default to 128 and 1024.
+        do_sample, temperature, top_p, top_k, repetition_penalty: decoding settings. Default to greedy (deterministic
+            embeddings), 1.0, 1.0, 0 (no top-k cut-off), 1.0.
+        single_pass: pool the states generation computed instead of a second pass over prompt + rationale (the
+            reference; equal within float tolerance). Defaults to True.
+        summary_suffix: text fed after each rationale (``{text}`` in it is the text again); the state of its last
+            token is the ``"summary"`` readout. Defaults to "" (none).
+        num_rationales: k rationales per text, sampled with seeds derived from the text, their normalised embeddings
+            averaged. Defaults to 1.
 
-    Runtime settings (not saved): ``generation_backend`` (a :class:`GenerationBackend`; None = transformers),
-    ``decode_path`` (how transformers keeps states from generation) and ``decode_counts`` (a dict the engine adds its
-    work counts to; benchmarks).
+    Runtime settings (not saved): ``generation_backend``, ``decode_path`` and ``decode_counts`` (see
+    :class:`~.generation.RationaleWriter`).
     """
 
     config_file_name = "grace_config.json"
@@ -297,15 +281,24 @@ class Transformer(RationaleWriter, InputModule):
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         """Write the LM (safetensors), tokenizer, ``grace_config.json`` (with the writing ``grace_st_version``) and
-        the remote code (this file as ``grace_st.py``, ``_decode.py``, ``_options.py``)."""
+        the code this module runs (:data:`CORE_FILES`; a model loaded from a folder saves the folder's own copy)."""
         if not safe_serialization:
             raise ValueError("GRACE models are saved as safetensors only (safe_serialization=True).")
+        here = Path(__file__).resolve().parent
+        # In grace_st/model/ this file is modules.py; in a loaded folder's copy it is grace_st.py, beside the others.
+        sources = {
+            name: here / (name if Path(__file__).name == MODULE_FILE_NAME else source)
+            for name, source in CORE_FILES.items()
+        }
+        missing = [str(path) for path in sources.values() if not path.is_file()]
+        if missing:  # checked before anything is written: a partial folder would load as another model
+            raise FileNotFoundError(f"Cannot save the GRACE model: its code files {missing} are missing.")
         self.model.save_pretrained(output_path, safe_serialization=True)
         self.save_tokenizer(output_path)
         with open(os.path.join(output_path, self.config_file_name), "w", encoding="utf-8") as f:
             json.dump({**self.get_config_dict(), "grace_st_version": __version__}, f, indent=4)
-        for name, source in SHIPPED_FILES.items():
-            shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), source), f"{output_path}/{name}")
+        for name, source in sources.items():
+            shutil.copyfile(source, os.path.join(output_path, name))
 
     @classmethod
     def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> Transformer:
@@ -314,6 +307,16 @@ class Transformer(RationaleWriter, InputModule):
         hub["local_files_only"] = kwargs.get("local_files_only", False)
         config = cls.load_config(model_name_or_path, subfolder, cache_folder=kwargs.get("cache_folder"), **hub)
         where = f"{cls.config_file_name} of {model_name_or_path!r}: "
+        # sentence-transformers imports a folder's own grace_st.py and falls back to an installed grace_st (this class)
+        # when that code cannot be imported, e.g. a file of it is missing: name the file instead.
+        for name in CORE_FILES:
+            if not cls.load_file_path(
+                model_name_or_path, name, subfolder, cache_folder=kwargs.get("cache_folder"), **hub
+            ):
+                raise FileNotFoundError(
+                    f"{model_name_or_path!r} lacks {name}, a file of the model's code (model.save() "
+                    f"writes all of {sorted(CORE_FILES)}). Copy the folder or save it again."
+                )
         if not config:
             raise ValueError(f"{where}missing or empty; a GRACE model folder written by model.save() has one.")
         unknown = set(config) - set(cls.config_keys) - {"grace_st_version"}
@@ -328,23 +331,17 @@ class Transformer(RationaleWriter, InputModule):
         processor_kwargs = {**hub, **(kwargs.get("processor_kwargs") or {})}
         return cls(*load_backbone(model_name_or_path, model_kwargs, processor_kwargs), **config)
 
-    def __repr__(self) -> str:
-        return f"Transformer({self.get_config_dict()}, backbone={type(self.model).__name__})"
-
 
 class RationalePooling(Module):
-    """Pools GRACE token states into one embedding: reads ``token_embeddings`` and ``pooling_mask`` (else
-    ``attention_mask``), writes ``sentence_embedding``.
+    """Pools GRACE token states into one embedding: reads ``token_embeddings``, ``pooling_mask`` (else
+    ``attention_mask``) and ``summary_embeddings``, writes ``sentence_embedding`` (with k rationales: the mean of the k
+    normalised embeddings).
 
     Args:
         embedding_dimension: hidden size of the LM (checked against it when the model is assembled or loaded).
-        pooling_mode: ``"mean"`` (GRACE: masked mean over user text + rationale), ``"lasttoken"`` (the last pooled
-            token: the EOS that closed the rationale, or without a rationale the last prompt token, as in PromptEOL),
-            ``"summary"`` (the last token of the Transformer's ``summary_suffix``) or ``"mean+summary"`` (the sum of
-            both, each normalised). Defaults to ``"mean"``.
-
-    With ``num_rationales=k > 1`` (inputs with a k axis), each rationale's embedding is normalised and the k are
-    averaged.
+        pooling_mode: ``"mean"`` (GRACE: over user text + rationale), ``"lasttoken"`` (the rationale's closing EOS, or
+            the last prompt token without a rationale: PromptEOL), ``"summary"`` (the summary suffix's last token) or
+            ``"mean+summary"`` (both normalised, summed). Defaults to ``"mean"``.
     """
 
     config_keys = ["embedding_dimension", "pooling_mode"]
@@ -360,8 +357,7 @@ class RationalePooling(Module):
         return self.embedding_dimension
 
     def on_model_ready(self, model) -> None:
-        """Check that ``embedding_dimension`` is the hidden size of the model's LM and that a summary readout has a
-        summary suffix."""
+        """Check ``embedding_dimension`` against the LM and that a summary readout has a summary suffix."""
         first = model[0]
         if isinstance(first, Transformer) and first.get_embedding_dimension() != self.embedding_dimension:
             raise ValueError(

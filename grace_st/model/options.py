@@ -1,8 +1,5 @@
-"""Saved options of the GRACE modules and input checks: what each option accepts, checked at build and at load.
-
-Self-contained (standard library only): saved and published models carry it as ``_options.py`` beside their remote
-code ``grace_st.py``, which imports it.
-"""
+"""Saved options of the GRACE modules and input checks: what each option accepts, checked at build and at load (the
+one registry of module options). Standard library only."""
 
 from __future__ import annotations
 

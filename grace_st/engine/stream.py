@@ -2,104 +2,25 @@
 rows decoding and hands a finished row's slot to the next waiting text, against the shared prompt prefix's cache.
 
 Part of the installed package only (saved models do not carry it): a model's own ``encode`` uses the per-batch engine
-of ``_decode.py``; this scheduler works over a whole corpus, which sentence-transformers never hands to a module.
+of :mod:`grace_st.engine.decode`; this scheduler works over a whole corpus.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 from transformers import Cache
 
-from grace_st._decode import (
-    SpareLayer,
-    after_prefix,
-    check_suffix_ids,
-    cpu_weight_layout,
-    decode_step,
-    pad_rows,
-    spare_cache,
-)
+from grace_st.engine.cache import SpareLayer, spare_cache
+from grace_st.engine.cpu import cpu_weight_layout, packed_linears
+from grace_st.engine.decode import after_prefix, check_suffix_ids, decode_step
+from grace_st.model.generation import pad_rows
 
 logger = logging.getLogger(__name__)
-_LOGGED: set[str] = set()
-
-
-# torch's own CPU ops for MKL's packed matrix product (private: torch's compiler uses them), as tested (torch 2.13).
-MKL_PACKED_SCHEMAS = {
-    "_mkl_reorder_linear_weight": "mkl::_mkl_reorder_linear_weight(Tensor X, int batch_size) -> Tensor",
-    "_mkl_linear": "mkl::_mkl_linear(Tensor X, Tensor MKL_W, Tensor ORI_W, Tensor? B, int batch_size) -> Tensor",
-}
-
-
-def packing_unsupported_reason(model: Any) -> str | None:
-    """Why :func:`packed_linears` leaves ``model`` as it is, or None if it packs its weights."""
-    if model.device.type != "cpu":
-        return f"the model is on {model.device.type}, not the CPU"
-    if not torch.backends.mkl.is_available():
-        return "this torch build has no MKL"
-    for name, schema in MKL_PACKED_SCHEMAS.items():
-        op = getattr(torch.ops.mkl, name, None)
-        found = str(op.default._schema) if op is not None else None
-        if found != schema:
-            return f"torch.ops.mkl.{name} is {found!r}, not {schema!r} as in torch 2.13 (tested)"
-    return None
-
-
-@contextlib.contextmanager
-def packed_linears(model: Any, rows: int) -> Iterator[None]:
-    """While active, the float32 ``torch.nn.Linear`` modules of a model on a CPU with MKL multiply inputs of exactly
-    ``rows`` rows (a decode step of a full batch) by weights packed once on entry, through torch's own MKL ops
-    (:data:`MKL_PACKED_SCHEMAS`): the usual product re-packs every weight at every call (on this CPU a full
-    16-row decode step then costs ~9 ms less of ~113: ``benchmarks/encode_speed.py``). Other row counts, and
-    modules whose ``forward`` is already replaced (e.g. by accelerate's hooks), use the usual product. The results
-    equal ``torch.nn.functional.linear``'s (tests/test_streaming.py); where gradients are needed the usual product
-    runs (the packed op has no backward). Where :func:`packing_unsupported_reason` gives a reason, a no-op (logged
-    once). Costs one packed copy of the weights while active (on top of :func:`cpu_weight_layout`'s copy when both are
-    active: continuous batching). The packed weights are those of the moment of entry: do not change the weights while
-    it is active."""
-    reason = packing_unsupported_reason(model)
-    if reason is not None:
-        if model.device.type == "cpu" and reason not in _LOGGED:
-            _LOGGED.add(reason)
-            logger.warning("Continuous batching multiplies without packed weights (a little slower): %s.", reason)
-        yield
-        return
-    patched = []
-    try:
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if (
-                isinstance(module, torch.nn.Linear)
-                and "forward" not in vars(module)
-                and isinstance(weight, torch.Tensor)
-                and weight.dtype == torch.float32
-                and weight.dim() == 2
-            ):
-                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-                module.forward = functools.partial(_packed_forward, module, packed, rows)
-                patched.append(module)
-        yield
-    finally:
-        for module in patched:
-            del module.forward
-
-
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, rows: int, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` by MKL's packed product when ``x`` has ``rows`` rows (torch's op falls back to the usual product
-    with ``module.weight`` otherwise)."""
-    flat = x.reshape(-1, x.shape[-1])
-    grads = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-    if grads or flat.dtype != torch.float32 or flat.shape[0] != rows:  # the packed op has no backward
-        return torch.nn.functional.linear(x, module.weight, module.bias)
-    out = torch.ops.mkl._mkl_linear(flat, packed, module.weight, module.bias, rows)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class StreamRow(NamedTuple):
@@ -371,7 +292,7 @@ class _Prefilled(NamedTuple):
 
 
 def _joined_cache(groups: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int, spare: int) -> Cache:
-    """A cache of :class:`~grace_st._decode.SpareLayer` layers holding the rows of every group (per layer
+    """A cache of :class:`~grace_st.engine.cache.SpareLayer` layers holding the rows of every group (per layer
     ``(keys, values)``), group after group, each right-aligned in ``width`` columns (zero columns on the left: masked)
     and ``spare`` free columns after them; one copy of every kept key and value."""
     layers = []

@@ -1,4 +1,4 @@
-"""Tests of corpus encoding (grace_st/encoding.py): de-duplication, rationales per text, the on-disk cache."""
+"""Tests of corpus encoding (grace_st/encoding/): de-duplication, rationales per text, the on-disk cache."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import stat
 import numpy as np
 import pytest
 import torch
+from helpers import split_rows, tiny_grace_model
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-from test_decode import _model, _split_rows
 
 import grace_st
-import grace_st.encoding
-from grace_st._options import SUMMARY_SUFFIX
+import grace_st.encoding.corpus
+import grace_st.engine
 from grace_st.encoding import (
     CacheEntry,
     EmbeddingCache,
@@ -25,6 +25,7 @@ from grace_st.encoding import (
     encode_corpus,
     weights_fingerprint,
 )
+from grace_st.model import SUMMARY_SUFFIX
 
 TEXTS = ["A man is playing a guitar.", "The stock market fell sharply.", "Cats sleep most of the day."]
 
@@ -38,7 +39,7 @@ def count_generated_rows(model, monkeypatch) -> list[int]:
     """Rows generated from now on, whichever path writes them (model.encode or continuous batching)."""
     rows: list[int] = []
     original = model[0].generate_rationales
-    stream = grace_st.encoding.decode_stream
+    stream = grace_st.engine.decode_stream
 
     def counting_generate(features, *args, **kwargs):
         rows.append(features["input_ids"].shape[0])
@@ -49,7 +50,7 @@ def count_generated_rows(model, monkeypatch) -> list[int]:
         return stream(model, prefix_ids, own_ids, *args, **kwargs)
 
     model[0].generate_rationales = counting_generate
-    monkeypatch.setattr(grace_st.encoding, "decode_stream", counting_stream)
+    monkeypatch.setattr(grace_st.engine, "decode_stream", counting_stream)
     return rows
 
 
@@ -353,8 +354,8 @@ CORPUS = [
 
 def _varied_model(tiny_backbone_dir, **options):
     """The tiny LM with clear greedy margins and EOS ids that end rows at different steps (some are cut)."""
-    model = _model(tiny_backbone_dir, max_new_tokens=10, **options)
-    _split_rows(model[0], model[0].preprocess(CORPUS[::2]), 10)
+    model = tiny_grace_model(tiny_backbone_dir, max_new_tokens=10, **options)
+    split_rows(model[0], model[0].preprocess(CORPUS[::2]), 10)
     model[0].decode_path = "engine"
     return model
 
@@ -487,17 +488,19 @@ def test_continuous_batching_serves_a_saved_model_loaded_through_its_own_code(ti
     reference = encode_corpus(model, CORPUS, batch_size=4, schedule="batches")
     assert new.rationale_ids == reference.rationale_ids
     assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
-    # A copy of other code (another grace_st version) is not run by the stream: model.encode serves it.
-    (tmp_path / "saved" / "_decode.py").write_text(
-        (tmp_path / "saved" / "_decode.py").read_text(encoding="utf-8") + "\n# another version\n", encoding="utf-8"
+    # Code that expects another engine version (another grace_st) is not run by the stream: model.encode serves it.
+    code = (tmp_path / "saved" / "generation.py").read_text(encoding="utf-8")
+    assert "ENGINE_API_VERSION = 1\n" in code
+    (tmp_path / "saved" / "generation.py").write_text(
+        code.replace("ENGINE_API_VERSION = 1\n", "ENGINE_API_VERSION = 99\n")
     )
     (tmp_path / "saved").rename(tmp_path / "other")
     other = SentenceTransformer(str(tmp_path / "other"), device="cpu", trust_remote_code=True)
-    assert "not grace_st.Transformer" in continuous_reason(other)
+    assert "expects engine API 99" in continuous_reason(other)
 
 
 def test_a_failure_while_pooling_puts_the_weights_back(tiny_backbone_dir, monkeypatch):
-    from grace_st._decode import _LAYOUT_LOCK
+    from grace_st.engine.cpu import _LAYOUT_LOCK
 
     model = _varied_model(tiny_backbone_dir)
     linears = [m for m in model[0].model.modules() if isinstance(m, torch.nn.Linear)]
@@ -505,7 +508,7 @@ def test_a_failure_while_pooling_puts_the_weights_back(tiny_backbone_dir, monkey
     def fail(*args, **kwargs):
         raise RuntimeError("pooling failed")
 
-    monkeypatch.setattr(grace_st.encoding, "_pool_rows", fail)
+    monkeypatch.setattr(grace_st.encoding.corpus, "_pool_rows", fail)
     with pytest.raises(RuntimeError, match="pooling failed") as caught:
         encode_corpus(model, CORPUS, batch_size=4)
     assert caught.value is not None  # the traceback (and the stream's frame) is still alive here

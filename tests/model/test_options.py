@@ -1,4 +1,4 @@
-"""Tests of grace_st/_options.py: the saved options' rules, their combinations and the text checks."""
+"""Tests of grace_st/options.py: the saved options' rules, their combinations and the text checks."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import doctest
 
 import pytest
 
-from grace_st import _options
-from grace_st._options import OPTION_RULES, TRANSFORMER_RULES, check_combination, check_option, check_texts
+from grace_st.model import options
+from grace_st.model.options import OPTION_RULES, TRANSFORMER_RULES, check_combination, check_option, check_texts
 
 
 def test_doctests():
-    result = doctest.testmod(_options)
+    result = doctest.testmod(options)
     assert result.attempted >= 2 and result.failed == 0
 
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_decode import TEXTS, _engine, _model, _split_rows
+from helpers import TEXTS, engine_output, split_rows, tiny_grace_model
 
-from grace_st.streaming import decode_stream
+from grace_st.engine import decode_stream
 
 
 @pytest.mark.parametrize("refill_at", [0.0, 0.5, 0.875, 1.0])
 def test_decode_stream_equals_decode(tiny_backbone_dir, refill_at):
-    module = _model(tiny_backbone_dir, max_new_tokens=10)[0]
-    _split_rows(module, module.preprocess(TEXTS), 10)
+    module = tiny_grace_model(tiny_backbone_dir, max_new_tokens=10)[0]
+    split_rows(module, module.preprocess(TEXTS), 10)
     texts = TEXTS * 3
     features = module.preprocess(texts)
     prefix_len = len(module.template_pieces()[0])
     kwargs = module.generation_kwargs()
-    reference = _engine(module, features)
+    reference = engine_output(module, features)
     pairs = zip(features["input_ids"], features["attention_mask"], strict=True)
     real = [ids[mask.bool()].tolist() for ids, mask in pairs]
     counts = {}
@@ -48,7 +48,7 @@ def test_decode_stream_equals_decode(tiny_backbone_dir, refill_at):
 
 
 def test_decode_stream_arguments_are_checked(tiny_backbone_dir):
-    module = _model(tiny_backbone_dir)[0]
+    module = tiny_grace_model(tiny_backbone_dir)[0]
     with pytest.raises(ValueError, match="at least one token"):
         next(decode_stream(module.model, [1, 2], [[3], []], 4, [2], 2, batch_size=2))
     with pytest.raises(ValueError, match="batch_size=0"):
@@ -58,11 +58,11 @@ def test_decode_stream_arguments_are_checked(tiny_backbone_dir):
 
 
 def test_packed_linears_give_the_usual_products_and_are_removed(tiny_backbone_dir):
-    from grace_st.streaming import packed_linears, packing_unsupported_reason
+    from grace_st.engine.cpu import packed_linears, packing_unsupported_reason
 
     if not torch.backends.mkl.is_available():
         pytest.skip("this torch build has no MKL: packed_linears is a no-op")
-    module = _model(tiny_backbone_dir)[0]
+    module = tiny_grace_model(tiny_backbone_dir)[0]
     model = module.model
     # torch's private MKL ops still have the tested signatures (this fails when a torch release changes them).
     assert packing_unsupported_reason(model) is None

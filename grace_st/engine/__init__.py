@@ -1,0 +1,74 @@
+"""The decode engine: faster GRACE rationale writing for an installed grace_st (never shipped with a model).
+
+A saved model's ``Transformer`` (``grace_st.model``) writes rationales with ``model.generate`` (the reference path) and
+uses this engine instead only where it finds it installed with the :data:`API_VERSION` its code expects and
+:func:`unsupported_reason` is None. The engine's results equal the reference path's within float tolerance.
+
+Modules: :mod:`~grace_st.engine.decode` (one batch), :mod:`~grace_st.engine.stream` (continuous batching),
+:mod:`~grace_st.engine.cache` (KV cache layers) and :mod:`~grace_st.engine.cpu` (CPU kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grace_st.engine.cache import cache_api_reason
+from grace_st.engine.decode import (
+    DecodeOutput,
+    arguments_unsupported_reason,
+    decode,
+    generate_with_engine,
+    model_unsupported_reason,
+)
+from grace_st.engine.stream import StreamRow, decode_stream
+
+# The contract between a model's shipped code and this engine: the calls below and what they return. A model whose
+# code expects another version uses the reference path.
+API_VERSION = 1
+
+__all__ = [
+    "API_VERSION",
+    "DecodeOutput",
+    "StreamRow",
+    "decode",
+    "decode_stream",
+    "generate",
+    "unsupported_arguments",
+    "unsupported_reason",
+]
+
+
+def unsupported_reason(module: Any) -> str | None:
+    """Why the engine cannot write ``module``'s rationales at all (then the module uses ``model.generate`` and warns
+    once), or None if it can: the installed transformers, the model's attention and architecture, the prompt.
+
+    Args:
+        module: a GRACE ``Transformer`` (the installed class or a saved model's copy of it).
+    """
+    reason = cache_api_reason()
+    if reason is None and not module.template_pieces()[0]:
+        reason = "the prompt has no prefix shared by every text"
+    return reason or model_unsupported_reason(module.model)
+
+
+def unsupported_arguments(generate_kwargs: dict[str, Any]) -> str | None:
+    """Why the engine cannot honour these ``generate`` arguments of one call (then that call uses
+    ``model.generate``, silently: the arguments are the caller's choice), or None if it can."""
+    return arguments_unsupported_reason(generate_kwargs)
+
+
+def generate(
+    module: Any,
+    features: dict[str, Any],
+    generate_kwargs: dict[str, Any],
+    suffix_ids: list[list[int]] | None = None,
+    seeds: list[int] | None = None,
+) -> DecodeOutput | None:
+    """``(generated, states, suffix_states)`` for the left-padded prompts of ``features``, or None when the states
+    could not be captured (the module then uses the reference path). See
+    :func:`~grace_st.engine.decode.generate_with_engine`."""
+    prefix_len = len(module.template_pieces()[0])
+    counts = module.decode_counts
+    return generate_with_engine(
+        module.model, features, generate_kwargs, prefix_len, counts, suffix_ids=suffix_ids, seeds=seeds
+    )

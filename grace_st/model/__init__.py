@@ -1,0 +1,39 @@
+"""The GRACE model that ships: the modules a saved model carries as its own code (see :data:`CORE_FILES`).
+
+Everything here imports only the standard library, torch and public transformers and sentence-transformers API, and
+never fails because of the optional decode engine (:mod:`grace_st.engine`): without it, rationales are written by
+``model.generate``.
+"""
+
+from __future__ import annotations
+
+from grace_st.model.generation import ENGINE_API_VERSION, GenerationBackend, RationaleBatch, rationale_mask
+from grace_st.model.modules import (
+    CORE_FILES,
+    MODULE_FILE_NAME,
+    RationalePooling,
+    Transformer,
+    __version__,
+    load_backbone,
+    pool,
+    pooling_span_mask,
+)
+from grace_st.model.options import DEFAULT_SYSTEM_PROMPT, PROMPTEOL_TEMPLATE, SUMMARY_SUFFIX
+
+__all__ = [
+    "CORE_FILES",
+    "DEFAULT_SYSTEM_PROMPT",
+    "ENGINE_API_VERSION",
+    "GenerationBackend",
+    "MODULE_FILE_NAME",
+    "PROMPTEOL_TEMPLATE",
+    "RationaleBatch",
+    "RationalePooling",
+    "SUMMARY_SUFFIX",
+    "Transformer",
+    "__version__",
+    "load_backbone",
+    "pool",
+    "pooling_span_mask",
+    "rationale_mask",
+]
