@@ -1,8 +1,8 @@
 """Encode-path benchmark: encode (decode engine, reference path) against ``model.generate`` alone, and the work done.
 
 Usage:
-    .venv/bin/python benchmarks/encode_speed.py [--texts 64] [--batch-size 16] [--repeats 3]
-        [--settings paper48,paper128,sick40] [--trained FOLDER] [--extras] [--memory-texts 1000]
+    .venv/bin/python benchmarks/encode_speed.py [--texts 64] [--batch-size 16] [--large-batch 64] [--repeats 3]
+        [--settings paper48,paper128,sick40] [--trained FOLDER] [--memory] [--extras] [--memory-texts 1000]
 
 For each setting (``paper48``: the paper's prompt, 48 new tokens; ``paper128``: 128 new tokens; ``sick40``: the
 system prompt of training/configs/sick.yaml, 40 new tokens; ``trained``, with --trained: a saved model with its own
@@ -11,7 +11,8 @@ the default backbone, greedy decoding, one thread, prints:
   (a) encode / time of model.generate alone on the same length-sorted batches and settings, for continuous batching
       (``grace_st.encoding.encode_corpus``, ``schedule="continuous"``: finished rows hand their slot to the next
       text), for the decode engine one batch at a time (``model.encode``, ``decode_path="engine"``, the default)
-      and for the reference path (``"generate"``: generate + one step),
+      and for the reference path (``"generate"``: generate + one step); and model.encode with --large-batch
+      (64) texts per batch against model.generate over the same batches of 64,
       as the ratio of medians over --repeats interleaved runs (wall clock; CPU time of this process beside it,
       which other processes on a loaded machine disturb less); no embedding or rationale cache between runs;
   (w) the work each path does, counted in an untimed pass: decode forward calls (on a CPU each costs a fixed read
@@ -22,6 +23,8 @@ the default backbone, greedy decoding, one thread, prints:
   difference.
 With --extras also (b) single-pass / two-pass encode, (c) half repeats / all unique and (e) peak RSS of encode vs
 generate over --memory-texts texts (each in a fresh child process), for the first setting.
+With --memory, (m) peak RSS of ``model.generate``, ``model.encode`` and ``encode_corpus`` on the same --texts texts
+(each in a fresh child process), for the first setting.
 The load average of the machine is printed before and after. Only the standard library, PyYAML and the project are
 used.
 """
@@ -194,7 +197,7 @@ def compare(reference: list[dict], engine: list[dict], eos: list[int]) -> tuple[
     return differ, delta
 
 
-def ratio_run(name: str, options: dict, texts: list[str], batch_size: int, repeats: int) -> dict:
+def ratio_run(name: str, options: dict, texts: list[str], batch_size: int, repeats: int, large: int = 0) -> dict:
     from grace_st.encoding import encode_corpus
 
     model = build(**options)
@@ -203,10 +206,10 @@ def ratio_run(name: str, options: dict, texts: list[str], batch_size: int, repea
     differ, delta = compare(reference, engine, module.eos_token_ids)
     differ_c, delta_c = compare(reference, continuous, module.eos_token_ids)
 
-    def encode(path: str):
+    def encode(path: str, size: int = batch_size):
         def run():
             module.decode_path = path
-            model.encode(texts, batch_size=batch_size, show_progress_bar=False)
+            model.encode(texts, batch_size=size, show_progress_bar=False)
 
         return run
 
@@ -222,6 +225,12 @@ def ratio_run(name: str, options: dict, texts: list[str], batch_size: int, repea
         ("engine", encode("engine")),
         ("reference", encode("generate")),
     ]
+    if large:
+        runs.update(generate_large=[], engine_large=[])
+        jobs += [
+            ("generate_large", lambda: generate_only(model, texts, large)),
+            ("engine_large", encode("engine", large)),
+        ]
     for repeat in range(repeats):
         # Interleaved, in a rotating order, so that a change of machine load hits every path alike.
         for key, job in jobs[repeat % len(jobs) :] + jobs[: repeat % len(jobs)]:
@@ -246,6 +255,7 @@ def ratio_run(name: str, options: dict, texts: list[str], batch_size: int, repea
         "delta_continuous": delta_c,
         "median": median,
         "runs": runs,
+        "large": large,
     }
 
 
@@ -267,6 +277,15 @@ def print_ratio(result: dict, n_texts: int, batch_size: int) -> None:
         per_run = ", ".join(
             f"{a[0] / b[0]:.3f}" for a, b in zip(result["runs"][key], result["runs"]["generate"], strict=True)
         )
+        print(f"| {label} | {wall / g_wall:.3f} | {cpu / g_cpu:.3f} | {wall:.1f} | {g_wall:.1f} | {per_run} |")
+    if result["large"]:
+        wall, cpu = median["engine_large"]
+        g_wall, g_cpu = median["generate_large"]
+        per_run = ", ".join(
+            f"{a[0] / b[0]:.3f}"
+            for a, b in zip(result["runs"]["engine_large"], result["runs"]["generate_large"], strict=True)
+        )
+        label = f"model.encode, batch {result['large']} / generate over the same batches of {result['large']}"
         print(f"| {label} | {wall / g_wall:.3f} | {cpu / g_cpu:.3f} | {wall:.1f} | {g_wall:.1f} | {per_run} |")
     print(
         "| path | decode forward calls | decode row-steps computed / useful | prefix tokens computed / needed "
@@ -303,6 +322,10 @@ def child(mode: str, n: int, batch_size: int, max_new_tokens: int) -> None:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if mode == "encode":
         model.encode(texts, batch_size=batch_size)
+    elif mode == "corpus":
+        from grace_st.encoding import encode_corpus
+
+        encode_corpus(model, texts, batch_size=batch_size)
     else:
         generate_only(model, texts, batch_size)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -326,16 +349,7 @@ def extras(texts: list[str], batch_size: int, max_new_tokens: int, repeats: int,
         times["repeats"].append(timed(lambda: encode_corpus(single, half + half, batch_size=batch_size))[0])
     best = {k: statistics.median(v) for k, v in times.items()}
     delta = float(np.abs(single.encode(texts[:16], **kwargs) - double.encode(texts[:16], **kwargs)).max())
-    peaks = {}
-    for mode in ("generate", "encode"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--memory-texts", str(memory_texts)]
-            + ["--batch-size", str(batch_size), "--max-new-tokens", str(max_new_tokens)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    peaks = peak_rss(("generate", "encode"), memory_texts, batch_size, max_new_tokens)
     print(f"\n### extras: max_new_tokens={max_new_tokens}, medians of {repeats} runs")
     print("| measure | value | target |")
     print("|---|---|---|")
@@ -353,10 +367,40 @@ def extras(texts: list[str], batch_size: int, max_new_tokens: int, repeats: int,
     )
 
 
+def peak_rss(modes, n_texts: int, batch_size: int, max_new_tokens: int) -> dict[str, float]:
+    """Peak RSS (MiB) of each workload in ``modes`` (``generate``, ``encode``, ``corpus``), each in a fresh process."""
+    peaks = {}
+    for mode in modes:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", mode, "--memory-texts", str(n_texts)]
+            + ["--batch-size", str(batch_size), "--max-new-tokens", str(max_new_tokens)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return peaks
+
+
+def print_memory(n_texts: int, batch_size: int, max_new_tokens: int) -> None:
+    peaks = peak_rss(("generate", "encode", "corpus"), n_texts, batch_size, max_new_tokens)
+    print(f"\n### (m) peak RSS, {n_texts} texts, batch {batch_size}, max_new_tokens={max_new_tokens}")
+    print("| path | peak RSS MiB | / generate | target |")
+    print("|---|---|---|---|")
+    labels = {"generate": "model.generate", "encode": "model.encode", "corpus": "encode_corpus"}
+    for mode, label in labels.items():
+        target = "<= 1.5" if mode == "corpus" else ""
+        print(f"| {label} | {peaks[mode]:.0f} | {peaks[mode] / peaks['generate']:.3f} | {target} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--large-batch", type=int, default=64, help="also model.encode with this batch size (0: not measured)"
+    )
+    parser.add_argument("--memory", action="store_true", help="peak RSS of generate, encode, encode_corpus")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--settings", default="paper48,paper128,sick40", help="comma-separated: " + ",".join(settings())
@@ -369,7 +413,7 @@ def main() -> None:
     )
     parser.add_argument("--memory-texts", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=48, help=argparse.SUPPRESS)
-    parser.add_argument("--child", choices=["encode", "generate"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["encode", "generate", "corpus"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
@@ -388,13 +432,18 @@ def main() -> None:
     texts = real_sentences(args.texts)
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     for name in chosen:
-        result = ratio_run(name, known[name], texts, args.batch_size, args.repeats)
+        result = ratio_run(name, known[name], texts, args.batch_size, args.repeats, args.large_batch)
         print_ratio(result, len(texts), args.batch_size)
         sys.stdout.flush()
+    if args.memory:
+        print_memory(len(texts), args.batch_size, known[chosen[0]].get("max_new_tokens", 48))
     if args.extras:
         extras(texts, args.batch_size, known[chosen[0]]["max_new_tokens"], args.repeats, args.memory_texts)
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("Target (issue 13, acceptance 1): encode / generate alone <= 0.70 with paper48 (continuous batching).")
+    print(
+        "Targets (paper48): encode_corpus / generate <= 0.70; model.encode / generate over the same batches <= 0.75 "
+        "at batch 16 and 64; peak RSS of encode_corpus <= 1.5 x generate's."
+    )
 
 
 if __name__ == "__main__":

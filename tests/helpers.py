@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 import grace_st
-from grace_st.engine.decode import check_suffix_ids, generate_with_engine
+from grace_st.engine.decode import generate_with_engine
+from grace_st.engine.stream import check_suffix_ids
 from grace_st.model.generation import pad_rows
 
 TEXTS = [
@@ -96,3 +97,30 @@ def two_pass_suffix_states(
             input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False
         )
     return out.hidden_states[-1][:, -1]
+
+
+# ---------------------------------------------------------------- suffix_ids: teacher-forced steps after the rationale
+SUFFIXES = ["\nIn one word:", '\nIn one word, the text above means:"', ".", " Summary", "\n", " In short", "!", ""]
+
+
+def suffix_token_ids(module, n):
+    """Suffixes of different lengths (1 to ~10 tokens), one per row."""
+    rows = module.tokenizer([SUFFIXES[i % len(SUFFIXES)] or "x" for i in range(n)], add_special_tokens=False)
+    return [list(row) for row in rows["input_ids"]]
+
+
+# ---------------------------------------------------------------- continuous batching
+CORPUS_TEXTS = ["A man is playing a guitar.", "The stock market fell sharply.", "Cats sleep most of the day."]
+VARIED_CORPUS = [
+    t + s
+    for t in CORPUS_TEXTS + ["", "Rain again.", "Birds fly south in winter."]
+    for s in ("", " now", " and then more")
+]
+
+
+def varied_model(tiny_backbone_dir, **options):
+    """The tiny LM with clear greedy margins and EOS ids that end rows at different steps (some are cut)."""
+    model = tiny_grace_model(tiny_backbone_dir, max_new_tokens=10, **options)
+    split_rows(model[0], model[0].preprocess(VARIED_CORPUS[::2]), 10)
+    model[0].decode_path = "engine"
+    return model

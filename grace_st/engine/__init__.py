@@ -25,6 +25,10 @@ from grace_st.engine.stream import StreamRow, decode_stream
 # The contract between a model's shipped code and this engine: the calls below and what they return. A model whose
 # code expects another version uses the reference path.
 API_VERSION = 1
+# A batch handed to a model's forward decodes in at most SLOTS rows at once (continuous batching within the batch: a
+# finished row's slot goes to the batch's next text); finished rows leave once at most COMPACT_AT of the rows write.
+SLOTS = 32
+COMPACT_AT = 0.5
 
 __all__ = [
     "API_VERSION",
@@ -69,6 +73,15 @@ def generate(
     :func:`~grace_st.engine.decode.generate_with_engine`."""
     prefix_len = len(module.template_pieces()[0])
     counts = module.decode_counts
+    slots = min(len(features["input_ids"]), SLOTS)
     return generate_with_engine(
-        module.model, features, generate_kwargs, prefix_len, counts, suffix_ids=suffix_ids, seeds=seeds
+        module.model,
+        features,
+        generate_kwargs,
+        prefix_len,
+        counts,
+        suffix_ids=suffix_ids,
+        seeds=seeds,
+        slots=slots,
+        compact_at=COMPACT_AT,
     )

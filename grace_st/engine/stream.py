@@ -14,13 +14,68 @@ from typing import Any, NamedTuple
 
 import torch
 from transformers import Cache
+from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from grace_st.engine.cache import SpareLayer, spare_cache
 from grace_st.engine.cpu import cpu_weight_layout, packed_linears
-from grace_st.engine.decode import after_prefix, check_suffix_ids, decode_step
 from grace_st.model.generation import pad_rows
 
 logger = logging.getLogger(__name__)
+
+
+def check_suffix_ids(suffix_ids: Any, batch: int, vocab_size: int | None = None) -> list[list[int]]:
+    """``suffix_ids`` as a list of ``batch`` non-empty lists of token ids; a ValueError names a bad entry."""
+    if not isinstance(suffix_ids, (list, tuple)) or len(suffix_ids) != batch:
+        size = len(suffix_ids) if isinstance(suffix_ids, (list, tuple)) else type(suffix_ids).__name__
+        raise ValueError(f"suffix_ids must be a list of one id list per row ({batch} rows), got {size!r}.")
+    rows = []
+    for index, row in enumerate(suffix_ids):
+        row = row.tolist() if isinstance(row, torch.Tensor) else row
+        ok = isinstance(row, (list, tuple)) and len(row) > 0
+        ok = ok and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in row)
+        if ok and vocab_size is not None:
+            ok = all(t < vocab_size for t in row)
+        if not ok:
+            limit = "" if vocab_size is None else f" < {vocab_size}"
+            raise ValueError(f"suffix_ids[{index}] = {row!r:.80} must be a non-empty list of token ids >= 0{limit}.")
+        rows.append(list(row))
+    return rows
+
+
+def check_seeds(seeds: Any, batch: int) -> list[int]:
+    """``seeds`` as a list of ``batch`` ints; a ValueError names a bad entry."""
+    if not isinstance(seeds, (list, tuple)) or len(seeds) != batch:
+        size = len(seeds) if isinstance(seeds, (list, tuple)) else type(seeds).__name__
+        raise ValueError(f"seeds must be a list of one int per row ({batch} rows), got {size!r}.")
+    for index, seed in enumerate(seeds):
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"seeds[{index}] = {seed!r} must be an int in [0, 2**63).")
+    return list(seeds)
+
+
+def after_prefix(own_mask: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(attention mask, position ids)`` of rows' own tokens (``own_mask``: left-padded) fed after a shared prefix of
+    ``prefix_len`` cached tokens: the mask covers prefix + own columns; every real token gets the position it has in
+    its own left-padded prompt (padding between prefix and text takes no position)."""
+    mask = torch.cat([own_mask.new_ones(len(own_mask), prefix_len), own_mask], dim=1)
+    return mask, (prefix_len + own_mask.cumsum(1) - 1).clamp(min=prefix_len)
+
+
+def decode_step(
+    model: Any,
+    token: torch.Tensor,
+    mask: torch.Tensor,
+    position: torch.Tensor,
+    cache: Any,
+    attend: torch.Tensor | None = None,
+):
+    """Feed one new token per row through the KV cache: ``(model output, attention mask grown by one column)``.
+    ``attend`` (``(batch,)`` bool): rows whose new column later steps attend to (default: every row)."""
+    column = mask.new_ones(len(token), 1) if attend is None else attend.to(mask.dtype).unsqueeze(1)
+    mask = torch.cat([mask, column], dim=1)
+    ids, position_ids = token.unsqueeze(1), position.unsqueeze(1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+    return out, mask
 
 
 class StreamRow(NamedTuple):
@@ -52,9 +107,16 @@ def decode_stream(
     counts: dict[str, int] | None = None,
     refill_at: float = 0.875,
     suffix_ids: list[list[int]] | None = None,
+    compact_at: float = 0.5,
+    do_sample: bool = False,
+    temperature: float | torch.Tensor | None = 1.0,
+    top_k: int | None = 0,
+    top_p: float | None = 1.0,
+    seeds: list[int] | None = None,
 ) -> Any:
-    """Greedy rationales for many prompts ``prefix_ids + own_ids[i]`` with continuous batching: yields a
-    :class:`StreamRow` per prompt as the rows leave the batch (not in input order).
+    """Rationales for many prompts ``prefix_ids + own_ids[i]`` with continuous batching: yields a
+    :class:`StreamRow` per prompt as the rows leave the batch (not in input order). The one decode loop of the
+    engine: :func:`~grace_st.engine.decode.decode` runs it over one batch.
 
     At most ``batch_size`` rows decode together. The shared prefix runs once for the whole call. Prompts are
     prefilled ``batch_size`` at a time, in order, whenever a slot needs one and none is ready: their own tokens in one
@@ -63,18 +125,20 @@ def decode_stream(
     rows are still writing, the finished rows leave and ready prompts take their slots: their cache rows join the
     batch's in one copy, right-aligned with the other rows' last column (padding columns between prefix and text are
     masked; positions are explicit, so every real token has the position and context it has in its own left-padded
-    prompt). Columns masked in every row are dropped at each refill. Once no prompt waits, finished rows leave as in
-    :func:`decode` (at most half the rows writing). The cache keeps free columns (``SpareLayer``); on a CPU the
+    prompt). Columns masked in every row are dropped at each refill. Once no prompt waits, finished rows leave once
+    at most ``compact_at`` of the rows are writing. The cache keeps free columns (``SpareLayer``); on a CPU the
     weights are laid out for few-row products (``cpu_weight_layout``) and, with MKL, packed for full batches
     (:func:`packed_linears`). The rationales and states equal :func:`decode`'s on the same prompts within float
     tolerance (batch shapes and kernels differ, so do the last bits).
 
     Args:
-        model: a causal LM for which :func:`unsupported_reason` is None, in eval mode (greedy decoding only).
+        model: a causal LM for which :func:`~grace_st.engine.decode.unsupported_reason` is None, in eval mode.
         prefix_ids: the prompt prefix every row shares (at least one token).
         own_ids: each row's own prompt tokens after the prefix (at least one token each). Process them longest first
             to keep prefill padding small.
-        max_new_tokens, eos_token_ids, pad_token_id: as in :func:`decode`.
+        max_new_tokens: rationale length limit.
+        eos_token_ids: ids that end a rationale (empty: every rationale has ``max_new_tokens`` tokens).
+        pad_token_id: fills padding.
         batch_size: rows decoding at once.
         counts: if given, ``decode_row_steps`` (rows fed during decoding), ``decode_steps`` (decode forward calls),
             ``prompt_tokens`` (prompt positions run, padding included; the prefix once) and ``refills`` (prefill
@@ -86,6 +150,13 @@ def decode_stream(
             together run their suffixes in one forward over their cache rows (right-padded), at the positions that
             follow their rationales directly; ``StreamRow.suffix_state`` is the state of the last one. Counted as
             ``suffix_tokens`` (padding included).
+        compact_at: once no prompt waits, finished rows leave when at most this fraction of the rows is writing.
+            Defaults to 0.5.
+        do_sample: sample instead of greedy decoding, with ``temperature`` (one value, or a tensor with one per row
+            of ``own_ids``), ``top_k`` (0/None: none) and ``top_p`` (1.0/None: none).
+        seeds: per row of ``own_ids``, the seed of its own ``torch.Generator`` (``do_sample`` only): a row's sampled
+            rationale then depends neither on its batch-mates nor on the global RNG. None: the global RNG, one draw
+            for the whole batch per step.
 
     Returns:
         A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook and to
@@ -97,9 +168,16 @@ def decode_stream(
         raise ValueError(f"batch_size={batch_size!r} must be >= 1.")
     if not 0.0 <= refill_at <= 1.0:
         raise ValueError(f"refill_at={refill_at!r} must be in [0, 1].")
+    if not 0.0 <= compact_at <= 1.0:
+        raise ValueError(f"compact_at={compact_at!r} must be in [0, 1].")
     if suffix_ids is not None:
         suffix_ids = check_suffix_ids(suffix_ids, len(own_ids), getattr(model.config, "vocab_size", None))
+    if seeds is not None:
+        if not do_sample:
+            raise ValueError("seeds are per-row sampling seeds: pass them with do_sample=True (greedy draws nothing).")
+        seeds = check_seeds(seeds, len(own_ids))
     device = model.device
+    choose = _TokenChooser(device, do_sample, temperature, top_k, top_p, seeds)
     params = inspect.signature(model.forward).parameters
     keeps = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     last_only = {"logits_to_keep": 1} if keeps else {}
@@ -165,6 +243,8 @@ def decode_stream(
                 use_cache=True,
                 **last_only,
             )
+        if len(captured) != 1 or captured[0].shape[:2] != (1, prefix_len):
+            raise StatesNotCaptured("the decoder's final norm is not on the forward path (e.g. a re-wrapped model)")
         prefix_states = captured.pop()[0]
         prefix_kv = [(keys, values) for keys, values, *_ in out.cache]
         if counts is not None:
@@ -181,7 +261,7 @@ def decode_stream(
             n_rows = 0 if rows is None else len(rows)
             waiting = next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)
             refill = waiting and n_alive <= refill_at * n_rows and n_alive < batch_size
-            compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= 0.5 * n_rows)
+            compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= compact_at * n_rows)
             if n_rows and (refill or compact):
                 # Finished rows leave the batch (and are handed out).
                 leaving = (~alive).nonzero().squeeze(1)
@@ -242,9 +322,9 @@ def decode_stream(
                 generated = torch.cat(([generated] if n_rows else []) + [new_generated])
                 new_states = prefix_states.new_zeros(k, max_new_tokens, prefix_states.shape[-1])
                 gen_states = torch.cat(([gen_states] if n_rows else []) + [new_states])
-            # One greedy decode step for every batch row (finished rows ride along, fed padding that no row
-            # attends to: their cache rows stay as they were when they finished, for their suffix).
-            token = logits.float().argmax(dim=-1).masked_fill(~alive, pad_token_id)
+            # One decode step for every batch row (finished rows ride along, fed padding that no row attends to: their
+            # cache rows stay as they were when they finished, for their suffix).
+            token = choose(logits, rows, alive).masked_fill(~alive, pad_token_id)
             index = torch.arange(len(rows), device=device)
             generated[index[alive], length[alive]] = token[alive]
             length = length + alive.long()
@@ -258,6 +338,44 @@ def decode_stream(
             logits, position = out.logits[:, -1], position + 1
     finally:
         layout.close()
+
+
+class StatesNotCaptured(RuntimeError):
+    """The decoder's final norm, whose outputs are the last-layer states, did not run in the model's forward."""
+
+
+class _TokenChooser:
+    """The next token of each batch row from its logits: greedy, or sampled with temperature (one value or one per
+    row), top-k and top-p, from the global RNG or from one generator per row (``seeds``)."""
+
+    def __init__(self, device, do_sample, temperature, top_k, top_p, seeds) -> None:
+        self.do_sample = do_sample
+        self.temperature = temperature
+        if isinstance(temperature, torch.Tensor):
+            self.temperature = temperature.to(device=device, dtype=torch.float32).unsqueeze(1)
+        self.warpers = [TopKLogitsWarper(top_k)] if do_sample and top_k else []
+        self.warpers += [TopPLogitsWarper(top_p)] if do_sample and top_p is not None and top_p < 1.0 else []
+        self.generators = None
+        if seeds is not None:
+            self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        scores = logits.float()
+        if not self.do_sample:
+            return scores.argmax(dim=-1)
+        if isinstance(self.temperature, torch.Tensor):
+            scores = scores / self.temperature[rows]
+        elif self.temperature is not None and self.temperature != 1.0:
+            scores = scores / self.temperature
+        for warper in self.warpers:
+            scores = warper(None, scores)
+        probs = torch.softmax(scores, dim=-1)
+        if self.generators is None:
+            return torch.multinomial(probs, num_samples=1).squeeze(1)
+        token = torch.zeros_like(rows)  # each writing row draws from its own generator, once per own step
+        for i in alive.nonzero().squeeze(1).tolist():
+            token[i] = torch.multinomial(probs[i], 1, generator=self.generators[int(rows[i])])[0]
+        return token
 
 
 class _Prefilled(NamedTuple):

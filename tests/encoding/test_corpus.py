@@ -10,7 +10,7 @@ import stat
 import numpy as np
 import pytest
 import torch
-from helpers import split_rows, tiny_grace_model
+from helpers import VARIED_CORPUS, varied_model
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 
@@ -25,7 +25,6 @@ from grace_st.encoding import (
     encode_corpus,
     weights_fingerprint,
 )
-from grace_st.model import SUMMARY_SUFFIX
 
 TEXTS = ["A man is playing a guitar.", "The stock market fell sharply.", "Cats sleep most of the day."]
 
@@ -222,7 +221,7 @@ def _change_truncate_dim(model):
         _change_truncate_dim,
     ],
 )
-def test_item3_cache_key_covers_what_changes_an_embedding(model, tmp_path, change):
+def test_cache_key_covers_what_changes_an_embedding(model, tmp_path, change):
     texts = TEXTS[:2]  # long enough to be cut by a small max_seq_length
     before = encode_corpus(model, texts, cache_dir=tmp_path)
     change(model)
@@ -236,7 +235,7 @@ def test_item3_cache_key_covers_what_changes_an_embedding(model, tmp_path, chang
     assert len(entries(tmp_path)) == 4
 
 
-def test_item3_lm_config_is_part_of_the_key(tiny_backbone_copy, tmp_path):
+def test_lm_config_is_part_of_the_key(tiny_backbone_copy, tmp_path):
     """Same weights, another config.json (e.g. a fixed rope or norm setting): other embeddings, other keys."""
     model = grace_st.from_backbone(tiny_backbone_copy, max_new_tokens=6)
     before = encode_corpus(model, TEXTS, cache_dir=tmp_path / "cache")
@@ -248,7 +247,7 @@ def test_item3_lm_config_is_part_of_the_key(tiny_backbone_copy, tmp_path):
     np.testing.assert_allclose(encode_corpus(other, TEXTS, cache_dir=tmp_path / "cache").embeddings, fresh.embeddings)
 
 
-def test_item3_prompt_and_backend_are_part_of_the_key(model, tmp_path):
+def test_prompt_and_backend_are_part_of_the_key(model, tmp_path):
     plain = cache_keys(model, TEXTS, None)
     assert cache_keys(model, TEXTS, "Query: ") != plain
     assert cache_keys(model, TEXTS, None) == plain, "the key is stable"
@@ -282,7 +281,7 @@ def test_weights_fingerprint_follows_in_place_changes_and_new_tensors(model):
     assert weights_fingerprint(model) == changed
 
 
-def test_item9_zero_dim_tensors_do_not_crash_the_fingerprint(model, tmp_path):
+def test_zero_dim_tensors_do_not_crash_the_fingerprint(model, tmp_path):
     model[0].model.register_buffer("scale", torch.tensor(0.5))
     first = weights_fingerprint(model)
     model[0].model.scale.fill_(0.25)
@@ -290,7 +289,7 @@ def test_item9_zero_dim_tensors_do_not_crash_the_fingerprint(model, tmp_path):
     assert encode_corpus(model, TEXTS, cache_dir=tmp_path).embeddings.shape[0] == 3
 
 
-def test_item9_unwritable_cache_warns_and_returns_the_embeddings(model, tmp_path, caplog):
+def test_unwritable_cache_warns_and_returns_the_embeddings(model, tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     expected = encode_corpus(model, TEXTS)
@@ -302,7 +301,7 @@ def test_item9_unwritable_cache_warns_and_returns_the_embeddings(model, tmp_path
     assert len(warnings) == 1
 
 
-def test_item9_entries_get_the_umasks_permissions(model, tmp_path):
+def test_entries_get_the_umasks_permissions(model, tmp_path):
     old = os.umask(0o022)
     try:
         encode_corpus(model, TEXTS[:1], cache_dir=tmp_path)
@@ -322,7 +321,7 @@ def test_item9_entries_get_the_umasks_permissions(model, tmp_path):
         CacheEntry(np.zeros(32, dtype=np.float32), np.zeros((1, 2), dtype=np.int64), False),  # ids not a row
     ],
 )
-def test_item9_an_entry_of_the_wrong_shape_or_dtype_is_recomputed(model, tmp_path, bad):
+def test_an_entry_of_the_wrong_shape_or_dtype_is_recomputed(model, tmp_path, bad):
     expected = encode_corpus(model, TEXTS)
     cache = EmbeddingCache(tmp_path)
     for key in cache_keys(model, TEXTS, None):
@@ -333,7 +332,7 @@ def test_item9_an_entry_of_the_wrong_shape_or_dtype_is_recomputed(model, tmp_pat
     assert again is not None and again.embedding.shape == (32,), "the bad entry was rewritten"
 
 
-def test_item9_a_failed_write_leaves_no_temporary_file(model, tmp_path, monkeypatch, caplog):
+def test_a_failed_write_leaves_no_temporary_file(model, tmp_path, monkeypatch, caplog):
     def failing_replace(source, target):
         raise OSError("disk full")
 
@@ -346,59 +345,9 @@ def test_item9_a_failed_write_leaves_no_temporary_file(model, tmp_path, monkeypa
     assert any("disk full" in r.getMessage() for r in caplog.records)
 
 
-# ---------------------------------------------------------------- continuous batching
-CORPUS = [
-    t + s for t in TEXTS + ["", "Rain again.", "Birds fly south in winter."] for s in ("", " now", " and then more")
-]
-
-
-def _varied_model(tiny_backbone_dir, **options):
-    """The tiny LM with clear greedy margins and EOS ids that end rows at different steps (some are cut)."""
-    model = tiny_grace_model(tiny_backbone_dir, max_new_tokens=10, **options)
-    split_rows(model[0], model[0].preprocess(CORPUS[::2]), 10)
-    model[0].decode_path = "engine"
-    return model
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {},
-        {"prompt": "Query: "},
-        {"truncate_dim": 8},
-        {"pooling_mode": "lasttoken"},
-        {"attention": "eager"},
-        {"summary_suffix": "\nIn one word:", "pooling_mode": "summary"},
-        {"summary_suffix": ' This: "{text}" means', "pooling_mode": "mean+summary", "prompt": "Query: "},
-    ],
-)
-def test_continuous_batching_equals_the_batch_path(tiny_backbone_dir, options):
-    options = dict(options)
-    prompt, truncate_dim = options.pop("prompt", None), options.pop("truncate_dim", None)
-    pooling_mode = options.pop("pooling_mode", None)
-    model = _varied_model(tiny_backbone_dir, **options)
-    model.truncate_dim = truncate_dim
-    if pooling_mode:
-        model[1].pooling_mode = pooling_mode
-    assert continuous_reason(model) is None
-    model[0].decode_counts = {}
-    new = encode_corpus(model, CORPUS, batch_size=4, prompt=prompt, normalize_embeddings=False)
-    counts, model[0].decode_counts = model[0].decode_counts, {}
-    reference = encode_corpus(
-        model, CORPUS, batch_size=4, prompt=prompt, normalize_embeddings=False, schedule="batches"
-    )
-    assert counts["refills"] > len(CORPUS) / 4, "freed slots were refilled"
-    assert new.rationale_ids == reference.rationale_ids and new.finished == reference.finished
-    assert 0 < sum(new.finished) < len(CORPUS)
-    assert new.embeddings.shape == reference.embeddings.shape == (len(CORPUS), truncate_dim or 32)
-    assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
-    # Fewer decode row-steps than the batch path (which decodes each batch until its longest rationale ends).
-    assert counts["decode_row_steps"] < model[0].decode_counts["decode_row_steps"]
-
-
 def test_continuous_batching_falls_back_where_it_does_not_apply(tiny_backbone_dir, monkeypatch):
-    model = _varied_model(tiny_backbone_dir)
-    expected = encode_corpus(model, CORPUS[:5], schedule="batches")
+    model = varied_model(tiny_backbone_dir)
+    expected = encode_corpus(model, VARIED_CORPUS[:5], schedule="batches")
     for change, reason in [
         (lambda m: setattr(m[0], "decode_path", "generate"), "decode_path"),
         (lambda m: setattr(m[0], "do_sample", True), "sampling"),
@@ -406,37 +355,17 @@ def test_continuous_batching_falls_back_where_it_does_not_apply(tiny_backbone_di
         (lambda m: setattr(m[0], "single_pass", False), "single_pass"),
         (lambda m: m.append(torch.nn.Identity()), "Identity"),
     ]:
-        model = _varied_model(tiny_backbone_dir)
+        model = varied_model(tiny_backbone_dir)
         change(model)
         assert reason in continuous_reason(model)
         if reason in ("decode_path", "single_pass"):  # same embeddings by model.encode; the stream is not called
             rows = count_generated_rows(model, monkeypatch)
-            got = encode_corpus(model, CORPUS[:5])
+            got = encode_corpus(model, VARIED_CORPUS[:5])
             assert rows == [5] and got.rationale_ids == expected.rationale_ids
     with pytest.raises(ValueError, match="schedule='fast'.*continuous"):
-        encode_corpus(model, CORPUS[:2], schedule="fast")
+        encode_corpus(model, VARIED_CORPUS[:2], schedule="fast")
     with pytest.raises(ValueError, match="batch_size=0"):
-        encode_corpus(model, CORPUS[:2], batch_size=0)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("summary", [False, True])
-def test_continuous_batching_equals_the_batch_path_on_the_real_backbone(default_backbone_dir, shared_data, summary):
-    from grace_st.readers import read_pairs
-
-    texts: dict[str, None] = {}
-    for pair in read_pairs(shared_data / "sts2013" / "headlines.test.tsv", format="sts"):
-        texts.update(dict.fromkeys([pair.sentence1, pair.sentence2]))
-    texts = list(texts)[:12]
-    # With summary: the readout of training/configs/sick-summary.yaml (its suffix repeats the text).
-    options = {"summary_suffix": SUMMARY_SUFFIX, "pooling_mode": "summary"} if summary else {}
-    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=24, device="cpu", **options)
-    model[0].decode_counts = {}
-    new = encode_corpus(model, texts, batch_size=4)
-    assert model[0].decode_counts["refills"] >= 3
-    reference = encode_corpus(model, texts, batch_size=4, schedule="batches")
-    assert new.rationales == reference.rationales
-    assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
+        encode_corpus(model, VARIED_CORPUS[:2], batch_size=0)
 
 
 def test_cache_file_format_is_checked(tmp_path):
@@ -476,16 +405,16 @@ def test_a_summary_readout_model_encodes_through_the_module(tiny_backbone_dir):
 
 
 def test_continuous_batching_serves_a_saved_model_loaded_through_its_own_code(tiny_backbone_dir, tmp_path):
-    model = _varied_model(tiny_backbone_dir, summary_suffix="\nIn one word:")
+    model = varied_model(tiny_backbone_dir, summary_suffix="\nIn one word:")
     model[1].pooling_mode = "mean+summary"
     model.save(str(tmp_path / "saved"))
     loaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu", trust_remote_code=True)
     assert type(loaded[0]) is not grace_st.Transformer  # sentence-transformers loads the saved copy of the code
     assert continuous_reason(loaded) is None
     loaded[0].decode_counts = {}
-    new = encode_corpus(loaded, CORPUS, batch_size=4)
+    new = encode_corpus(loaded, VARIED_CORPUS, batch_size=4)
     assert loaded[0].decode_counts["refills"] >= 2, "the stream ran"
-    reference = encode_corpus(model, CORPUS, batch_size=4, schedule="batches")
+    reference = encode_corpus(model, VARIED_CORPUS, batch_size=4, schedule="batches")
     assert new.rationale_ids == reference.rationale_ids
     assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
     # Code that expects another engine version (another grace_st) is not run by the stream: model.encode serves it.
@@ -502,7 +431,7 @@ def test_continuous_batching_serves_a_saved_model_loaded_through_its_own_code(ti
 def test_a_failure_while_pooling_puts_the_weights_back(tiny_backbone_dir, monkeypatch):
     from grace_st.engine.cpu import _LAYOUT_LOCK
 
-    model = _varied_model(tiny_backbone_dir)
+    model = varied_model(tiny_backbone_dir)
     linears = [m for m in model[0].model.modules() if isinstance(m, torch.nn.Linear)]
 
     def fail(*args, **kwargs):
@@ -510,7 +439,7 @@ def test_a_failure_while_pooling_puts_the_weights_back(tiny_backbone_dir, monkey
 
     monkeypatch.setattr(grace_st.encoding.corpus, "_pool_rows", fail)
     with pytest.raises(RuntimeError, match="pooling failed") as caught:
-        encode_corpus(model, CORPUS, batch_size=4)
+        encode_corpus(model, VARIED_CORPUS, batch_size=4)
     assert caught.value is not None  # the traceback (and the stream's frame) is still alive here
     assert torch.is_grad_enabled(), "the caller's grad mode is as it was"
     assert all(m.weight.is_contiguous() and "forward" not in vars(m) for m in linears)

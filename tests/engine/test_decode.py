@@ -10,56 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TEXTS, both_paths, engine_output, split_rows, tiny_grace_model, two_pass_suffix_states
+from helpers import (
+    TEXTS,
+    both_paths,
+    engine_output,
+    split_rows,
+    suffix_token_ids,
+    tiny_grace_model,
+)
 
-import grace_st
 from grace_st.engine.decode import decode, generate_with_engine, unsupported_reason
 from grace_st.model.generation import generate_with_states
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_engine_equals_the_reference_path_greedy(tiny_backbone_dir, attention):
-    model = tiny_grace_model(tiny_backbone_dir, attention)
-    module = model[0]
-    features = module.preprocess(TEXTS)
-    split_rows(module, features, 10)
-    reference, engine = both_paths(module, features)
-    assert torch.equal(engine.ids, reference.ids)
-    assert torch.equal(engine.mask, reference.mask)
-    assert torch.equal(engine.finished, reference.finished)
-    assert 0 < int(engine.finished.sum()) < len(TEXTS)
-    # Rows left the batch: fewer decode row-steps than rows x steps, and the prefix ran once.
-    width = reference.ids.shape[1]
-    assert int(reference.mask.sum()) <= module.decode_counts["decode_row_steps"] < len(TEXTS) * width
-    prefix_len = len(module.template_pieces()[0])
-    own_width = features["input_ids"].shape[1] - int(features["text_start"].min())
-    assert module.decode_counts["prompt_tokens"] == prefix_len + len(TEXTS) * own_width
-    # Every readout of forward: the same states where the masks look, the same masks.
-    ref_out = module.outputs_from_states(features, reference)
-    new_out = module.outputs_from_states(features, engine)
-    for key in ("attention_mask", "pooling_mask"):
-        assert torch.equal(new_out[key], ref_out[key])
-    assert new_out["token_embeddings"].shape == ref_out["token_embeddings"].shape
-    seen = new_out["attention_mask"].bool()
-    delta = (new_out["token_embeddings"] - ref_out["token_embeddings"])[seen].abs().max()
-    assert float(delta) < 1e-5
-    assert float(new_out["token_embeddings"][~seen].abs().max()) == 0.0  # positions outside the mask hold zeros
-
-
-def test_encode_with_the_engine_equals_encode_with_the_reference(tiny_backbone_dir):
-    model = tiny_grace_model(tiny_backbone_dir)
-    model[0].decode_path = "generate"
-    reference = model.encode(TEXTS, batch_size=3, output_value=None)
-    model[0].decode_path = "engine"
-    model[0].decode_counts = {}
-    engine = model.encode(TEXTS, batch_size=3, output_value=None)
-    assert model[0].decode_counts["decode_row_steps"] > 0, "the engine was not used"
-    for a, b in zip(reference, engine, strict=True):
-        assert model[0].decode_rationale(a) == model[0].decode_rationale(b)
-        assert float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max()) < 1e-5
-        assert torch.equal(a["rationale_ids"], b["rationale_ids"]) and torch.equal(
-            a["pooling_mask"], b["pooling_mask"]
-        )
 
 
 def test_engine_runs_no_forward_over_the_whole_sequence(tiny_backbone_dir):
@@ -213,70 +174,6 @@ def test_decode_path_is_validated(tiny_backbone_dir):
         module.decode_path = "fast"
 
 
-# ---------------------------------------------------------------- suffix_ids: teacher-forced steps after the rationale
-SUFFIXES = ["\nIn one word:", '\nIn one word, the text above means:"', ".", " Summary", "\n", " In short", "!", ""]
-
-
-def _suffix_ids(module, n):
-    """Suffixes of different lengths (1 to ~10 tokens), one per row."""
-    rows = module.tokenizer([SUFFIXES[i % len(SUFFIXES)] or "x" for i in range(n)], add_special_tokens=False)
-    return [list(row) for row in rows["input_ids"]]
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("compact_at", [0.5, 1.0, 0.0])
-def test_suffix_states_equal_the_two_pass_reference(tiny_backbone_dir, attention, compact_at):
-    module = tiny_grace_model(tiny_backbone_dir, attention, max_new_tokens=10)[0]
-    features = module.preprocess(TEXTS)
-    split_rows(module, features, 10)  # rows end at different steps; a quarter is cut at max_new_tokens
-    suffix_ids = _suffix_ids(module, len(TEXTS))
-    assert len({len(row) for row in suffix_ids}) >= 3
-    kwargs = module.generation_kwargs()
-    args = (module.model, features["input_ids"], features["attention_mask"], features["text_start"])
-    args += (
-        len(module.template_pieces()[0]),
-        kwargs["max_new_tokens"],
-        kwargs["eos_token_id"],
-        kwargs["pad_token_id"],
-    )
-    counts, counts_plain = {}, {}
-    with torch.no_grad():
-        out = decode(*args, counts=counts, compact_at=compact_at, suffix_ids=suffix_ids)
-        plain = decode(*args, counts=counts_plain, compact_at=compact_at)
-    # The suffix is not part of the rationale and changes neither it nor its states.
-    assert torch.equal(out.generated, plain.generated)
-    assert float((out.states - plain.states).abs().max()) < 1e-5
-    batch = module.rationale_batch(out.generated)
-    assert 0 < int(batch.finished.sum()) < len(TEXTS)  # finished and cut rationales both get a suffix
-    reference = two_pass_suffix_states(
-        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
-    )
-    assert out.suffix_states.shape == (len(TEXTS), module.get_embedding_dimension())
-    assert float((out.suffix_states - reference).abs().max()) < 1e-5
-    # Different from the state of the last rationale token: the suffix was really fed.
-    last = batch.mask.sum(1) - 1
-    width = features["input_ids"].shape[1]
-    rationale_end = out.states[torch.arange(len(TEXTS)), width + last]
-    assert float((out.suffix_states - rationale_end).abs().amax(1).min()) > 1e-2
-    # The rest of the suffixes ran in one tail forward once no row was writing.
-    assert counts["suffix_tokens"] > 0 and "suffix_tokens" not in counts_plain
-    assert counts["decode_row_steps"] >= counts_plain["decode_row_steps"]
-
-
-def test_suffix_after_a_one_token_rationale_and_a_one_token_suffix(tiny_backbone_dir):
-    """max_new_tokens=1: every rationale is cut after one token; the suffixes run in the tail forward only."""
-    module = tiny_grace_model(tiny_backbone_dir, max_new_tokens=1)[0]
-    features = module.preprocess(TEXTS[:4])
-    suffix_ids = [[17], [17, 18], [5, 6, 7], [300]]
-    out = engine_output(module, features, suffix_ids=suffix_ids)
-    batch = module.rationale_batch(out.generated)
-    reference = two_pass_suffix_states(
-        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
-    )
-    assert out.generated.shape[1] == 1
-    assert float((out.suffix_states - reference).abs().max()) < 1e-5
-
-
 def test_without_suffix_nothing_extra_is_returned(tiny_backbone_dir):
     module = tiny_grace_model(tiny_backbone_dir)[0]
     out = engine_output(module, module.preprocess(TEXTS[:3]))
@@ -343,7 +240,7 @@ def test_seeded_engine_with_suffixes_and_per_row_temperatures(tiny_backbone_dir)
     prefix_len = len(module.template_pieces()[0])
     temperatures = torch.tensor([0.5, 1.0, 2.0, 0.7])
     kwargs = _sampling_kwargs(module, temperature=temperatures)
-    suffix_ids = _suffix_ids(module, 4)
+    suffix_ids = suffix_token_ids(module, 4)
     seeds = [5, 6, 7, 8]
     together = generate_with_engine(module.model, features, kwargs, prefix_len, suffix_ids=suffix_ids, seeds=seeds)
     for row in range(4):
@@ -396,48 +293,6 @@ def test_seeds_need_sampling(tiny_backbone_dir):
         )
     with pytest.raises(ValueError, match=r"seeds\[1\] = -1"):
         generate_with_engine(module.model, features, _sampling_kwargs(module), 5, seeds=[1, -1])
-
-
-@pytest.mark.slow
-def test_suffix_states_equal_the_two_pass_reference_on_the_real_backbone(default_backbone_dir):
-    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=24, device="cpu")
-    module = model[0]
-    texts = [TEXTS[0], TEXTS[1], TEXTS[2], TEXTS[6]]
-    features = module.preprocess(texts)
-    suffix = module.tokenizer('\nIn one word, the text above means:"', add_special_tokens=False)["input_ids"]
-    suffix_ids = [suffix, suffix[:3], suffix, suffix[:1]]
-    out = engine_output(module, features, suffix_ids=suffix_ids)
-    batch = module.rationale_batch(out.generated)
-    reference = two_pass_suffix_states(
-        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
-    )
-    # The raw states reach ~50 in magnitude on this model: float32 agreement is relative (the rationale states of the
-    # engine and the two-pass path differ by ~4e-5 raw too); the normalised readout agrees within 1e-5.
-    assert float((out.suffix_states - reference).abs().max()) < 1e-6 * float(reference.abs().max()) * 10
-    normalize = torch.nn.functional.normalize
-    assert float((normalize(out.suffix_states, dim=-1) - normalize(reference, dim=-1)).abs().max()) < 1e-5
-
-
-@pytest.mark.slow
-def test_engine_equals_the_reference_on_the_real_backbone(default_backbone_dir, shared_data):
-    import csv
-
-    texts: dict[str, None] = {}
-    with open(shared_data / "sts2013" / "headlines.test.tsv", encoding="utf-8") as f:
-        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            texts.update(dict.fromkeys(row[1:3]))
-    texts = list(texts)[:8]
-    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=32, device="cpu")
-    model[0].decode_path = "generate"
-    reference = model.encode(texts, batch_size=8, output_value=None)
-    model[0].decode_path = "engine"
-    engine = model.encode(texts, batch_size=8, output_value=None)
-    assert [model[0].decode_rationale(a) for a in reference] == [model[0].decode_rationale(b) for b in engine]
-    delta = max(
-        float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max())
-        for a, b in zip(reference, engine, strict=True)
-    )
-    assert delta < 1e-5
 
 
 # ---------------------------------------------------------------- benchmarks/gpu_check.py
@@ -560,6 +415,10 @@ def test_cpu_weight_layout_keeps_values_and_restores_the_weights(tiny_backbone_d
             assert all(not m.weight.is_contiguous() for m in linears)
             found = model(input_ids=ids).logits
     assert float((found - expected).abs().max()) < 1e-5
-    for module, (parameter, data, _) in zip(linears, before, strict=True):
-        assert module.weight is parameter and module.weight.data.data_ptr() == data.data_ptr()
+    for module, (parameter, _, saved) in zip(linears, before, strict=True):
+        assert module.weight is parameter and torch.equal(module.weight, saved)
         assert module.weight.is_contiguous()
+    # The layout is changed in place: an update of the values made meanwhile is kept.
+    with torch.no_grad(), cpu_weight_layout(model):
+        linears[0].weight.mul_(2.0)
+    assert torch.equal(linears[0].weight, before[0][2] * 2.0) and linears[0].weight.is_contiguous()

@@ -256,14 +256,14 @@ def test_saved_config_changes_are_loaded(tiny_model, tmp_path):
         ("grace_st_version", 1, "grace_st_version must be a version string"),
     ],
 )
-def test_item4_grace_config_values_are_type_and_range_checked_at_load(tiny_model, tmp_path, field, value, message):
+def test_grace_config_values_are_type_and_range_checked_at_load(tiny_model, tmp_path, field, value, message):
     path = _saved(tiny_model, tmp_path)
     _edit_json(path / "grace_config.json", **{field: value})
     with pytest.raises(ValueError, match=r"grace_config\.json.*" + message.replace("(", r"\(")):
         SentenceTransformer(str(path), trust_remote_code=True)
 
 
-def test_item4_pooling_dimension_must_match_the_lm(tiny_model, tmp_path):
+def test_pooling_dimension_must_match_the_lm(tiny_model, tmp_path):
     path = _saved(tiny_model, tmp_path)
     _edit_json(path / "1_RationalePooling" / "config.json", embedding_dimension=64)
     with pytest.raises(ValueError, match="embedding_dimension=64 does not match the LM's hidden size 32"):
@@ -273,7 +273,7 @@ def test_item4_pooling_dimension_must_match_the_lm(tiny_model, tmp_path):
         SentenceTransformer(str(path), trust_remote_code=True)
 
 
-def test_item4_missing_grace_config_is_an_error(tiny_model, tmp_path):
+def test_missing_grace_config_is_an_error(tiny_model, tmp_path):
     path = _saved(tiny_model, tmp_path)
     (path / "grace_config.json").unlink()
     with pytest.raises(ValueError, match=r"grace_config\.json of .*missing"):
@@ -297,7 +297,7 @@ def _assert_plain_text_everywhere(module, text: str) -> None:
     assert echo["echo_ids"][0].tolist() == text_ids + [module.eos_token_ids[0]]
 
 
-def test_item1_special_token_strings_in_user_text_stay_plain_text(tiny_model):
+def test_special_token_strings_in_user_text_stay_plain_text(tiny_model):
     module = tiny_model[0]
     assert module.tokenizer.is_fast
     _assert_plain_text_everywhere(module, INJECTION)
@@ -306,7 +306,7 @@ def test_item1_special_token_strings_in_user_text_stay_plain_text(tiny_model):
         assert module.text_token_ids([text])[0] == module.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_item1_slow_tokenizer_also_tokenizes_user_text_as_plain_text():
+def test_slow_tokenizer_also_tokenizes_user_text_as_plain_text():
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = ByT5Tokenizer(extra_ids=0)
@@ -325,7 +325,7 @@ def test_item1_slow_tokenizer_also_tokenizes_user_text_as_plain_text():
 
 
 # ---------------------------------------------------------------- item 5: token embeddings
-def test_item5_token_embeddings_are_each_texts_own_rows(tiny_model):
+def test_token_embeddings_are_each_texts_own_rows(tiny_model):
     module = tiny_model[0]
     text, long_text = TEXTS[0], "a much longer neighbour " * 12
     alone = tiny_model.encode([text], output_value="token_embeddings")[0]
@@ -354,13 +354,13 @@ def test_item5_token_embeddings_are_each_texts_own_rows(tiny_model):
         (["ok", "bad \ud800 text"], ValueError, r"lone surrogate '\\ud800' at character 4"),
     ],
 )
-def test_item10_bad_inputs_get_clear_errors(tiny_model, bad, error, message):
+def test_bad_inputs_get_clear_errors(tiny_model, bad, error, message):
     with pytest.raises(error, match=message):
         tiny_model.encode(bad)
 
 
 @pytest.mark.parametrize("output_value", ["bogus", "rationale"])
-def test_item10_unknown_output_value_names_the_choices(tiny_model, output_value):
+def test_unknown_output_value_names_the_choices(tiny_model, output_value):
     with pytest.raises(KeyError, match=rf"'{output_value}' is not an output of a GRACE model.*decode_rationale"):
         tiny_model.encode(TEXTS, output_value=output_value, normalize_embeddings=True)
 
@@ -437,7 +437,7 @@ def property_models(tiny_backbone_dir):
         max_size=6,
     )
 )
-def test_acceptance3_arbitrary_unicode_lists(property_models, texts):
+def test_arbitrary_unicode_lists_keep_their_order_and_rationales(property_models, texts):
     echo, generate = property_models
     if any("\ud800" <= c <= "\udfff" for text in texts for c in text):
         with pytest.raises(ValueError, match="lone surrogate"):
@@ -495,24 +495,11 @@ def test_default_backbone_similarity_is_meaningful(default_backbone_dir):
 
 
 @pytest.mark.slow
-def test_item1_default_backbone_ignores_an_injected_system_turn(default_backbone_dir):
+def test_default_backbone_ignores_an_injected_system_turn(default_backbone_dir):
     model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=8, device="cpu")
     features = model[0].preprocess([INJECTION])
     im_start = model.tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert int((features["input_ids"][0] == im_start).sum()) == 3  # system, user, assistant: no injected turn
-
-
-# ---------------------------------------------------------------- single pass
-def test_single_pass_matches_the_two_pass_reference(tiny_backbone_dir):
-    texts = TEXTS + ["", "one more text of a different length to force padding"]
-    single = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=8, single_pass=True)
-    double = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=8, single_pass=False)
-    a, b = single.encode(texts, output_value=None), double.encode(texts, output_value=None)
-    assert [single[0].decode_rationale(x) for x in a] == [double[0].decode_rationale(y) for y in b]
-    delta = max(
-        float((x["sentence_embedding"] - y["sentence_embedding"]).abs().max()) for x, y in zip(a, b, strict=True)
-    )
-    assert delta < 1e-5
 
 
 @pytest.mark.parametrize(("single_pass", "long_calls"), [(True, 1), (False, 2)])

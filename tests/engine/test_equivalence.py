@@ -1,0 +1,275 @@
+"""The equivalence tests of the generation paths, in one place: the engine against the reference path
+(``model.generate`` + one cached step), continuous batching against one batch, the single-pass states against the
+two-pass reference (a second forward over prompt + rationale), and the summary suffix's states against a two-pass
+forward; on the tiny model and, marked slow, on the real backbone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    TEXTS,
+    VARIED_CORPUS,
+    both_paths,
+    engine_output,
+    split_rows,
+    suffix_token_ids,
+    tiny_grace_model,
+    two_pass_suffix_states,
+    varied_model,
+)
+
+import grace_st
+from grace_st.encoding import continuous_reason, encode_corpus
+from grace_st.engine import decode_stream
+from grace_st.engine.decode import decode
+from grace_st.model import SUMMARY_SUFFIX
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_engine_equals_the_reference_path_greedy(tiny_backbone_dir, attention):
+    model = tiny_grace_model(tiny_backbone_dir, attention)
+    module = model[0]
+    features = module.preprocess(TEXTS)
+    split_rows(module, features, 10)
+    reference, engine = both_paths(module, features)
+    assert torch.equal(engine.ids, reference.ids)
+    assert torch.equal(engine.mask, reference.mask)
+    assert torch.equal(engine.finished, reference.finished)
+    assert 0 < int(engine.finished.sum()) < len(TEXTS)
+    # Rows left the batch: fewer decode row-steps than rows x steps, and the prefix ran once.
+    width = reference.ids.shape[1]
+    assert int(reference.mask.sum()) <= module.decode_counts["decode_row_steps"] < len(TEXTS) * width
+    prefix_len = len(module.template_pieces()[0])
+    own_width = features["input_ids"].shape[1] - int(features["text_start"].min())
+    assert module.decode_counts["prompt_tokens"] == prefix_len + len(TEXTS) * own_width
+    # Every readout of forward: the same states where the masks look, the same masks.
+    ref_out = module.outputs_from_states(features, reference)
+    new_out = module.outputs_from_states(features, engine)
+    for key in ("attention_mask", "pooling_mask"):
+        assert torch.equal(new_out[key], ref_out[key])
+    assert new_out["token_embeddings"].shape == ref_out["token_embeddings"].shape
+    seen = new_out["attention_mask"].bool()
+    delta = (new_out["token_embeddings"] - ref_out["token_embeddings"])[seen].abs().max()
+    assert float(delta) < 1e-5
+    assert float(new_out["token_embeddings"][~seen].abs().max()) == 0.0  # positions outside the mask hold zeros
+
+
+def test_encode_with_the_engine_equals_encode_with_the_reference(tiny_backbone_dir):
+    model = tiny_grace_model(tiny_backbone_dir)
+    model[0].decode_path = "generate"
+    reference = model.encode(TEXTS, batch_size=3, output_value=None)
+    model[0].decode_path = "engine"
+    model[0].decode_counts = {}
+    engine = model.encode(TEXTS, batch_size=3, output_value=None)
+    assert model[0].decode_counts["decode_row_steps"] > 0, "the engine was not used"
+    for a, b in zip(reference, engine, strict=True):
+        assert model[0].decode_rationale(a) == model[0].decode_rationale(b)
+        assert float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max()) < 1e-5
+        assert torch.equal(a["rationale_ids"], b["rationale_ids"]) and torch.equal(
+            a["pooling_mask"], b["pooling_mask"]
+        )
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("compact_at", [0.5, 1.0, 0.0])
+def test_suffix_states_equal_the_two_pass_reference(tiny_backbone_dir, attention, compact_at):
+    module = tiny_grace_model(tiny_backbone_dir, attention, max_new_tokens=10)[0]
+    features = module.preprocess(TEXTS)
+    split_rows(module, features, 10)  # rows end at different steps; a quarter is cut at max_new_tokens
+    suffix_ids = suffix_token_ids(module, len(TEXTS))
+    assert len({len(row) for row in suffix_ids}) >= 3
+    kwargs = module.generation_kwargs()
+    args = (module.model, features["input_ids"], features["attention_mask"], features["text_start"])
+    args += (
+        len(module.template_pieces()[0]),
+        kwargs["max_new_tokens"],
+        kwargs["eos_token_id"],
+        kwargs["pad_token_id"],
+    )
+    counts, counts_plain = {}, {}
+    with torch.no_grad():
+        out = decode(*args, counts=counts, compact_at=compact_at, suffix_ids=suffix_ids)
+        plain = decode(*args, counts=counts_plain, compact_at=compact_at)
+    # The suffix is not part of the rationale and changes neither it nor its states.
+    assert torch.equal(out.generated, plain.generated)
+    assert float((out.states - plain.states).abs().max()) < 1e-5
+    batch = module.rationale_batch(out.generated)
+    assert 0 < int(batch.finished.sum()) < len(TEXTS)  # finished and cut rationales both get a suffix
+    reference = two_pass_suffix_states(
+        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
+    )
+    assert out.suffix_states.shape == (len(TEXTS), module.get_embedding_dimension())
+    assert float((out.suffix_states - reference).abs().max()) < 1e-5
+    # Different from the state of the last rationale token: the suffix was really fed.
+    last = batch.mask.sum(1) - 1
+    width = features["input_ids"].shape[1]
+    rationale_end = out.states[torch.arange(len(TEXTS)), width + last]
+    assert float((out.suffix_states - rationale_end).abs().amax(1).min()) > 1e-2
+    # The rest of the suffixes ran in one tail forward once no row was writing.
+    assert counts["suffix_tokens"] > 0 and "suffix_tokens" not in counts_plain
+    assert counts["decode_row_steps"] >= counts_plain["decode_row_steps"]
+
+
+def test_suffix_after_a_one_token_rationale_and_a_one_token_suffix(tiny_backbone_dir):
+    """max_new_tokens=1: every rationale is cut after one token; the suffixes run in the tail forward only."""
+    module = tiny_grace_model(tiny_backbone_dir, max_new_tokens=1)[0]
+    features = module.preprocess(TEXTS[:4])
+    suffix_ids = [[17], [17, 18], [5, 6, 7], [300]]
+    out = engine_output(module, features, suffix_ids=suffix_ids)
+    batch = module.rationale_batch(out.generated)
+    reference = two_pass_suffix_states(
+        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
+    )
+    assert out.generated.shape[1] == 1
+    assert float((out.suffix_states - reference).abs().max()) < 1e-5
+
+
+@pytest.mark.slow
+def test_suffix_states_equal_the_two_pass_reference_on_the_real_backbone(default_backbone_dir):
+    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=24, device="cpu")
+    module = model[0]
+    texts = [TEXTS[0], TEXTS[1], TEXTS[2], TEXTS[6]]
+    features = module.preprocess(texts)
+    suffix = module.tokenizer('\nIn one word, the text above means:"', add_special_tokens=False)["input_ids"]
+    suffix_ids = [suffix, suffix[:3], suffix, suffix[:1]]
+    out = engine_output(module, features, suffix_ids=suffix_ids)
+    batch = module.rationale_batch(out.generated)
+    reference = two_pass_suffix_states(
+        module.model, features["input_ids"], features["attention_mask"], batch.ids, batch.mask, suffix_ids
+    )
+    # The raw states reach ~50 in magnitude on this model: float32 agreement is relative (the rationale states of the
+    # engine and the two-pass path differ by ~4e-5 raw too); the normalised readout agrees within 1e-5.
+    assert float((out.suffix_states - reference).abs().max()) < 1e-6 * float(reference.abs().max()) * 10
+    normalize = torch.nn.functional.normalize
+    assert float((normalize(out.suffix_states, dim=-1) - normalize(reference, dim=-1)).abs().max()) < 1e-5
+
+
+@pytest.mark.slow
+def test_engine_equals_the_reference_on_the_real_backbone(default_backbone_dir, shared_data):
+    import csv
+
+    texts: dict[str, None] = {}
+    with open(shared_data / "sts2013" / "headlines.test.tsv", encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            texts.update(dict.fromkeys(row[1:3]))
+    texts = list(texts)[:8]
+    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=32, device="cpu")
+    model[0].decode_path = "generate"
+    reference = model.encode(texts, batch_size=8, output_value=None)
+    model[0].decode_path = "engine"
+    engine = model.encode(texts, batch_size=8, output_value=None)
+    assert [model[0].decode_rationale(a) for a in reference] == [model[0].decode_rationale(b) for b in engine]
+    delta = max(
+        float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max())
+        for a, b in zip(reference, engine, strict=True)
+    )
+    assert delta < 1e-5
+
+
+@pytest.mark.parametrize("refill_at", [0.0, 0.5, 0.875, 1.0])
+def test_continuous_batching_in_few_slots_equals_one_batch(tiny_backbone_dir, refill_at):
+    module = tiny_grace_model(tiny_backbone_dir, max_new_tokens=10)[0]
+    split_rows(module, module.preprocess(TEXTS), 10)
+    texts = TEXTS * 3
+    features = module.preprocess(texts)
+    prefix_len = len(module.template_pieces()[0])
+    kwargs = module.generation_kwargs()
+    reference = engine_output(module, features)
+    pairs = zip(features["input_ids"], features["attention_mask"], strict=True)
+    real = [ids[mask.bool()].tolist() for ids, mask in pairs]
+    counts = {}
+    rows = list(
+        decode_stream(
+            module.model,
+            real[0][:prefix_len],
+            [row[prefix_len:] for row in real],
+            10,
+            kwargs["eos_token_id"],
+            kwargs["pad_token_id"],
+            batch_size=5,
+            counts=counts,
+            refill_at=refill_at,
+        )
+    )
+    assert sorted(row.index for row in rows) == list(range(len(texts)))
+    assert counts["refills"] >= len(texts) // 5 and counts["prompt_tokens"] < features["input_ids"].numel()
+    width = features["input_ids"].shape[1]
+    batch = module.rationale_batch(reference.generated)
+    for row in rows:
+        i, n = row.index, int(batch.mask[row.index].sum())
+        assert row.generated.tolist() == reference.generated[i, :n].tolist()
+        seen = torch.cat([features["attention_mask"][i], batch.mask[i]]).bool()
+        expected = reference.states[i, : width + reference.generated.shape[1]][seen]
+        assert row.states.shape == expected.shape
+        assert float((row.states - expected).abs().max()) < 1e-5
+
+
+# ---------------------------------------------------------------- single pass
+def test_single_pass_matches_the_two_pass_reference(tiny_backbone_dir):
+    texts = TEXTS + ["", "one more text of a different length to force padding"]
+    single = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=8, single_pass=True)
+    double = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=8, single_pass=False)
+    a, b = single.encode(texts, output_value=None), double.encode(texts, output_value=None)
+    assert [single[0].decode_rationale(x) for x in a] == [double[0].decode_rationale(y) for y in b]
+    delta = max(
+        float((x["sentence_embedding"] - y["sentence_embedding"]).abs().max()) for x, y in zip(a, b, strict=True)
+    )
+    assert delta < 1e-5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"prompt": "Query: "},
+        {"truncate_dim": 8},
+        {"pooling_mode": "lasttoken"},
+        {"attention": "eager"},
+        {"summary_suffix": "\nIn one word:", "pooling_mode": "summary"},
+        {"summary_suffix": ' This: "{text}" means', "pooling_mode": "mean+summary", "prompt": "Query: "},
+    ],
+)
+def test_continuous_batching_equals_the_batch_path(tiny_backbone_dir, options):
+    options = dict(options)
+    prompt, truncate_dim = options.pop("prompt", None), options.pop("truncate_dim", None)
+    pooling_mode = options.pop("pooling_mode", None)
+    model = varied_model(tiny_backbone_dir, **options)
+    model.truncate_dim = truncate_dim
+    if pooling_mode:
+        model[1].pooling_mode = pooling_mode
+    assert continuous_reason(model) is None
+    model[0].decode_counts = {}
+    new = encode_corpus(model, VARIED_CORPUS, batch_size=4, prompt=prompt, normalize_embeddings=False)
+    counts, model[0].decode_counts = model[0].decode_counts, {}
+    reference = encode_corpus(
+        model, VARIED_CORPUS, batch_size=4, prompt=prompt, normalize_embeddings=False, schedule="batches"
+    )
+    assert counts["refills"] > len(VARIED_CORPUS) / 4, "freed slots were refilled"
+    assert new.rationale_ids == reference.rationale_ids and new.finished == reference.finished
+    assert 0 < sum(new.finished) < len(VARIED_CORPUS)
+    assert new.embeddings.shape == reference.embeddings.shape == (len(VARIED_CORPUS), truncate_dim or 32)
+    assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
+    # Fewer decode row-steps than the batch path (which decodes each batch until its longest rationale ends).
+    assert counts["decode_row_steps"] < model[0].decode_counts["decode_row_steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("summary", [False, True])
+def test_continuous_batching_equals_the_batch_path_on_the_real_backbone(default_backbone_dir, shared_data, summary):
+    from grace_st.readers import read_pairs
+
+    texts: dict[str, None] = {}
+    for pair in read_pairs(shared_data / "sts2013" / "headlines.test.tsv", format="sts"):
+        texts.update(dict.fromkeys([pair.sentence1, pair.sentence2]))
+    texts = list(texts)[:12]
+    # With summary: the readout of training/configs/sick-summary.yaml (its suffix repeats the text).
+    options = {"summary_suffix": SUMMARY_SUFFIX, "pooling_mode": "summary"} if summary else {}
+    model = grace_st.from_backbone(default_backbone_dir, max_new_tokens=24, device="cpu", **options)
+    model[0].decode_counts = {}
+    new = encode_corpus(model, texts, batch_size=4)
+    assert model[0].decode_counts["refills"] >= 3
+    reference = encode_corpus(model, texts, batch_size=4, schedule="batches")
+    assert new.rationales == reference.rationales
+    assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
