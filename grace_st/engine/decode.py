@@ -159,22 +159,10 @@ def decode(
     if bool((own_mask & (attention_mask == 0)).any()):
         raise ValueError("decode: padding after text_start; the prompts must be left-padded.")
     own_ids = [ids[mask].tolist() for ids, mask in zip(input_ids, own_mask, strict=True)]
+    sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seeds": seeds}
+    limits = (max_new_tokens, eos_token_ids, pad_token_id, slots or batch, counts)
     stream = decode_stream(
-        model,
-        prefix[0].tolist(),
-        own_ids,
-        max_new_tokens,
-        eos_token_ids,
-        pad_token_id,
-        batch_size=slots or batch,
-        counts=counts,
-        suffix_ids=suffix_ids,
-        compact_at=compact_at,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seeds=seeds,
+        model, prefix[0].tolist(), own_ids, *limits, suffix_ids=suffix_ids, compact_at=compact_at, **sampling
     )
     try:
         with contextlib.closing(stream):

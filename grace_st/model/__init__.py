@@ -20,20 +20,20 @@ from grace_st.model.modules import (
 )
 from grace_st.model.options import DEFAULT_SYSTEM_PROMPT, PROMPTEOL_TEMPLATE, SUMMARY_SUFFIX
 
-__all__ = [
+__all__ = [  # grouped by the file that defines them
     "CORE_FILES",
-    "DEFAULT_SYSTEM_PROMPT",
-    "ENGINE_API_VERSION",
-    "GenerationBackend",
     "MODULE_FILE_NAME",
-    "PROMPTEOL_TEMPLATE",
-    "RationaleBatch",
-    "RationalePooling",
-    "SUMMARY_SUFFIX",
     "Transformer",
-    "__version__",
+    "RationalePooling",
     "load_backbone",
     "pool",
     "pooling_span_mask",
+    "__version__",
+    "ENGINE_API_VERSION",
+    "GenerationBackend",
+    "RationaleBatch",
     "rationale_mask",
+    "DEFAULT_SYSTEM_PROMPT",
+    "PROMPTEOL_TEMPLATE",
+    "SUMMARY_SUFFIX",
 ]
