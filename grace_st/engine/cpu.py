@@ -17,6 +17,23 @@ import torch
 logger = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
 
+# Which CPU kernels the decode loop uses (benchmarks/encode_speed.py measures them): MKL-packed weights for full
+# batches, and the transposed weight layout for few-row products.
+PACKED = True
+LAYOUT = True
+
+
+@contextlib.contextmanager
+def cpu_kernels(model: Any, rows: int) -> Iterator[None]:
+    """The CPU kernels of :data:`PACKED` and :data:`LAYOUT` while active (a no-op off the CPU)."""
+    with contextlib.ExitStack() as stack:
+        if PACKED:
+            stack.enter_context(packed_linears(model, rows))
+        if LAYOUT:
+            stack.enter_context(cpu_weight_layout(model))
+        yield
+
+
 _LAYOUT_LOCK = threading.Lock()
 
 

@@ -17,7 +17,7 @@ from transformers import Cache
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from grace_st.engine.cache import SpareLayer, spare_cache
-from grace_st.engine.cpu import cpu_weight_layout, packed_linears
+from grace_st.engine.cpu import cpu_kernels
 from grace_st.model.generation import pad_rows
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ def decode_stream(
     masked; positions are explicit, so every real token has the position and context it has in its own left-padded
     prompt). Columns masked in every row are dropped at each refill. Once no prompt waits, finished rows leave once
     at most ``compact_at`` of the rows are writing. The cache keeps free columns (``SpareLayer``); on a CPU the
-    weights are laid out for few-row products (``cpu_weight_layout``) and, with MKL, packed for full batches
-    (:func:`packed_linears`). The rationales and states equal :func:`decode`'s on the same prompts within float
+    weights are packed for full batches and laid out for few-row products (:func:`~grace_st.engine.cpu.cpu_kernels`).
+    The rationales and states equal :func:`decode`'s on the same prompts within float
     tolerance (batch shapes and kernels differ, so do the last bits).
 
     Args:
@@ -230,8 +230,7 @@ def decode_stream(
 
     layout = contextlib.ExitStack()
     try:
-        layout.enter_context(packed_linears(model, min(batch_size, len(own_ids))))
-        layout.enter_context(cpu_weight_layout(model))
+        layout.enter_context(cpu_kernels(model, min(batch_size, len(own_ids))))
         hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
         layout.callback(hook.remove)
         # Grad mode is set around each forward, never across a yield: a suspended generator must not change the
