@@ -31,9 +31,9 @@ test-fast: install
 	$(PY) -m pytest tests -m "not slow"
 
 lint: install
-	$(PY) -m ruff check grace_st training eval tests benchmarks
-	$(PY) -m ruff format --check grace_st training eval tests benchmarks
+	$(PY) -m ruff check grace_st training eval tests benchmarks experiments
+	$(PY) -m ruff format --check grace_st training eval tests benchmarks experiments
 
 format: install
-	$(PY) -m ruff check --fix grace_st training eval tests benchmarks
-	$(PY) -m ruff format grace_st training eval tests benchmarks
+	$(PY) -m ruff check --fix grace_st training eval tests benchmarks experiments
+	$(PY) -m ruff format grace_st training eval tests benchmarks experiments

@@ -264,20 +264,21 @@ def print_ratio(result: dict, n_texts: int, batch_size: int) -> None:
     g_wall, g_cpu = median["generate"]
     print(f"\n### {result['name']}: {n_texts} real sentences, batch {batch_size}, greedy, one thread")
     print(result["about"])
-    print("| path | encode / generate alone (wall) | (CPU) | encode s | generate s | runs (wall ratio) |")
-    print("|---|---|---|---|---|---|")
+    from grace_st.tables import markdown_table
+
     labels = {
         "continuous": "continuous batching (encode_corpus)",
         "engine": "decode engine, batch by batch (model.encode)",
         "reference": "reference (generate + 1 step)",
         "generate_kernels": "generate alone with the stream's CPU kernels (not an encode path; for reference)",
     }
+    rows = []
     for key, label in labels.items():
         wall, cpu = median[key]
         per_run = ", ".join(
             f"{a[0] / b[0]:.3f}" for a, b in zip(result["runs"][key], result["runs"]["generate"], strict=True)
         )
-        print(f"| {label} | {wall / g_wall:.3f} | {cpu / g_cpu:.3f} | {wall:.1f} | {g_wall:.1f} | {per_run} |")
+        rows.append([label, f"{wall / g_wall:.3f}", f"{cpu / g_cpu:.3f}", f"{wall:.1f}", f"{g_wall:.1f}", per_run])
     if result["large"]:
         wall, cpu = median["engine_large"]
         g_wall, g_cpu = median["generate_large"]
@@ -286,20 +287,30 @@ def print_ratio(result: dict, n_texts: int, batch_size: int) -> None:
             for a, b in zip(result["runs"]["engine_large"], result["runs"]["generate_large"], strict=True)
         )
         label = f"model.encode, batch {result['large']} / generate over the same batches of {result['large']}"
-        print(f"| {label} | {wall / g_wall:.3f} | {cpu / g_cpu:.3f} | {wall:.1f} | {g_wall:.1f} | {per_run} |")
-    print(
-        "| path | decode forward calls | decode row-steps computed / useful | prefix tokens computed / needed "
-        "| prompt positions computed / real |"
-    )
-    print("|---|---|---|---|---|")
+        rows.append([label, f"{wall / g_wall:.3f}", f"{cpu / g_cpu:.3f}", f"{wall:.1f}", f"{g_wall:.1f}", per_run])
+    header = ["path", "encode / generate alone (wall)", "(CPU)", "encode s", "generate s", "runs (wall ratio)"]
+    print(markdown_table(header, rows), end="")
+    rows = []
     for key, label in (("reference", "reference"), ("engine", "decode engine"), ("continuous", "continuous")):
         c = counts[key]
-        print(
-            f"| {label} | {c['decode_steps']} | {c['decode_computed']} / {c['decode_useful']} "
-            f"({c['decode_useful'] / c['decode_computed']:.0%} useful) "
-            f"| {c['prefix_computed']} / {c['prefix_needed']} "
-            f"| {c['prompt_computed']} / {c['prompt_real']} |"
+        rows.append(
+            [
+                label,
+                c["decode_steps"],
+                f"{c['decode_computed']} / {c['decode_useful']} "
+                f"({c['decode_useful'] / c['decode_computed']:.0%} useful)",
+                f"{c['prefix_computed']} / {c['prefix_needed']}",
+                f"{c['prompt_computed']} / {c['prompt_real']}",
+            ]
         )
+    header = [
+        "path",
+        "decode forward calls",
+        "decode row-steps computed / useful",
+        "prefix tokens computed / needed",
+        "prompt positions computed / real",
+    ]
+    print(markdown_table(header, rows), end="")
     print(
         f"Continuous batching / generate with the same CPU kernels: "
         f"{median['continuous'][0] / median['generate_kernels'][0]:.3f} (the part of the gain that the schedule and "
@@ -383,14 +394,16 @@ def peak_rss(modes, n_texts: int, batch_size: int, max_new_tokens: int) -> dict[
 
 
 def print_memory(n_texts: int, batch_size: int, max_new_tokens: int) -> None:
+    from grace_st.tables import markdown_table
+
     peaks = peak_rss(("generate", "encode", "corpus"), n_texts, batch_size, max_new_tokens)
     print(f"\n### (m) peak RSS, {n_texts} texts, batch {batch_size}, max_new_tokens={max_new_tokens}")
-    print("| path | peak RSS MiB | / generate | target |")
-    print("|---|---|---|---|")
     labels = {"generate": "model.generate", "encode": "model.encode", "corpus": "encode_corpus"}
-    for mode, label in labels.items():
-        target = "<= 1.5" if mode == "corpus" else ""
-        print(f"| {label} | {peaks[mode]:.0f} | {peaks[mode] / peaks['generate']:.3f} | {target} |")
+    rows = [
+        [label, f"{peaks[mode]:.0f}", f"{peaks[mode] / peaks['generate']:.3f}", "<= 1.5" if mode == "corpus" else ""]
+        for mode, label in labels.items()
+    ]
+    print(markdown_table(["path", "peak RSS MiB", "/ generate", "target"], rows), end="")
 
 
 def main() -> None:

@@ -17,11 +17,12 @@ import time
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grace_st
+from grace_st.evaluation.metrics import spearman
 from grace_st.readers import read_pairs, resolve_data_path
+from grace_st.tables import markdown_table
 
 SETS = {"sts13-headlines": "sts2013/headlines.test.tsv", "sick-trial": "sick2014/SICK_trial.txt"}
 SYSTEM = (
@@ -69,9 +70,9 @@ class Reference:
         return torch.nn.functional.normalize(emb, dim=0).numpy()
 
 
-def spearman(embed, a, b, scores) -> float:
+def cosine_spearman(embed, a, b, scores) -> float:
     ea, eb = embed(a), embed(b)
-    return float(spearmanr((ea * eb).sum(axis=1), scores).statistic)
+    return spearman((ea * eb).sum(axis=1), scores)
 
 
 def main() -> None:
@@ -83,18 +84,19 @@ def main() -> None:
     path = grace_st.default_backbone()
     reference = Reference(path, args.max_new_tokens)
     model = grace_st.from_backbone(path, max_new_tokens=args.max_new_tokens, device="cpu")
-    print("| set | pairs | grace_st | reference | diff | grace_st s | reference s |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for name in SETS:
         a, b, scores = load_pairs(name, args.pairs, args.data_dir)
         t0 = time.perf_counter()
-        ours = spearman(lambda t: model.encode(t, batch_size=16), a, b, scores)
+        ours = cosine_spearman(lambda t: model.encode(t, batch_size=16), a, b, scores)
         t1 = time.perf_counter()
-        ref = spearman(lambda t: np.stack([reference.embed(x) for x in t]), a, b, scores)
+        ref = cosine_spearman(lambda t: np.stack([reference.embed(x) for x in t]), a, b, scores)
         t2 = time.perf_counter()
-        print(
-            f"| {name} | {len(scores)} | {ours:.4f} | {ref:.4f} | {ours - ref:+.4f} | {t1 - t0:.0f} | {t2 - t1:.0f} |"
+        rows.append(
+            [name, len(scores), f"{ours:.4f}", f"{ref:.4f}", f"{ours - ref:+.4f}", f"{t1 - t0:.0f}", f"{t2 - t1:.0f}"]
         )
+    header = ["set", "pairs", "grace_st", "reference", "diff", "grace_st s", "reference s"]
+    print(markdown_table(header, rows), end="")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/prompteol_check.py [--limit 100] [--backbone default] [--data-dir DIR]
 
-The independent side uses transformers and scipy only: the whole prompt ``This sentence : "<text>" means in one
-word:"`` as one string, the plain tokenizer call, one forward pass per text, the last layer's state at the last token,
-no chat template. The harness side is the "PromptEOL" row of ``grace_st.comparison`` (the same modules every GRACE
-model uses: prompt template without chat template, rationale_mode="none", last-token pooling). Both score the same
-pairs (the five dev sets, first --limit pairs each). Prints both five-set means, |Δ|, and the lowest cosine between
-the two embeddings of one text; exits 1 when |Δ| > 0.01 (the acceptance bound).
+The independent side uses transformers only (and grace_st's one Spearman): the whole prompt
+``This sentence : "<text>" means in one word:"`` as one string, the plain tokenizer call, one forward pass per text,
+the last layer's state at the last token, no chat template. The harness side is the "PromptEOL" row of
+``grace_st.evaluation.dev_comparison`` (the same modules every GRACE model uses: prompt template without chat
+template, rationale_mode="none", last-token pooling). Both score the same pairs (the five dev sets, first --limit
+pairs each). Prints both five-set means, |Δ|, and the lowest cosine between the two embeddings of one text; exits
+1 when |Δ| > 0.01 (the acceptance bound).
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ import time
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grace_st.backbone import resolve_backbone
-from grace_st.comparison import PROMPTEOL_ROW, build_row_model, load_dev_sets, missing_features, standard_rows
+from grace_st.evaluation.dev_comparison import (
+    PROMPTEOL_ROW,
+    build_row_model,
+    comparison_rows,
+    load_dev_sets,
+    missing_features,
+)
+from grace_st.evaluation.metrics import spearman
 
 BOUND = 0.01
 
@@ -42,11 +49,11 @@ def independent_embeddings(backbone: str, texts: list[str]) -> np.ndarray:
 
 
 def five_set_scores(vectors: dict[str, np.ndarray], dev_sets) -> dict[str, float]:
-    """Spearman of cosine per set (scipy's), from ``{text: unit vector}``."""
+    """Spearman of cosine per set (:func:`grace_st.evaluation.metrics.spearman`), from ``{text: unit vector}``."""
     scores = {}
     for name, pairs in dev_sets.items():
         cosine = [float(vectors[a] @ vectors[b]) for a, b, _ in (pair[:3] for pair in pairs)]
-        scores[name] = float(spearmanr(cosine, [pair[2] for pair in pairs]).statistic)
+        scores[name] = spearman(cosine, [pair[2] for pair in pairs])
     return scores
 
 
@@ -68,7 +75,7 @@ def main() -> None:
     independent = dict(zip(texts, independent_embeddings(backbone, texts), strict=True))
     seconds_independent = time.perf_counter() - start
     start = time.perf_counter()
-    row = next(row for row in standard_rows(backbone) if row.label == PROMPTEOL_ROW)
+    row = next(row for row in comparison_rows(backbone) if row.label == PROMPTEOL_ROW)
     harness_model = build_row_model(row)
     harness = dict(zip(texts, harness_model.encode(texts, batch_size=16, normalize_embeddings=True), strict=True))
     seconds_harness = time.perf_counter() - start

@@ -43,9 +43,9 @@ def child(kind: str, config_path: str, steps: int, learning_rate: float) -> None
     from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 
     from grace_st.backbone import resolve_backbone
-    from grace_st.config import GraceGRPOConfig
-    from grace_st.data import demo_data_path, load_triplets, to_grpo_dataset
-    from grace_st.trainer import GraceGRPOTrainer
+    from grace_st.training.config import GraceGRPOConfig
+    from grace_st.training.data import demo_data_path, load_triplets, to_grpo_dataset
+    from grace_st.training.trainer import GraceGRPOTrainer
 
     torch.set_num_threads(1)
     options = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
@@ -122,8 +122,8 @@ def prompt_tokens_match(config_path: str) -> bool:
 
     import grace_st
     from grace_st.backbone import resolve_backbone
-    from grace_st.config import GraceGRPOConfig
-    from grace_st.data import demo_data_path, load_triplets
+    from grace_st.training.config import GraceGRPOConfig
+    from grace_st.training.data import demo_data_path, load_triplets
 
     options = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
     system_prompt = options.get("system_prompt") or GraceGRPOConfig.system_prompt
@@ -190,16 +190,19 @@ def main() -> None:
         f"config {Path(args.config).name}, {measured} measured steps of each (after {args.warmup} warm-up per run), "
         f"learning rate {args.learning_rate}, 1 CPU thread; identical prompt tokens: {same_prompts}"
     )
-    print("| measure | GRACE | TRL, constant reward | ratio | target |")
-    print("|---|---|---|---|---|")
-    print(f"| (d) seconds per step (mean) | {grace:.2f} | {trl:.2f} | {grace / trl:.3f} | |")
+    from grace_st.tables import markdown_table
+
     g_med, t_med = median_step("grace"), median_step("trl")
-    print(f"| (d) seconds per step (median) | {g_med:.2f} | {t_med:.2f} | {g_med / t_med:.3f} | |")
-    print(f"| rollout tokens per generation | {tokens('grace'):.0f} | {tokens('trl'):.0f} | | |")
     # Sampling makes rollout lengths differ between the two runs: the ratio is per rollout token.
     g_tok, t_tok = 1000 * grace / tokens("grace"), 1000 * trl / tokens("trl")
-    print(f"| (d) ms per step per rollout token (mean) | {g_tok:.1f} | {t_tok:.1f} | {g_tok / t_tok:.3f} | <= 1.0 |")
-    print(f"| (e) peak RSS (MiB) | {peak('grace'):.0f} | {peak('trl'):.0f} | {peak('grace') / peak('trl'):.3f} | |")
+    rows = [
+        ["(d) seconds per step (mean)", f"{grace:.2f}", f"{trl:.2f}", f"{grace / trl:.3f}", ""],
+        ["(d) seconds per step (median)", f"{g_med:.2f}", f"{t_med:.2f}", f"{g_med / t_med:.3f}", ""],
+        ["rollout tokens per generation", f"{tokens('grace'):.0f}", f"{tokens('trl'):.0f}", "", ""],
+        ["(d) ms per step per rollout token (mean)", f"{g_tok:.1f}", f"{t_tok:.1f}", f"{g_tok / t_tok:.3f}", "<= 1.0"],
+        ["(e) peak RSS (MiB)", f"{peak('grace'):.0f}", f"{peak('trl'):.0f}", f"{peak('grace') / peak('trl'):.3f}", ""],
+    ]
+    print(markdown_table(["measure", "GRACE", "TRL, constant reward", "ratio", "target"], rows), end="")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
 from grace_st.model import PROMPTEOL_TEMPLATE, RationalePooling, Transformer, load_backbone
+from grace_st.model.options import TRANSFORMER_RULES
 
 # PromptEOL (Jiang et al., 2023) as options of the same modules: the raw prompt (no chat template), no rationale, the
 # state of its last token. ``from_backbone(backbone, **PROMPTEOL_OPTIONS)``.
@@ -21,9 +21,7 @@ PROMPTEOL_OPTIONS: dict[str, Any] = {
     "pooling_mode": "lasttoken",
 }
 
-_TRANSFORMER_OPTIONS = [
-    name for name in inspect.signature(Transformer.__init__).parameters if name not in ("self", "model", "tokenizer")
-]
+_TRANSFORMER_OPTIONS = list(TRANSFORMER_RULES)
 
 
 def from_backbone(

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 DATA_ENV = "GRACE_ST_DATA"
 PairFormat = Literal["auto", "sts", "sick", "msrp"]
@@ -238,3 +239,83 @@ def read_pairs(path: str | os.PathLike, format: PairFormat = "auto", limit: int 
         label = cells[label_index] if label_index is not None else None
         pairs.append(Pair(cells[first], cells[second], score, label, number))
     return pairs
+
+
+RECORD_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+
+
+def read_records(path: str | os.PathLike, name: str = "File") -> Iterator[tuple[str, Any, str | None]]:
+    """Yield ``(row label, record, problem)`` from a record file: JSONL, JSON (a list, or ``{"data": [...]}``), CSV or
+    TSV with a header, or text (one ``{"text": line}`` per line).
+
+    ``problem`` names what makes a row unusable before its fields are looked at (a JSON value that is not an object,
+    a CSV row with another number of fields than the header), for the caller to raise or skip. Bytes that are not
+    UTF-8 raise at once, naming the file and line.
+
+    Args:
+        path: the file (:data:`RECORD_FILE_SUFFIXES`; another suffix is read as text).
+        name: how a missing file is named in the error. Defaults to ``"File"``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: a JSONL line that is not JSON, or a JSON file that is not a list of records.
+    """
+    source = os.fspath(path)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} {source!r} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for line_number, line in read_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source}: line {line_number} is not valid JSON ({error}).") from error
+            yield f"{source}: line {line_number}", record, _not_an_object(record)
+    elif suffix == ".json":
+        records = json.loads("".join(line for _, line in read_lines(path, keepends=True)))
+        if isinstance(records, dict) and "data" in records:
+            records = records["data"]
+        if not isinstance(records, list):
+            raise ValueError(f"{source}: expected a JSON list of objects (or {{'data': [...]}}).")
+        for index, record in enumerate(records):
+            yield f"{source}: item {index}", record, _not_an_object(record)
+    elif suffix in (".csv", ".tsv"):
+        lines = (line for _, line in read_lines(path, keepends=True))
+        reader = csv.reader(lines, delimiter="\t" if suffix == ".tsv" else ",")
+        header = None
+        for cells in reader:
+            if not cells:
+                continue  # a blank line
+            if header is None:
+                header = cells
+                continue
+            label = f"{source}: line {reader.line_num}"
+            if len(cells) != len(header):
+                problem = f"the row has {len(cells)} fields, the header has {len(header)} ({header})"
+                yield label, {}, problem
+                continue
+            yield label, dict(zip(header, cells, strict=True)), None
+    else:  # .txt: one text per line
+        for line_number, line in read_lines(path):
+            yield f"{source}: line {line_number}", {"text": line}, None
+
+
+def _not_an_object(record: Any) -> str | None:
+    if isinstance(record, dict):
+        return None
+    return f"the row is {type(record).__name__} {str(json.dumps(record))[:60]}, not a JSON object"
+
+
+def read_texts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
+    """Non-blank lines of a UTF-8 text file (one passage per line), stripped, in order."""
+    texts = [line.strip() for _, line in read_lines(path) if line.strip()]
+    return texts[:limit] if limit is not None else texts
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in a UTF-8 file; ``{}`` when there is no such file (optional configs and records)."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -12,6 +12,8 @@ import pytest
 from tiny_sts import THREE_PAIRS, write_sts_spec
 
 from grace_st import cli
+from grace_st.scripts import publish as publish_script
+from grace_st.scripts import train as train_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,17 +49,17 @@ def test_publish_script_is_a_shim_of_the_entry_point(monkeypatch):
     )
     assert done.returncode == 0, done.stderr
     monkeypatch.setenv("COLUMNS", "100")
-    assert done.stdout == cli.publish_parser().format_help()
+    assert done.stdout == publish_script.publish_parser().format_help()
 
 
 def test_train_parses_flags_and_yaml_config(tmp_path):
     pytest.importorskip("trl", reason='needs the train extra: pip install "grace-st[train]"')
     argv = ["--config", str(REPO / "training/configs/demo.yaml"), "--max_steps", "3", "--output_dir", str(tmp_path)]
-    training_args, model_args, data_args = cli.parse_train_args(argv)
+    training_args, model_args, data_args = train_script.parse_train_args(argv)
     assert training_args.max_steps == 3 and training_args.output_dir == str(tmp_path)  # flag beats the YAML
     assert type(training_args).__name__ == "GraceGRPOConfig" and data_args.train_data == "demo"
     with pytest.raises(ValueError, match="no_such_flag"):  # TRL's parser names the unknown flag
-        cli.parse_train_args(argv + ["--no_such_flag", "1"])
+        train_script.parse_train_args(argv + ["--no_such_flag", "1"])
 
 
 def test_train_calls_run_training_with_the_parsed_configs(monkeypatch, tmp_path, capsys):
@@ -72,7 +74,7 @@ def test_train_calls_run_training_with_the_parsed_configs(monkeypatch, tmp_path,
         calls.append((training_args, model_args, data_args, resume_from_checkpoint))
         return Trainer(), tmp_path / "grace-model"
 
-    monkeypatch.setattr("grace_st.trainer.run_training", fake_run_training)
+    monkeypatch.setattr("grace_st.scripts.train.run_training", fake_run_training)
     argv = ["--train_data", "demo", "--use_cpu", "true", "--bf16", "false", "--output_dir", str(tmp_path)]
     argv += ["--resume_from_checkpoint", "last"]
     assert cli.train(argv) is None  # a console script exits with the return value
@@ -125,7 +127,7 @@ def test_publish_uploads_a_folder_built_in_a_temporary_directory(tiny_grace_dir,
         uploads.append((repo_id, private, sorted(p.name for p in Path(folder).iterdir())))
         return "https://hub.example/org/name/commit/abc"
 
-    monkeypatch.setattr("grace_st.hub.upload_folder", fake_upload)
+    monkeypatch.setattr("grace_st.scripts.publish.upload_folder", fake_upload)
     argv = ["--model", tiny_grace_dir, "--repo-id", "org/name", "--private", "--no-examples"]
     cli.publish(argv)
     ((repo_id, private, names),) = uploads

@@ -74,7 +74,9 @@ def test_demo_output_log_and_rerun(tiny_config, tmp_path):
     steps = [json.loads(line.split(": ", 2)[2]) for line in log.splitlines() if " INFO grace_demo: step " in line]
     assert [entry.get("loss") is not None for entry in steps[:2]] == [True, True] and "grace/copy_rate" in steps[0]
     assert "Saved the GRACE model" in log and "Saved the contrastive baseline" in log
-    assert re.search(r"INFO grace_st\.contrastive: step 4: \{\"loss\": ", log), "the +CL log dicts are in the log"
+    assert re.search(r"INFO grace_st\.training\.contrastive: step 4: \{\"loss\": ", log), (
+        "the +CL log dicts are in the log"
+    )
     results = json.loads((out / "demo_results.json").read_text(encoding="utf-8"))
     assert results["grpo_steps"] == 2 and results["generated_batches"] == 1
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

@@ -24,7 +24,8 @@ PACKAGE = REPO / "grace_st"
 CARD_TEMPLATE = REPO / "model_cards" / "grace_model_card.md"
 SHIPPED_CARD_TEMPLATE = PACKAGE / "templates" / "grace_model_card.md"
 # Modules that still resolve files against the checkout, until their owners move them (issue 11 point 5).
-# grace_st.evaluation.default_data_dir walks up to a pyproject.toml; remove the entry when it no longer does.
+# grace_st.evaluation.mteb_evaluation.default_data_dir walks up to a pyproject.toml; remove the entry when it no
+# longer does.
 _STILL_WALKING_UP: set[str] = set()
 
 
@@ -42,9 +43,9 @@ def test_shipped_card_template_is_the_edited_one():
 
 
 def test_hub_reads_the_shipped_template():
-    from grace_st import hub
+    from grace_st.hub import model_card
 
-    assert hub.default_template() == SHIPPED_CARD_TEMPLATE.read_text(encoding="utf-8")
+    assert model_card.default_template() == SHIPPED_CARD_TEMPLATE.read_text(encoding="utf-8")
 
 
 def test_package_data_covers_every_data_file_of_the_package():
@@ -216,7 +217,7 @@ def test_wheel_has_the_runtime_files_and_imports_from_site(installed):
         assert (site / "grace_st" / "task_specs" / spec.name).is_file()
     for command in ("grace-st-train", "grace-st-eval", "grace-st-publish"):
         assert (site / "bin" / command).is_file()
-    done = _run(installed, [sys.executable, "-c", "import grace_st, grace_st.hub; print(grace_st.__file__)"])
+    done = _run(installed, [sys.executable, "-c", "import grace_st, grace_st.hub.publish; print(grace_st.__file__)"])
     assert Path(done.stdout.strip()).resolve() == (site / "grace_st" / "__init__.py").resolve()
     # The guard works: reading the checkout from the installed environment fails.
     probe = subprocess.run(

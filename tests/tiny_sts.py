@@ -29,3 +29,21 @@ def write_sts_spec(folder: Path, name: str = "TinySTS", pairs=PAIRS, **extra) ->
     path = folder / f"{name}.json"
     path.write_text(json.dumps(spec), encoding="utf-8")
     return path
+
+
+def write_dev_sets(root: Path) -> Path:
+    """A data folder with the five dev files of the comparison (and the general check's held-out file), each holding
+    :data:`PAIRS`; returns ``root``."""
+    from grace_st.evaluation.dev_comparison import DEV_SETS
+
+    for _, relative in DEV_SETS:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relative.startswith("sick"):
+            lines = ["pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment"]
+            lines += [f"{i}\t{a}\t{b}\t{1 + s * 0.8:.2f}\tNEUTRAL" for i, (a, b, s) in enumerate(PAIRS)]
+        else:
+            lines = [f"{s}\t{a}\t{b}" for a, b, s in PAIRS]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "sts2012" / "MSRpar.train.tsv").write_text("".join(f"3\t{a}\t{b}\n" for a, b, _ in PAIRS), "utf-8")
+    return root

@@ -41,12 +41,12 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 import grace_st
 from grace_st.backbone import resolve_backbone
-from grace_st.config import GraceDataArguments, GraceGRPOConfig
-from grace_st.contrastive import train_contrastive
-from grace_st.data import demo_data_path, load_triplets
+from grace_st.evaluation.quickeval import format_table, triplet_scores
 from grace_st.factory import PROMPTEOL_OPTIONS
-from grace_st.quickeval import format_table, triplet_scores
-from grace_st.trainer import run_training
+from grace_st.scripts.train import run_training
+from grace_st.training.config import GraceDataArguments, GraceGRPOConfig
+from grace_st.training.contrastive import train_contrastive
+from grace_st.training.data import demo_data_path, load_triplets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXTS = [

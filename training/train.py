@@ -9,8 +9,8 @@ Usage:
     accelerate launch --config_file <deepspeed-zero2.yaml> training/train.py \
         --config training/configs/qwen2.5-1.5b-supervised.yaml
 
-Every field of grace_st.config.GraceGRPOConfig (TRL's GRPOConfig + GRACE's reward/rationale options),
-trl.ModelConfig (model, dtype, LoRA) and grace_st.config.GraceDataArguments (data) is a flag and a YAML key.
+Every field of grace_st.training.config.GraceGRPOConfig (TRL's GRPOConfig + GRACE's reward/rationale options),
+trl.ModelConfig (model, dtype, LoRA) and grace_st.training.config.GraceDataArguments (data) is a flag and a YAML key.
 The final GRACE SentenceTransformer (LoRA merged) is written to <output_dir>/grace-model unless final_model_dir is set.
 """
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
-from grace_st.config import GraceDataArguments
-from grace_st.contrastive import train_contrastive
-from grace_st.data import load_training_data
+from grace_st.training.config import GraceDataArguments
+from grace_st.training.contrastive import train_contrastive
+from grace_st.training.data import load_training_data
 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Settings a --grace_config fixes; giving them too would make the two runs differ silently.
@@ -94,7 +94,7 @@ def main() -> None:
             sys.exit(f"--{', --'.join(given)}: these come from --grace_config {known.grace_config}; drop them.")
         from trl import get_peft_config
 
-        from grace_st.cli import parse_train_args
+        from grace_st.scripts.train import parse_train_args
 
         # The GRACE run's own parser: the same defaults, checks and LoRA construction as training/train.py.
         grace, model_args, data_args = parse_train_args(["--config", known.grace_config])

@@ -1,4 +1,4 @@
-"""Tests of the GRACE modules (grace_st/modeling.py) on a tiny random LM and on the real default backbone."""
+"""Tests of the GRACE modules (grace_st/model/modules.py) on a tiny random LM and on the real default backbone."""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def saved(tiny, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def published(saved, tmp_path_factory) -> Path:
     """What a Hub repo of the model holds (the files publishing uploads), in a folder of its own."""
-    from grace_st.hub import model_files
+    from grace_st.hub.publish import model_files
 
     path = tmp_path_factory.mktemp("published") / "org--grace"
     for name in model_files(saved):

@@ -1,0 +1,151 @@
+"""The command line of the dev-set comparison (``eval/compare_dev.py``): score the rows, write the table and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from grace_st.evaluation.dev_comparison import (
+    DEFAULT_LIMIT,
+    DEFAULT_SUMMARY_SUFFIX,
+    ROW_NAMES,
+    Row,
+    compare,
+    comparison_markdown,
+    comparison_rows,
+    general_check,
+    load_dev_sets,
+)
+from grace_st.scripts import setup_logging
+
+logger = logging.getLogger(__name__)
+
+USAGE = """The comparison on the five dev sets of the data folder (Spearman of cosine, first --limit pairs).
+
+Usage:
+    OMP_NUM_THREADS=1 python eval/compare_dev.py --trained outputs/grace-sick-summary/grace-model \\
+        --trained-readout summary --contrastive outputs/cl-sick-summary --out runs/compare --general
+    OMP_NUM_THREADS=1 python eval/compare_dev.py --rows "no rationale" echo PromptEOL --limit 10 --out runs/dry
+
+Writes <out>/comparison.md (the table, also printed) and <out>/comparison.json (every number: per-set Spearman,
+bootstrap intervals, each pair's cosine, rationale diagnostics, timings, the command), after the table and again after
+each further part. Rows: no rationale, echo, PromptEOL, untrained GRACE (mean / summary readout), +CL (--contrastive),
+trained GRACE (mean / --trained-readout); rows without a folder are listed as skipped. The untrained rows use the
+trained folder's system prompt and rationale limit. "–" marks a number that does not exist (no rationale).
+"""
+
+
+def dev_set_parser(description: str, limit: int, out: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags of every dev-set command: the backbone and trained folder, the untrained
+    model's settings, the data, the bootstrap and the machine (``eval/compare_dev.py``, ``experiments/k_curve.py``).
+
+    Args:
+        description: the usage text.
+        limit: default pairs per set.
+        out: default output folder.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="default", help="Backbone of the training-free rows. Default: default.")
+    parser.add_argument("--trained", default=None, help="Trained GRACE model folder.")
+    parser.add_argument("--limit", type=int, default=limit, help=f"Pairs per set. Default: {limit}.")
+    parser.add_argument("--data-dir", default=None, help="Data folder (default: $GRACE_ST_DATA, else ../shared/data).")
+    parser.add_argument("--out", default=out, help=f"Output folder. Default: {out}.")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="Untrained rows' limit (trained's, else 40).")
+    parser.add_argument(
+        "--system-prompt", default=None, help="Untrained rows' system prompt (trained's, else default)."
+    )
+    parser.add_argument("--summary-suffix", default=DEFAULT_SUMMARY_SUFFIX, help="Suffix of the summary readout.")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples. Default: 1000.")
+    parser.add_argument("--seed", type=int, default=0, help="Bootstrap seed. Default: 0.")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads. Default: 1.")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line of ``eval/compare_dev.py`` (:data:`USAGE`); returns the report (``"table"``: comparison.md)."""
+    parser = dev_set_parser(USAGE, limit=DEFAULT_LIMIT, out="runs/compare")
+    parser.add_argument("--trained-readout", default="summary", help="Readout of 'trained GRACE (best readout)'.")
+    parser.add_argument("--contrastive", default=None, help="+CL model folder (training/train_contrastive.py).")
+    parser.add_argument("--rows", nargs="*", default=None, choices=ROW_NAMES, metavar="ROW", help="Only these rows.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace comparison.json/.md already in --out.")
+    parser.add_argument("--general", action="store_true", help="Also the general-ability check of trained rows.")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    targets = [out / "comparison.json", out / "comparison.md"]
+    if not args.overwrite and any(path.exists() for path in targets):
+        raise SystemExit(f"{out} already holds comparison results; pass --overwrite or another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    dev_sets = load_dev_sets(args.data_dir, args.limit)
+    rows = comparison_rows(
+        args.backbone,
+        trained=args.trained,
+        trained_readout=args.trained_readout,
+        contrastive=args.contrastive,
+        max_new_tokens=args.max_new_tokens,
+        system_prompt=args.system_prompt,
+        summary_suffix=args.summary_suffix,
+        only=args.rows,
+    )
+    report: dict[str, Any] = {
+        "command": ["eval/compare_dev.py", *(argv if argv is not None else sys.argv[1:])],
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs",
+        "rows_options": {row.label: _row_record(row) for row in rows},
+    }
+
+    def save(results: dict[str, Any]) -> None:
+        report.update(results, seconds=time.perf_counter() - started)
+        targets[0].write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+
+    results = compare(
+        rows, dev_sets, batch_size=args.batch_size, resamples=args.bootstrap, seed=args.seed, device=args.device,
+        on_row=save,
+    )  # fmt: skip
+    save(results)
+    minutes = (time.perf_counter() - started) / 60
+    text = f"Spearman of cosine, first {args.limit} pairs per set\n\n" + comparison_markdown(results)
+    text += f"\n{len(results['rows'])} rows in {minutes:.1f} min ({report['machine']}).\n"
+
+    def write(text: str) -> None:  # after each part, so a later failure keeps what was measured
+        report["seconds"] = time.perf_counter() - started
+        report["table"] = text
+        targets[0].write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        targets[1].write_text(text, encoding="utf-8")
+
+    write(text)
+    if args.general:
+        folders = {
+            label: path
+            for label, path in (("+CL", args.contrastive), ("trained GRACE", args.trained))
+            if path is not None
+        }
+        if folders:
+            report["general"] = general_check(folders, args.backbone, data_dir=args.data_dir, device=args.device)
+            text += "\nGeneral abilities (lower perplexity is better)\n\n" + report["general"]["table"]
+            write(text)
+        else:
+            logger.warning("--general needs --trained or --contrastive; nothing to check.")
+    return report
+
+
+def _row_record(row: Row) -> dict[str, Any]:
+    spec = row.spec
+    return {
+        "model": None if spec is None else spec.name_or_path,
+        "options": {} if spec is None else dict(spec.options),
+        "pooling_mode": row.pooling_mode,
+    }

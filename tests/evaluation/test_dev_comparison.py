@@ -1,0 +1,238 @@
+"""The dev-set comparison (grace_st.evaluation.dev_comparison): rows, scoring and the command, on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from tiny_sts import PAIRS, write_dev_sets
+
+from grace_st.evaluation import dev_comparison as comparison
+from grace_st.evaluation.dev_comparison import (
+    DEV_SETS,
+    PROMPTEOL_ROW,
+    Row,
+    compare,
+    comparison_markdown,
+    comparison_rows,
+    load_dev_sets,
+    missing_features,
+    score_model,
+    set_readout,
+)
+from grace_st.factory import from_backbone
+from grace_st.readers import Pair
+from grace_st.scripts.compare_dev import main
+
+
+def _pairs(rows) -> list[Pair]:
+    return [Pair(a, b, float(s)) for a, b, s in rows]
+
+
+@pytest.fixture
+def fake_data(tmp_path):
+    return write_dev_sets(tmp_path / "data")
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+def test_score_model_matches_an_independent_computation(tiny_backbone_dir):
+    model = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
+    sets = {"one": _pairs(PAIRS), "two": _pairs(PAIRS[::-1][:5])}
+    result = score_model(model, sets, batch_size=4, resamples=200, seed=0)
+    for name, pairs in sets.items():  # each set scored on its own, from model.encode
+        a = model.encode([p.sentence1 for p in pairs], normalize_embeddings=True)
+        b = model.encode([p.sentence2 for p in pairs], normalize_embeddings=True)
+        expected = spearmanr((a * b).sum(axis=1), [p.score for p in pairs]).statistic
+        assert result["spearman"][name] == pytest.approx(expected, abs=1e-5)
+    assert result["mean"] == pytest.approx(np.mean(list(result["spearman"].values())))
+    assert result["texts"] == len({t for pairs in sets.values() for p in pairs for t in p[:2]})
+    assert result["copy_rate"] == pytest.approx(1.0) and result["finish_rate"] == 1.0  # echo copies the text
+    assert result["mean_length"] > 0 and result["seconds_per_text"] > 0
+    ci = result["ci95"]
+    assert ci["low"] <= result["mean"] <= ci["high"]
+
+
+def test_score_model_without_rationale_reports_none(tiny_backbone_dir):
+    model = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    result = score_model(model, {"s": _pairs(PAIRS)}, resamples=20)
+    assert result["copy_rate"] is None and result["finish_rate"] is None and result["mean_length"] is None
+    assert "–" in comparison_markdown({"sets": {"s": 6}, "rows": {"none": result}, "skipped": {}})
+
+
+def test_compare_rows_skips_missing_options_and_gives_paired_deltas(tiny_backbone_dir):
+    sets = {"s": _pairs(PAIRS)}
+    echo = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
+    none = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    rows = [
+        Row(PROMPTEOL_ROW, model=none),
+        Row("echo", model=echo),
+        Row("same as reference", model=none),
+        Row("future", model=none, needs=("no_such_option", "pooling_mode:no_such_mode")),
+        Row("not given", skip="no folder given"),
+    ]
+    saved = []
+    results = compare(rows, sets, resamples=100, on_row=lambda r: saved.append(len(r["rows"])))
+    assert saved == [1, 2, 3]
+    assert "no_such_option" in results["skipped"]["future"] and "future" not in results["rows"]
+    assert results["skipped"]["not given"] == "no folder given"
+    delta = results["rows"]["echo"]["delta_vs_promptEOL"]
+    assert delta["delta"] == pytest.approx(results["rows"]["echo"]["mean"] - results["rows"][PROMPTEOL_ROW]["mean"])
+    same = results["rows"]["same as reference"]["delta_vs_promptEOL"]
+    assert same["delta"] == 0 and same["low"] == 0 and same["high"] == 0  # paired resamples cancel exactly
+    assert "delta_vs_promptEOL" not in results["rows"][PROMPTEOL_ROW]
+    table = comparison_markdown(results)
+    assert "| future (skipped)" in table and "- future skipped: this grace_st lacks" in table and "| echo" in table
+    with pytest.raises(ValueError, match="distinct"):
+        compare([Row("a", model=none), Row("a", model=echo)], sets)
+
+
+def test_missing_features_reads_the_installed_module():
+    assert missing_features(["rationale_mode", "pooling_mode:mean", "pooling_mode:lasttoken"]) == []
+    assert missing_features(["nope", "pooling_mode:nope"]) == ["nope", "pooling_mode:nope"]
+
+
+def test_set_readout_switches_the_pooling_of_a_loaded_model(tiny_backbone_dir):
+    model = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
+    mean = model.encode(["A cat sleeps."])
+    set_readout(model, "lasttoken")
+    assert model[1].pooling_mode == "lasttoken"
+    assert not np.allclose(model.encode(["A cat sleeps."]), mean)
+    with pytest.raises(ValueError, match="pooling_mode='bogus'"):
+        set_readout(model, "bogus")
+
+
+# --------------------------------------------------------------------------------------------------------- rows
+def test_standard_rows_order_filter_and_trained_settings(tiny_backbone_dir, tmp_path):
+    rows = comparison_rows(tiny_backbone_dir)
+    assert [r.label for r in rows] == list(comparison.ROW_NAMES)
+    assert [r.skip is not None for r in rows] == [False] * 5 + [True] * 4
+    assert "--contrastive" in rows[5].skip and "--trained" in rows[6].skip
+    prompteol = rows[2]
+    options = dict(prompteol.spec.options)
+    assert options["prompt_template"] == 'This sentence : "{text}" means in one word:"'
+    assert options["chat_template"] is False and options["system_prompt"] == ""
+    assert prompteol.pooling_mode == "lasttoken"
+    assert dict(rows[3].spec.options)["max_new_tokens"] == 40
+    trained = tmp_path / "trained"
+    from_backbone(tiny_backbone_dir, system_prompt="Say what it means.", max_new_tokens=12, device="cpu").save(
+        str(trained)
+    )
+    folder = str(trained)
+    rows = comparison_rows(tiny_backbone_dir, trained=folder, contrastive=folder, trained_readout="lasttoken")
+    assert [r.label for r in rows] == list(comparison.ROW_NAMES) and not any(r.skip for r in rows)
+    untrained = dict(rows[3].spec.options)
+    assert untrained["system_prompt"] == "Say what it means." and untrained["max_new_tokens"] == 12
+    assert rows[-2].pooling_mode == "lasttoken" and rows[-3].pooling_mode == "mean"
+    ablation = rows[-1]  # the best readout with the rationale removed
+    assert ablation.pooling_mode == "lasttoken" and dict(ablation.spec.options) == {"rationale_mode": "none"}
+    assert [r.label for r in comparison_rows(tiny_backbone_dir, only=["echo"])] == ["echo"]
+    with pytest.raises(ValueError, match="Unknown row name"):
+        comparison_rows(tiny_backbone_dir, only=["PromptEOL2"])
+
+
+def test_prompteol_row_is_the_whole_prompt_last_token_state(tiny_backbone_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    row = comparison_rows(tiny_backbone_dir, only=[PROMPTEOL_ROW])[0]
+    model = comparison.build_row_model(row)
+    assert model[0].chat_template is False and model[1].pooling_mode == "lasttoken"
+    # Texts whose last character does not merge with the template's closing quote: the module tokenizes template and
+    # text apart (plain-text user tokens), the whole string would merge '."' into one token (prompteol_check measures
+    # what that costs on real data).
+    texts = ["A man is playing a guitar", 'He said "no" twice']
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_backbone_dir, dtype=torch.float32).eval()
+    for text, embedding in zip(texts, model.encode(texts, normalize_embeddings=True), strict=True):
+        inputs = tokenizer(f'This sentence : "{text}" means in one word:"', return_tensors="pt")
+        with torch.no_grad():
+            state = lm(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+        np.testing.assert_allclose(embedding, (state / state.norm()).numpy(), atol=1e-5)
+
+
+def test_summary_row_reads_out_after_the_suffix(tiny_backbone_dir):
+    labels = ["untrained GRACE (mean)", "untrained GRACE (summary)"]
+    mean, summary = (
+        comparison.build_row_model(row) for row in comparison_rows(tiny_backbone_dir, max_new_tokens=4, only=labels)
+    )
+    assert summary[1].pooling_mode == "summary" and summary[0].summary_suffix == comparison.DEFAULT_SUMMARY_SUFFIX
+    assert not np.allclose(mean.encode(["A dog runs."]), summary.encode(["A dog runs."]))
+
+
+def test_trained_rows_switch_the_readout_of_a_folder(tiny_backbone_dir, tmp_path):
+    trained = tmp_path / "trained"
+    from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu").save(str(trained))
+    rows = comparison_rows(tiny_backbone_dir, trained=str(trained), trained_readout="lasttoken")[-3:-1]
+    mean_model, readout_model = (comparison.build_row_model(row) for row in rows)
+    assert mean_model[1].pooling_mode == "mean" and readout_model[1].pooling_mode == "lasttoken"
+    assert not np.allclose(mean_model.encode(["A dog runs."]), readout_model.encode(["A dog runs."]))
+
+
+# --------------------------------------------------------------------------------------------------------- data
+def test_load_dev_sets_reads_the_five_real_sets(shared_data):
+    sets = load_dev_sets(shared_data, limit=100)
+    assert list(sets) == [name for name, _ in DEV_SETS]
+    assert all(len(pairs) == 100 for pairs in sets.values())
+    first = sets["SICK trial"][0]
+    assert first.sentence1.startswith("The young boys are playing outdoors") and first.score == 3.6
+    assert sets["STS13 headlines"][0].sentence1 == "Drug lord captured by marines in Mexico"
+    with pytest.raises(ValueError, match="limit=1"):
+        load_dev_sets(shared_data, limit=1)
+
+
+def test_load_dev_sets_names_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dev_sets(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------------------ command
+def test_main_writes_table_and_json_and_refuses_to_overwrite(tiny_backbone_dir, fake_data, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--backbone", tiny_backbone_dir, "--rows", "no rationale", "echo", "--limit", "5"]
+    argv += ["--data-dir", str(fake_data), "--out", str(out), "--bootstrap", "50"]
+    report = main(argv)
+    saved = json.loads((out / "comparison.json").read_text())
+    assert list(saved["rows"]) == ["no rationale", "echo"]
+    assert saved["sets"] == {name: 5 for name, _ in DEV_SETS}
+    assert saved["rows"]["echo"]["mean"] == pytest.approx(report["rows"]["echo"]["mean"])
+    assert len(saved["rows"]["echo"]["cosines"]["STS13 OnWN"]) == 5
+    table = (out / "comparison.md").read_text()
+    assert "| echo" in table and "STS12 MSRpar" in table and "95% CI" in table
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(argv)
+    main([*argv, "--overwrite"])
+
+
+def test_general_check_compares_each_lm_with_the_base(tiny_backbone_dir, tiny_backbone_copy, fake_data):
+    report = comparison.general_check({"same LM": tiny_backbone_copy}, tiny_backbone_dir, data_dir=fake_data)
+    base, same = report["models"]["untrained"], report["models"]["same LM"]
+    assert report["held_out_texts"] == len({a for a, _, _ in PAIRS}) and report["questions"] > 0
+    assert same["perplexity"] == pytest.approx(base["perplexity"], rel=1e-5) and same["perplexity_ratio"] == 1.0
+    assert same["mc_right_delta"] == 0 and "same LM" in report["table"]
+
+
+def test_main_with_general_check(tiny_backbone_dir, tiny_backbone_copy, fake_data, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--backbone", tiny_backbone_dir, "--contrastive", tiny_backbone_copy, "--rows", "+CL (equal budget)"]
+    argv += ["--limit", "4", "--data-dir", str(fake_data), "--out", str(out), "--bootstrap", "20", "--general"]
+    report = main(argv)
+    saved = json.loads((out / "comparison.json").read_text())
+    assert list(saved["rows"]) == ["+CL (equal budget)"]
+    assert set(saved["general"]["models"]) == {"untrained", "+CL"}
+    table = (out / "comparison.md").read_text()
+    assert table == report["table"] and "General abilities" in table
+
+
+def test_readouts_of_one_model_share_one_generation_and_equal_separate_scoring(tiny_backbone_dir):
+    labels = ["untrained GRACE (mean)", "untrained GRACE (summary)"]
+    rows = comparison_rows(tiny_backbone_dir, max_new_tokens=4, only=labels)
+    sets = {"a": _pairs(PAIRS), "b": _pairs(PAIRS[::-1])}
+    shared = comparison.compare(rows, sets, resamples=20)["rows"]
+    assert shared[labels[0]]["shared_generation_with"] == [labels[1]]
+    for row in rows:  # each row alone: its own model and generation
+        alone = comparison.score_model(comparison.build_row_model(row), sets, resamples=20)
+        assert np.allclose(shared[row.label]["cosines"]["a"], alone["cosines"]["a"], atol=1e-5)
+        assert shared[row.label]["mean"] == pytest.approx(alone["mean"], abs=1e-6)
+    assert shared[labels[0]]["mean"] != pytest.approx(shared[labels[1]]["mean"], abs=1e-3)

@@ -1,0 +1,58 @@
+"""experiments/k_curve.py: the num_rationales curve over the library's dev-set scoring, on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+from tiny_sts import PAIRS, write_dev_sets
+
+from grace_st.evaluation.dev_comparison import Row, build_row_model, comparison_rows, score_model
+from grace_st.readers import Pair
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "k_curve.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("k_curve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+k_curve_script = _load_script()
+
+
+def _pairs(rows) -> list[Pair]:
+    return [Pair(a, b, float(s)) for a, b, s in rows]
+
+
+def test_k_curve_k1_is_the_greedy_untrained_row(tiny_backbone_dir):
+    spec = comparison_rows(tiny_backbone_dir, max_new_tokens=4)[3].spec
+    sets = {"s": _pairs(PAIRS)}
+    (point,) = k_curve_script.k_curve(spec, sets, ks=(1,), resamples=50)
+    direct = score_model(build_row_model(Row("k1", spec)), sets, resamples=50)
+    assert point["k"] == 1 and point["decoding"] == "greedy" and point["pairs_per_set"] == {"s": 6}
+    assert point["mean"] == pytest.approx(direct["mean"], abs=1e-6) and point["seconds_per_text"] > 0
+    assert re.search(r"\| 1 \| +greedy \|", k_curve_script.k_curve_markdown([point]))
+    with pytest.raises(ValueError, match="k=0"):
+        k_curve_script.k_curve(spec, sets, ks=(0,))
+
+
+def test_k_curve_samples_k_rationales(tiny_backbone_dir):
+    spec = comparison_rows(tiny_backbone_dir, max_new_tokens=4)[3].spec
+    points = k_curve_script.k_curve(spec, {"s": _pairs(PAIRS)}, ks=(1, 2), resamples=20)
+    assert [p["decoding"] for p in points] == ["greedy", "sampled"]
+    assert points[1]["seconds_per_text"] > points[0]["seconds_per_text"]
+
+
+def test_command_writes_the_curve(tiny_backbone_dir, tmp_path):
+    data, out = write_dev_sets(tmp_path / "data"), tmp_path / "out"
+    argv = ["--backbone", tiny_backbone_dir, "--k", "1", "--limit", "3", "--max-new-tokens", "4"]
+    report = k_curve_script.main(argv + ["--data-dir", str(data), "--out", str(out), "--bootstrap", "20"])
+    saved = json.loads((out / "k_curve.json").read_text())
+    assert [p["k"] for p in saved["k_curve"]] == [1] and saved["k_curve"][0]["pairs_per_set"]["SICK trial"] == 3
+    assert (out / "k_curve.md").read_text() == report["table"] and "num_rationales curve" in report["table"]
