@@ -91,16 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     dev_sets = load_dev_sets(args.data_dir, args.limit)
-    rows = comparison_rows(
-        args.backbone,
-        trained=args.trained,
-        trained_readout=args.trained_readout,
-        contrastive=args.contrastive,
-        max_new_tokens=args.max_new_tokens,
-        system_prompt=args.system_prompt,
-        summary_suffix=args.summary_suffix,
-        only=args.rows,
-    )
+    # The flags named as comparison_rows names its arguments.
+    settings = ("trained", "trained_readout", "contrastive", "max_new_tokens", "system_prompt", "summary_suffix")
+    rows = comparison_rows(args.backbone, only=args.rows, **{name: getattr(args, name) for name in settings})
     report: dict[str, Any] = {
         "command": ["eval/compare_dev.py", *(argv if argv is not None else sys.argv[1:])],
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs",

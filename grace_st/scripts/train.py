@@ -61,7 +61,7 @@ def run_training(training_args, model_args, data_args, resume_from_checkpoint=No
     """Load data and model as the three parsed configs say, train, and save the GRACE model.
 
     Args:
-        training_args: a :class:`GraceGRPOConfig`.
+        training_args: a :class:`grace_st.training.config.GraceGRPOConfig`.
         model_args: a ``trl.ModelConfig`` (``model_name_or_path``; None or ``"default"`` is the embedded default
             backbone; ``dtype``; ``use_peft`` and the ``lora_*`` options).
         data_args: a :class:`grace_st.training.config.GraceDataArguments`.

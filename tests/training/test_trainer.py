@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from tiny_training import TINY_CPU_SETTINGS
 from transformers import TrainerCallback
 
 import grace_st
@@ -23,7 +24,8 @@ from grace_st.factory import build_grace_model
 from grace_st.model import RationaleBatch
 from grace_st.training.checkpoints import CHECKPOINT_COMPLETE_FILE, last_complete_checkpoint
 from grace_st.training.config import GraceGRPOConfig
-from grace_st.training.trainer import GraceGRPOTrainer, GraceRollouts, base_model_info
+from grace_st.training.provenance import base_model_info
+from grace_st.training.trainer import GraceGRPOTrainer, GraceRollouts
 
 TERMS = ("grace/contrastive", "grace/consistency", "grace/hard_negative", "grace/copy_penalty")
 DIAGNOSTICS = (
@@ -64,21 +66,14 @@ def records(groups=(0, 1), group_size: int = 2) -> list[dict]:
 
 def make_args(tmp_path, **overrides) -> GraceGRPOConfig:
     options = dict(
+        TINY_CPU_SETTINGS,
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=4,
-        num_generations=2,
         max_completion_length=8,
         max_steps=2,
         learning_rate=5e-2,
-        report_to="none",
         logging_steps=1,
-        save_strategy="no",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        truncation_penalty=None,  # random tiny models rarely stop: keep the reward informative
         seed=0,
-        disable_tqdm=True,
     )
     options.update(overrides)
     return GraceGRPOConfig(**options)
@@ -672,7 +667,7 @@ def test_base_model_of_the_default_backbone(default_backbone_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------- two processes
-TWO_PROCESS_SCRIPT = Path(__file__).with_name("two_process_train.py")
+TWO_PROCESS_SCRIPT = Path(__file__).resolve().parents[1] / "two_process_train.py"
 
 
 def test_two_processes_share_in_batch_negatives(tiny_backbone_dir, tmp_path):

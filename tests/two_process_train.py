@@ -1,7 +1,7 @@
 """Helper of tests/training/test_trainer.py, run under `accelerate launch --num_processes 2 --cpu` (gloo).
 
 Usage:
-    accelerate launch --multi_gpu --num_processes 2 tests/training/two_process_train.py TINY_BACKBONE_DIR OUT_DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/two_process_train.py TINY_BACKBONE_DIR OUT_DIR
     (CPU processes: the config sets use_cpu=True, so torch.distributed runs on gloo)
 
 Trains one GRACE step with one group per process and saves, per rank, the local rollout embeddings and what the reward
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from tiny_training import TINY_CPU_SETTINGS
 
 import grace_st.training.trainer as trainer_module
 from grace_st.training.config import GraceGRPOConfig
@@ -52,19 +53,12 @@ def main() -> None:
         }
     )
     args = GraceGRPOConfig(
+        **TINY_CPU_SETTINGS,
         output_dir=str(out / "run"),
         per_device_train_batch_size=2,
-        num_generations=2,
         max_completion_length=6,
         max_steps=1,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        truncation_penalty=None,
         shuffle_dataset=False,
-        disable_tqdm=True,
     )
     trainer = RecordingTrainer(backbone, args, train_dataset=dataset)
     trainer.train()
