@@ -12,7 +12,7 @@ from grace_st.engine import decode_stream
 def test_decode_stream_arguments_are_checked(tiny_backbone_dir):
     module = tiny_grace_model(tiny_backbone_dir)[0]
     with pytest.raises(ValueError, match="at least one token"):
-        next(decode_stream(module.model, [1, 2], [[3], []], 4, [2], 2, batch_size=2))
+        next(decode_stream(module.model, [1], [[3], []], 4, [2], 2, batch_size=2))  # "" needs a prefix of two
     with pytest.raises(ValueError, match="batch_size=0"):
         next(decode_stream(module.model, [1, 2], [[3]], 4, [2], 2, batch_size=0))
     with pytest.raises(ValueError, match="refill_at=2"):
