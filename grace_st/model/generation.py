@@ -113,12 +113,10 @@ class RationaleWriter:
         suffix). ``seeds``: one sampling seed per row (:meth:`text_seeds`). ``generate_kwargs`` override
         :meth:`generation_kwargs` (e.g. ``temperature`` in training)."""
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
-        if self.rationale_mode == "none":
-            empty = input_ids.new_zeros((input_ids.shape[0], 0))
-            return RationaleBatch(empty, empty.clone(), torch.zeros(input_ids.shape[0], dtype=torch.bool))
-        if self.rationale_mode == "echo":
-            ones = torch.ones(input_ids.shape[0], dtype=torch.bool)
-            return RationaleBatch(features["echo_ids"], features["echo_mask"], ones)
+        if self.rationale_mode != "generate":  # "echo": the text again; "none": no rationale
+            echo, none = self.rationale_mode == "echo", input_ids.new_zeros((input_ids.shape[0], 0))
+            ids, mask = (features["echo_ids"], features["echo_mask"]) if echo else (none, none.clone())
+            return RationaleBatch(ids, mask, torch.full((input_ids.shape[0],), echo, dtype=torch.bool))
         kwargs = {**self.generation_kwargs(), **generate_kwargs}
         if self.generation_backend is not None:
             if seeds is not None:

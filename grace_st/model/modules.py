@@ -24,6 +24,7 @@ from .options import (
     TRANSFORMER_RULES,
     check_combination,
     check_option,
+    check_prompts,
     check_texts,
     is_real,
 )
@@ -194,13 +195,15 @@ class Transformer(RationaleWriter, InputModule):
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Any]:
         """Left-padded chat prompts (``input_ids``, ``attention_mask``, ``text_start``; ``echo_ids``/``echo_mask``) of
         a batch of texts; a sentence-transformers ``prompt`` is prepended to each text (part of the pooled span)."""
-        ids = self._tokenize([(prompt or "") + text for text in check_texts(inputs, name="length-sorted batch")])
+        texts = [(prompt or "") + text for text in check_texts(inputs, name="length-sorted batch")]
+        ids = self._tokenize(texts)
         if n_long := sum(len(row) > self.max_input_tokens for row in ids):
             message = "%d of %d texts were longer than max_input_tokens=%d and were truncated."
             logger.warning(message, n_long, len(ids), self.max_input_tokens)
         ids = [row[: self.max_input_tokens] for row in ids]
         before, after = self.template_pieces()
         rows = [before + row + after for row in ids]
+        check_prompts(rows, texts, name="length-sorted batch")
         input_ids, attention_mask = pad_rows(rows, self.tokenizer.pad_token_id, left=True)
         text_start = torch.tensor([input_ids.shape[1] - len(row) + len(before) for row in rows], dtype=torch.long)
         features = {"input_ids": input_ids, "attention_mask": attention_mask, "text_start": text_start}
