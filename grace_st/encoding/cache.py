@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import uuid
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from grace_st.model import __version__
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "grace-embedding-cache-2"  # part of every key: entries of another format are never read
+CACHE_FORMAT = "grace-embedding-cache-3"  # part of every key: entries of another format are never read
 
 
 @dataclass
@@ -35,28 +34,21 @@ class CacheEntry:
     finished: bool | list[bool]
 
 
-_WEIGHTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
-
-
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer of ``model`` (names, dtypes, shapes, bytes).
+    """Hash of every parameter and buffer of ``model`` (names, dtypes, shapes, bytes), read in full at every call.
 
-    Hashing all weights is slow for large models, so the hash is kept per model object and recomputed only when a
-    tensor was replaced, moved or changed in place: the probe compares each tensor's storage address and its in-place
-    version counter (``Tensor._version``, bumped by ``mul_``, ``copy_``, optimizer steps and ``load_state_dict``).
+    There is no shortcut: an in-place edit through ``.data`` (EMA, peft's ``merge_adapter``, hand edits) bumps no
+    version counter and keeps the storage, so only the bytes tell. Cost: about 0.7 s per GB of weights (blake2b on one
+    CPU core; SmolLM2-135M in float32 is 0.65 GB). A tensor held under several names (tied embeddings) is read once.
     """
-    tensors = model.state_dict(keep_vars=True)
-    probe = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for name, t in tensors.items())
-    known = _WEIGHTS.get(model)
-    if known is not None and known[0] == probe:
-        return known[1]
-    digest = hashlib.blake2b(digest_size=20)
-    for name, tensor in sorted(tensors.items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        data = tensor.detach().cpu().contiguous().reshape(-1)  # reshape: 0-dim tensors (per-tensor scales) too
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    _WEIGHTS[model] = (probe, digest.hexdigest())
-    return _WEIGHTS[model][1]
+    digest, seen = hashlib.blake2b(digest_size=20), {}
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        where = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), str(tensor.device))
+        if where not in seen:
+            data = tensor.detach().cpu().contiguous().reshape(-1)  # reshape: 0-dim tensors (per-tensor scales) too
+            seen[where] = hashlib.blake2b(data.view(torch.uint8).numpy(), digest_size=20).hexdigest()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{seen[where]}".encode())
+    return digest.hexdigest()
 
 
 def cache_keys(model, texts: list[str], prompt: str | None) -> list[str]:
@@ -94,8 +86,9 @@ class EmbeddingCache:
     """On-disk cache of :class:`CacheEntry` rows, one small file per key (see :func:`cache_keys`).
 
     Entries are written atomically (temporary file + rename) with a checksum and the umask's permissions, so several
-    processes and users may share a folder. A corrupt entry, or one of the wrong shape or dtype, is recomputed and
-    rewritten, never returned. A failed write removes its temporary file, warns once and leaves the result intact.
+    processes and users may share a folder. Each entry records its own key. A corrupt entry, one of the wrong shape or
+    dtype, or one that records another key (a file copied or moved) is recomputed and rewritten, never returned. A
+    failed write removes its temporary file, warns once and leaves the result intact.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -106,7 +99,8 @@ class EmbeddingCache:
         return self.folder / key[:2] / f"{key}.npz"
 
     def get(self, key: str, dim: int | None = None) -> CacheEntry | None:
-        """The entry of ``key``, or None when it is absent, corrupt or not a ``(dim,)`` float32 embedding."""
+        """The entry of ``key``, or None when it is absent, corrupt, of another key or not a ``(dim,)`` float32
+        embedding."""
         try:
             blob = self.path(key).read_bytes()
         except OSError:
@@ -116,7 +110,9 @@ class EmbeddingCache:
             if hashlib.blake2b(payload, digest_size=16).digest() != digest:
                 raise ValueError("checksum mismatch")
             with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-                entry = CacheEntry(data["embedding"], data["ids"], data["finished"])
+                entry, stored = CacheEntry(data["embedding"], data["ids"], data["finished"]), str(data["key"])
+            if stored != key:
+                raise ValueError(f"it holds the entry of key {stored[:80]!r}")
             ok = entry.embedding.dtype == np.float32 and entry.embedding.ndim == 1
             ok = ok and (dim is None or entry.embedding.shape == (dim,)) and entry.ids.ndim == 1
             if not (
@@ -132,7 +128,7 @@ class EmbeddingCache:
     def put(self, key: str, entry: CacheEntry) -> bool:
         """Write ``entry``; returns False (after one warning per cache) when the folder cannot be written."""
         buffer = io.BytesIO()
-        np.savez(buffer, embedding=entry.embedding, ids=entry.ids, finished=np.bool_(entry.finished))
+        np.savez(buffer, key=np.str_(key), embedding=entry.embedding, ids=entry.ids, finished=np.bool_(entry.finished))
         payload = buffer.getvalue()
         path = self.path(key)
         tmp = path.parent / f".tmp-{uuid.uuid4().hex}"

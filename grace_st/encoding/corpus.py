@@ -32,7 +32,7 @@ import torch
 from sentence_transformers.base.modules import Normalize
 
 from grace_st.encoding.cache import CacheEntry, EmbeddingCache, cache_keys
-from grace_st.model.options import check_texts
+from grace_st.model.options import check_prompts, check_texts
 from grace_st.model_kind import is_grace_model
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def encode_corpus(
     if cache_dir is not None and not is_grace:
         raise ValueError(f"cache_dir needs a GRACE model; the first module is {type(module).__name__}.")
     prompt = resolve_prompt(model, prompt, prompt_name)
+    if is_grace and not any(module.template_pieces()):  # "" could leave an empty prompt: name it in the caller's list
+        check_prompts(module.text_token_ids([(prompt or "") + text for text in texts]), texts)
     k = getattr(module, "num_rationales", 1) if is_grace else 1
     if cache_dir is not None and k > 1:
         raise ValueError(f"cache_dir is not supported with num_rationales={k} > 1; encode without a cache.")

@@ -50,8 +50,11 @@ def unsupported_reason(module: Any) -> str | None:
         module: a GRACE ``Transformer`` (the installed class or a saved model's copy of it).
     """
     reason = cache_api_reason()
-    if reason is None and not module.template_pieces()[0]:
+    before, after = module.template_pieces()
+    if reason is None and not before:
         reason = "the prompt has no prefix shared by every text"
+    elif reason is None and len(before) == 1 and not after:  # then "" leaves no prompt token of its own
+        reason = "the prompt's shared prefix is a single token and no token follows the text"
     return reason or model_unsupported_reason(module.model)
 
 

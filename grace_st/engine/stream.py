@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -18,9 +20,22 @@ from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from grace_st.engine.cache import SpareLayer, spare_cache
 from grace_st.engine.cpu import cpu_kernels
-from grace_st.model.generation import pad_rows
+from grace_st.model.generation import hook_outputs, pad_rows
 
 logger = logging.getLogger(__name__)
+
+# Columns the rationale buffers and the KV cache grow by (at most max_new_tokens): memory follows the rationales
+# actually written, not the limit.
+GROW_COLUMNS = 64
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The lock that serialises the engine's decode loops on one model: while a loop runs, the CPU weight layout and
+    the packed linears (:mod:`~grace_st.engine.cpu`) patch the model's shared modules."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 
 
 def check_suffix_ids(suffix_ids: Any, batch: int, vocab_size: int | None = None) -> list[list[int]]:
@@ -134,8 +149,8 @@ def decode_stream(
     Args:
         model: a causal LM for which :func:`~grace_st.engine.decode.unsupported_reason` is None, in eval mode.
         prefix_ids: the prompt prefix every row shares (at least one token).
-        own_ids: each row's own prompt tokens after the prefix (at least one token each). Process them longest first
-            to keep prefill padding small.
+        own_ids: each row's own prompt tokens after the prefix (none: the row writes right after the prefix, which
+            then needs two tokens at least). Process them longest first to keep prefill padding small.
         max_new_tokens: rationale length limit.
         eos_token_ids: ids that end a rationale (empty: every rationale has ``max_new_tokens`` tokens).
         pad_token_id: fills padding.
@@ -159,9 +174,15 @@ def decode_stream(
             for the whole batch per step.
 
     Returns:
-        A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook and to
-        put back the weights' layout and ``forward`` methods (values and results are the same meanwhile).
+        A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook, to put
+        back the weights' layout and ``forward`` methods (values and results are the same meanwhile) and to release
+        the model's lock (:func:`model_lock`: decode loops on one model take turns, from any thread). The rationale
+        buffers and the KV cache grow by :data:`GROW_COLUMNS` columns as rationales get longer.
     """
+    if len(prefix_ids) > 1 and any(len(row) == 0 for row in own_ids):
+        # A row without tokens of its own ("" under a template ending with {text}) writes right after the prefix: the
+        # prefix's last token becomes every row's first own token (the same prompts, the same results).
+        prefix_ids, own_ids = prefix_ids[:-1], [prefix_ids[-1:] + row for row in own_ids]
     if not prefix_ids or any(len(row) == 0 for row in own_ids):
         raise ValueError("decode_stream: the prefix and every row's own tokens need at least one token.")
     if batch_size < 1:
@@ -183,7 +204,7 @@ def decode_stream(
     last_only = {"logits_to_keep": 1} if keeps else {}
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     prefix_len = len(prefix_ids)
-    captured: list[torch.Tensor] = []
+    grow = min(GROW_COLUMNS, max_new_tokens)
 
     @torch.no_grad()
     def prefill(group: list[int]) -> _Prefilled:
@@ -230,8 +251,9 @@ def decode_stream(
 
     layout = contextlib.ExitStack()
     try:
+        layout.enter_context(model_lock(model))
         layout.enter_context(cpu_kernels(model, min(batch_size, len(own_ids))))
-        hook = model.get_decoder().norm.register_forward_hook(lambda module, args, output: captured.append(output))
+        captured, hook = hook_outputs(model.get_decoder().norm)  # this call's states only
         layout.callback(hook.remove)
         # Grad mode is set around each forward, never across a yield: a suspended generator must not change the
         # caller's mode (nor restore a stale one when it is closed later).
@@ -287,7 +309,7 @@ def decode_stream(
                     mask, columns = mask[:, live], live.nonzero().squeeze(1)
                     kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in kept]
                 # With a refill the kept rows go straight into the joined cache below.
-                cache = None if refill else _joined_cache([kept], mask.shape[1], max_new_tokens)
+                cache = None if refill else _joined_cache([kept], mask.shape[1], grow)
                 n_rows = len(rows)
             if n_rows == 0 and not waiting:
                 break
@@ -307,7 +329,7 @@ def decode_stream(
                 groups = ([kept] if n_rows else []) + [part.kv for part in parts]
                 masks = ([mask] if n_rows else []) + [part.mask for part in parts]
                 width = max(m.shape[1] for m in masks)
-                cache = _joined_cache(groups, width, max_new_tokens)
+                cache = _joined_cache(groups, width, grow)
                 mask = torch.cat([_left_pad(m, width) for m in masks], dim=0)
                 k = sum(len(part.rows) for part in parts)
                 own_states = own_states + [state for part in parts for state in part.own_states]
@@ -317,10 +339,16 @@ def decode_stream(
                 start = torch.cat(([start] if n_rows else []) + [part.position for part in parts])
                 alive = torch.cat(([alive] if n_rows else []) + [torch.ones(k, dtype=torch.bool, device=device)])
                 length = torch.cat(([length] if n_rows else []) + [torch.zeros(k, dtype=torch.long, device=device)])
-                new_generated = torch.full((k, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+                columns = generated.shape[1] if n_rows else grow
+                new_generated = torch.full((k, columns), pad_token_id, dtype=torch.long, device=device)
                 generated = torch.cat(([generated] if n_rows else []) + [new_generated])
-                new_states = prefix_states.new_zeros(k, max_new_tokens, prefix_states.shape[-1])
+                new_states = prefix_states.new_zeros(k, columns, prefix_states.shape[-1])
                 gen_states = torch.cat(([gen_states] if n_rows else []) + [new_states])
+            if int((length * alive).max()) == generated.shape[1]:  # a writing row has filled its columns
+                generated = torch.cat([generated, generated.new_full((len(rows), grow), pad_token_id)], dim=1)
+                gen_states = torch.cat(
+                    [gen_states, gen_states.new_zeros(len(rows), grow, gen_states.shape[-1])], dim=1
+                )
             # One decode step for every batch row (finished rows ride along, fed padding that no row attends to: their
             # cache rows stay as they were when they finished, for their suffix).
             token = choose(logits, rows, alive).masked_fill(~alive, pad_token_id)

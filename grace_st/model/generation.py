@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +23,8 @@ ENGINE_API_VERSION = 1
 
 @dataclass
 class RationaleBatch:
-    """Rationales of one batch, right-padded: ``ids`` ``(batch, R)``, ``mask`` (rationale tokens, the closing EOS
-    included), ``finished`` ``(batch,)`` (ended with an EOS), the last-layer ``states`` ``(batch, P + R, hidden)`` over
-    prompt + rationale if kept, and ``suffix_states`` ``(batch, hidden)`` of each row's last summary-suffix token."""
+    """Rationales of one batch, right-padded: ``ids`` ``(batch, R)``, ``mask`` (the closing EOS included), ``finished``
+    (ended with an EOS), last-layer ``states`` ``(batch, P + R, hidden)`` if kept, ``suffix_states`` (summary)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -57,10 +57,9 @@ def rationale_mask(generated: torch.Tensor, eos_token_ids: Sequence[int]) -> tup
 
 
 class RationaleWriter:
-    """Mixin of :class:`grace_st.Transformer` that writes rationales (reads ``model``, ``tokenizer``, options).
-    Runtime settings (not saved): ``generation_backend`` (a :class:`GenerationBackend`; None = transformers),
-    ``decode_path`` (``"engine"`` or ``"generate"``) and ``decode_counts`` (a dict the engine adds its work counts to).
-    """
+    """Mixin of :class:`grace_st.Transformer` that writes rationales (reads ``model``, ``tokenizer``, options). Runtime
+    settings (not saved): ``generation_backend`` (a :class:`GenerationBackend`; None = transformers), ``decode_path``
+    (``"engine"`` or ``"generate"``) and ``decode_counts`` (a dict the engine adds its work counts to)."""
 
     engine_api_version = ENGINE_API_VERSION  # what this code expects of an installed grace_st.engine
 
@@ -84,8 +83,8 @@ class RationaleWriter:
     def generation_backend(self, backend: GenerationBackend | None) -> None:
         if backend is not None and not callable(getattr(backend, "generate", None)):
             raise ValueError(
-                f"generation_backend={backend!r} is not allowed: use None (transformers) or an object with a "
-                "generate(module, features, **generate_kwargs) method, e.g. grace_st.vllm_backend.VLLMBackend()."
+                f"generation_backend={backend!r} is not allowed: use None (transformers) or an object with a generate("
+                "module, features, **generate_kwargs) method, e.g. grace_st.vllm_backend.VLLMBackend()."
             )
         self._generation_backend = backend
 
@@ -100,18 +99,11 @@ class RationaleWriter:
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Arguments for ``model.generate`` built from the module's saved decoding settings."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "eos_token_id": self.eos_token_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "repetition_penalty": self.repetition_penalty,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        else:  # unset the backbone's sampling defaults so greedy decoding does not warn about them
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, eos_token_id=self.eos_token_ids)
+        kwargs.update(pad_token_id=self.tokenizer.pad_token_id, repetition_penalty=self.repetition_penalty)
+        # Greedy: unset the backbone's sampling defaults so that generate does not warn about them.
+        sampling = (self.temperature, self.top_p, self.top_k) if self.do_sample else (None, None, None)
+        return {**kwargs, **dict(zip(("temperature", "top_p", "top_k"), sampling, strict=True))}
 
     def generate_rationales(
         self, features: dict[str, Any], with_states: bool = False, seeds: list[int] | None = None, **generate_kwargs
@@ -121,12 +113,10 @@ class RationaleWriter:
         suffix). ``seeds``: one sampling seed per row (:meth:`text_seeds`). ``generate_kwargs`` override
         :meth:`generation_kwargs` (e.g. ``temperature`` in training)."""
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
-        if self.rationale_mode == "none":
-            empty = input_ids.new_zeros((input_ids.shape[0], 0))
-            return RationaleBatch(empty, empty.clone(), torch.zeros(input_ids.shape[0], dtype=torch.bool))
-        if self.rationale_mode == "echo":
-            ones = torch.ones(input_ids.shape[0], dtype=torch.bool)
-            return RationaleBatch(features["echo_ids"], features["echo_mask"], ones)
+        if self.rationale_mode != "generate":  # "echo": the text again; "none": no rationale
+            echo, none = self.rationale_mode == "echo", input_ids.new_zeros((input_ids.shape[0], 0))
+            ids, mask = (features["echo_ids"], features["echo_mask"]) if echo else (none, none.clone())
+            return RationaleBatch(ids, mask, torch.full((input_ids.shape[0],), echo, dtype=torch.bool))
         kwargs = {**self.generation_kwargs(), **generate_kwargs}
         if self.generation_backend is not None:
             if seeds is not None:
@@ -151,9 +141,8 @@ class RationaleWriter:
         return batch
 
     def decode_engine(self, generate_kwargs: dict[str, Any]) -> Any:
-        """The installed ``grace_st.engine`` when it can write these rationales, else None (the reference path). Not
-        installed, another ``API_VERSION``, failing to import or its ``unsupported_reason`` warn once per reason;
-        ``unsupported_arguments`` (of this call) does not. Never raises."""
+        """The installed ``grace_st.engine`` if it can write these rationales, else None (reference path; warns once
+        per reason, but not for ``unsupported_arguments``: the call's choice). Never raises."""
         try:
             engine = importlib.import_module("grace_st.engine")
             version = getattr(engine, "API_VERSION", None)
@@ -190,10 +179,13 @@ class RationaleWriter:
             finished = (is_eos & mask.bool()).any(dim=1).cpu()
         return RationaleBatch(generated.masked_fill(mask == 0, self.tokenizer.pad_token_id), mask, finished)
 
-    def decode_rationale(self, item: dict[str, Any]) -> str:
-        """Rationale text of an item of ``encode(texts, output_value=None)``: ``model[0].decode_rationale(item)``."""
-        ids = item["rationale_ids"][item["rationale_mask"].bool()].tolist()
-        return self.decode_ids(ids, bool(item["rationale_finished"]))
+    def decode_rationale(self, item: dict[str, Any]) -> str | list[str]:
+        """Rationale text of an item of ``encode(texts, output_value=None)``: ``model[0].decode_rationale(item)`` (with
+        ``num_rationales=k``: the list of the k texts)."""
+        ids, mask, done = (item[key] for key in ("rationale_ids", "rationale_mask", "rationale_finished"))
+        if ids.dim() == 2:
+            return [self.decode_ids(i[m.bool()].tolist(), bool(f)) for i, m, f in zip(ids, mask, done, strict=True)]
+        return self.decode_ids(ids[mask.bool()].tolist(), bool(done))
 
     def decode_ids(self, ids: list[int], finished: bool = False) -> str:
         """Text of rationale token ids (``finished``: the last id is the closing EOS, left out; special tokens too)."""
@@ -213,12 +205,18 @@ def pad_rows(rows: Any, pad: int, left: bool = False) -> tuple[torch.Tensor, tor
     """``(ids, mask)`` of id rows of different lengths, right-padded with ``pad`` (``left``: left-padded)."""
     width = max((len(row) for row in rows), default=0)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
         span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, span] = 1
+        ids[i, span], mask[i, span] = torch.tensor(list(row), dtype=torch.long), 1
     return ids, mask
+
+
+def hook_outputs(module: torch.nn.Module) -> tuple[list[torch.Tensor], Any]:
+    """``(captured, handle)``: ``module``'s outputs in this thread's forwards (not another call's) until removed."""
+    captured, me = [], threading.get_ident()
+    record = lambda m, a, out: captured.append(out) if threading.get_ident() == me else None  # noqa: E731
+    return captured, module.register_forward_hook(record)
 
 
 def generate_with_states(
@@ -260,23 +258,16 @@ def generate_with_states(
         return out[:, input_ids.shape[1] :], None
     norm = getattr(model.get_decoder(), "norm", None)
     hidden = not isinstance(norm, torch.nn.Module)  # no final norm to hook: every layer's states (more memory)
-    captured: list[torch.Tensor] = []
-    handle = None if hidden else norm.register_forward_hook(lambda module, args, output: captured.append(output))
+    captured, handle = ([], None) if hidden else hook_outputs(norm)
     kwargs = {**generate_kwargs, "return_dict_in_generate": True, "output_hidden_states": hidden}
     try:
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             generated = out.sequences[:, input_ids.shape[1] :]
             full_mask = torch.cat([attention_mask, torch.ones_like(generated)], dim=1)
-            last = model(
-                input_ids=generated[:, -1:],
-                attention_mask=full_mask,
-                position_ids=full_mask.sum(dim=1, keepdim=True) - 1,
-                cache=out.cache,
-                cache_position=torch.tensor([full_mask.shape[1] - 1], device=full_mask.device),
-                use_cache=True,
-                output_hidden_states=hidden,
-            )
+            step = dict(position_ids=full_mask.sum(dim=1, keepdim=True) - 1, cache=out.cache, use_cache=True)
+            step["cache_position"] = torch.tensor([full_mask.shape[1] - 1], device=full_mask.device)
+            last = model(input_ids=generated[:, -1:], attention_mask=full_mask, output_hidden_states=hidden, **step)
     finally:
         if handle is not None:
             handle.remove()

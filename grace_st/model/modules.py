@@ -1,7 +1,6 @@
 """GRACE modules ``[Transformer, RationalePooling, Normalize]``: the LM writes a rationale per text; the embedding is
-the mean of its last-layer states over user text + rationale. A saved model carries this package's files as its own
-code (:data:`CORE_FILES`; this file as ``grace_st.py``): standard library, torch, public transformers and
-sentence-transformers API only, so it loads with ``trust_remote_code=True`` where grace_st is not installed."""
+the mean of its last-layer states over user text + rationale. A saved model carries this package's files as its code
+(:data:`CORE_FILES`; this file as ``grace_st.py``) and loads with ``trust_remote_code=True`` without grace_st."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -24,11 +24,12 @@ from .options import (
     TRANSFORMER_RULES,
     check_combination,
     check_option,
+    check_prompts,
     check_texts,
     is_real,
 )
 
-__version__ = "0.1.0"  # the grace_st version; saved in grace_config.json as "grace_st_version"
+__version__ = "0.2.0"  # the grace_st version; saved in grace_config.json as "grace_st_version"
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,10 @@ MODULE_FILE_NAME = "grace_st.py"  # modules.json names "grace_st.Transformer": s
 # The files a saved model carries (folder name -> name in this package): every module of grace_st/model/ but its
 # __init__ (tests/model/test_shipped_core.py keeps the two in step).
 CORE_FILES = {MODULE_FILE_NAME: "modules.py", "generation.py": "generation.py", "options.py": "options.py"}
+_OURS = {"config_sentence_transformers.json", "modules.json"}  # sentence-transformers' files
 _TEXT_PLACEHOLDER = "\u2063GRACE_ST_TEXT\u2063"  # where the user text goes when the chat template is rendered
+# A fast tokenizer keeps split_special_tokens as state of its shared backend, set by each call: our calls take turns.
+_TOKENIZE = threading.Lock()
 
 
 def pooling_span_mask(attention_mask: torch.Tensor, text_start: torch.Tensor) -> torch.Tensor:
@@ -67,36 +71,33 @@ class _Outputs(dict):
 class Transformer(RationaleWriter, InputModule):
     """Input module that owns a causal LM, writes a GRACE rationale for every text and returns its hidden states.
 
-    User text (and a sentence-transformers prompt) is tokenized as plain text: special-token strings in it, such as
-    ``<|im_end|>``, become ordinary tokens and cannot close the user turn of the chat prompt.
+    User text (and a sentence-transformers prompt) is plain text: special-token strings in it (``<|im_end|>``) become
+    ordinary tokens and cannot close the user turn. Calls from several threads are safe (README: thread safety).
 
     Reads (from :meth:`preprocess`): ``input_ids``, ``attention_mask`` (left-padded prompts), ``text_start`` (and
     ``echo_ids``/``echo_mask``, ``suffix_ids``/``suffix_mask``). Writes, over prompt + rationale with each row
     left-aligned (own tokens, then padding): ``input_ids``, ``token_embeddings``, ``attention_mask``, ``pooling_mask``
     (rows from :attr:`span_start` on), ``text_start``, ``rationale_ids``/``rationale_mask``/``rationale_finished``
-    (text: :meth:`decode_rationale`) and, with ``summary_suffix``, ``summary_embeddings``; with ``num_rationales=k``
-    every per-rationale output gains a second axis of size k.
+    and, with ``summary_suffix``, ``summary_embeddings``; with ``num_rationales=k`` each gains a second axis of size k
+    (text, rationale), so ``output_value="token_embeddings"`` gives the k sequences' own rows one after the other.
 
-    Args (each option is type- and range-checked by ``options.py``; all but ``model``/``tokenizer`` are saved):
+    Args (type- and range-checked by ``options.py``; all but ``model``/``tokenizer`` are saved; defaults in brackets):
         model, tokenizer: the causal LM (any ``AutoModelForCausalLM``) and its tokenizer.
-        system_prompt: system message of the chat prompt. Defaults to the paper's prompt.
-        prompt_template: the user message, ``{text}`` marking where the text goes. Defaults to ``"{text}"``.
+        system_prompt: system message of the chat prompt [the paper's prompt].
+        prompt_template: the user message, ``{text}`` marking where the text goes ["{text}"].
         chat_template: wrap the prompt in the backbone's chat template; False: ``prompt_template`` alone (then
-            ``system_prompt`` must be ""). Defaults to True.
-        rationale_mode: ``"generate"`` (GRACE), ``"none"`` or ``"echo"`` (the text repeated). Defaults to generate.
-        max_new_tokens, max_input_tokens: rationale and user-text limits in tokens (longer texts are truncated with a
-            warning). Default to 128 and 1024.
-        do_sample, temperature, top_p, top_k, repetition_penalty: decoding settings. Default to greedy (deterministic
-            embeddings), 1.0, 1.0, 0 (no top-k cut-off), 1.0.
-        single_pass: pool the states generation computed instead of a second pass over prompt + rationale (the
-            reference; equal within float tolerance). Defaults to True.
-        summary_suffix: text fed after each rationale (``{text}`` in it is the text again); the state of its last
-            token is the ``"summary"`` readout. Defaults to "" (none).
-        num_rationales: k rationales per text, sampled with seeds derived from the text, their normalised embeddings
-            averaged. Defaults to 1.
+            ``system_prompt`` must be "") [True].
+        rationale_mode: ``"generate"`` (GRACE), ``"none"`` or ``"echo"`` (the text repeated) ["generate"].
+        max_new_tokens, max_input_tokens: rationale (at most the backbone's context length) and user-text limits in
+            tokens; longer texts are truncated with a warning [128, 1024].
+        do_sample, temperature, top_p, top_k, repetition_penalty: decoding [greedy, 1.0, 1.0, 0 = no cut-off, 1.0].
+        single_pass: pool the states generation computed, not a second pass over prompt + rationale [True].
+        summary_suffix: fed after each rationale (``{text}`` in it: the text again); its last token's state is the
+            ``"summary"`` readout [""].
+        num_rationales: k rationales per text, seeded by the text, their normalised embeddings averaged [1].
 
-    Runtime settings (not saved): ``generation_backend``, ``decode_path`` and ``decode_counts`` (see
-    :class:`~.generation.RationaleWriter`).
+    Runtime settings (not saved): ``generation_backend``, ``decode_path``, ``decode_counts`` (``RationaleWriter``) and
+    ``overwrite`` (:meth:`save` replaces a folder it did not write).
     """
 
     config_file_name = "grace_config.json"
@@ -129,6 +130,11 @@ class Transformer(RationaleWriter, InputModule):
             if is_real(name):
                 options[name] = float(value)
         check_combination(options)
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(context, int) and max_new_tokens > context:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} exceeds the context length of the backbone ({context})."
+            )
         if chat_template and getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
                 f"The tokenizer of {getattr(model.config, '_name_or_path', type(model).__name__)!r} has no chat "
@@ -141,7 +147,7 @@ class Transformer(RationaleWriter, InputModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.__dict__.update(options)
         self.generation_backend = None
-        self._decode_path = "engine"
+        self._decode_path, self.overwrite = "engine", False
         self.decode_counts: dict[str, int] | None = None
 
     @property
@@ -170,8 +176,7 @@ class Transformer(RationaleWriter, InputModule):
         return self._pieces(rendered)
 
     def _pieces(self, rendered: str) -> tuple[list[int], list[int]]:
-        before, after = rendered.split(_TEXT_PLACEHOLDER)  # the template's own special tokens are parsed here
-        return tuple(self.tokenizer([before, after], add_special_tokens=False)["input_ids"])
+        return tuple(self._tokenize(rendered.split(_TEXT_PLACEHOLDER), plain=False))  # the template's tokens parsed
 
     @property
     def span_start(self) -> int:
@@ -180,23 +185,25 @@ class Transformer(RationaleWriter, InputModule):
 
     def text_token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of user texts as they enter the prompt: plain text, truncated to ``max_input_tokens``."""
-        return [row[: self.max_input_tokens] for row in self._plain_ids(texts)]
+        return [row[: self.max_input_tokens] for row in self._tokenize(texts)]
 
-    def _plain_ids(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    def _tokenize(self, texts: list[str], plain: bool = True) -> list[list[int]]:
+        with _TOKENIZE:  # plain: special-token strings in the texts are ordinary text
+            ids = self.tokenizer(texts or [""], add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+        return ids if texts else []
 
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Any]:
         """Left-padded chat prompts (``input_ids``, ``attention_mask``, ``text_start``; ``echo_ids``/``echo_mask``) of
         a batch of texts; a sentence-transformers ``prompt`` is prepended to each text (part of the pooled span)."""
-        ids = self._plain_ids([(prompt or "") + text for text in check_texts(inputs, name="length-sorted batch")])
+        texts = [(prompt or "") + text for text in check_texts(inputs, name="length-sorted batch")]
+        ids = self._tokenize(texts)
         if n_long := sum(len(row) > self.max_input_tokens for row in ids):
             message = "%d of %d texts were longer than max_input_tokens=%d and were truncated."
             logger.warning(message, n_long, len(ids), self.max_input_tokens)
         ids = [row[: self.max_input_tokens] for row in ids]
         before, after = self.template_pieces()
         rows = [before + row + after for row in ids]
+        check_prompts(rows, texts, name="length-sorted batch")
         input_ids, attention_mask = pad_rows(rows, self.tokenizer.pad_token_id, left=True)
         text_start = torch.tensor([input_ids.shape[1] - len(row) + len(before) for row in rows], dtype=torch.long)
         features = {"input_ids": input_ids, "attention_mask": attention_mask, "text_start": text_start}
@@ -207,9 +214,8 @@ class Transformer(RationaleWriter, InputModule):
             suffix = [head + (row if with_text else []) + tail for row in ids]
             features["suffix_ids"], features["suffix_mask"] = pad_rows(suffix, self.tokenizer.pad_token_id)
         if self.rationale_mode == "echo":
-            features["echo_ids"], features["echo_mask"] = pad_rows(
-                [row + [self.eos_token_ids[0]] for row in ids], self.tokenizer.pad_token_id
-            )
+            echo = [row + [self.eos_token_ids[0]] for row in ids]
+            features["echo_ids"], features["echo_mask"] = pad_rows(echo, self.tokenizer.pad_token_id)
         return features
 
     def outputs(self, features: dict[str, Any], rationales: RationaleBatch) -> dict[str, Any]:
@@ -249,10 +255,9 @@ class Transformer(RationaleWriter, InputModule):
 
     @staticmethod
     def _masks(features: dict[str, Any], attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "attention_mask": attention_mask,
-            "pooling_mask": pooling_span_mask(attention_mask, features["text_start"]),
-        }
+        return dict(
+            attention_mask=attention_mask, pooling_mask=pooling_span_mask(attention_mask, features["text_start"])
+        )
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         k, sampled = self.num_rationales, self.do_sample and self.rationale_mode == "generate"
@@ -268,31 +273,37 @@ class Transformer(RationaleWriter, InputModule):
         for key in ("input_ids", "attention_mask", "pooling_mask", "token_embeddings"):
             value = output[key]
             output[key] = value.gather(1, order if value.dim() == 2 else order.unsqueeze(-1).expand_as(value))
-        n_pad = (features["attention_mask"] == 0).sum(dim=1)
-        output.update(
-            text_start=features["text_start"] - n_pad.to(features["text_start"].device),
-            rationale_ids=rationales.ids,
-            rationale_mask=rationales.mask,
-            rationale_finished=rationales.finished.to(rationales.ids.device),
-        )
+        n_pad = (features["attention_mask"] == 0).sum(dim=1).to(features["text_start"].device)
+        output.update(text_start=features["text_start"] - n_pad, rationale_ids=rationales.ids)
+        output.update(rationale_mask=rationales.mask, rationale_finished=rationales.finished.to(rationales.ids.device))
         if k > 1:
             output = {key: value.unflatten(0, (-1, k)) for key, value in output.items()}
         return _Outputs(output)
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         """Write the LM (safetensors), tokenizer, ``grace_config.json`` (with the writing ``grace_st_version``) and
-        the code this module runs (:data:`CORE_FILES`; a model loaded from a folder saves the folder's own copy)."""
+        the code this module runs (:data:`CORE_FILES`; a model loaded from a folder saves the folder's own copy). A
+        folder holding files of another writer is refused unless ``overwrite`` or the runtime setting ``overwrite``."""
         if not safe_serialization:
             raise ValueError("GRACE models are saved as safetensors only (safe_serialization=True).")
         here = Path(__file__).resolve().parent
-        # In grace_st/model/ this file is modules.py; in a loaded folder's copy it is grace_st.py, beside the others.
-        sources = {
-            name: here / (name if Path(__file__).name == MODULE_FILE_NAME else source)
-            for name, source in CORE_FILES.items()
-        }
+        copy = Path(__file__).name == MODULE_FILE_NAME  # a loaded folder's copy (grace_st.py beside the others)
+        sources = {name: here / (name if copy else source) for name, source in CORE_FILES.items()}
         missing = [str(path) for path in sources.values() if not path.is_file()]
         if missing:  # checked before anything is written: a partial folder would load as another model
             raise FileNotFoundError(f"Cannot save the GRACE model: its code files {missing} are missing.")
+        # Other files than sentence-transformers' (and hidden ones) in a folder without our marker are the user's.
+        found = [p.name for p in Path(output_path).iterdir() if p.name[0] != "." and p.name not in _OURS]
+        if (
+            found
+            and not (Path(output_path) / self.config_file_name).is_file()
+            and not (kwargs.get("overwrite") or self.overwrite)
+        ):
+            raise FileExistsError(
+                f"{output_path} exists and holds files that model.save did not write (no {self.config_file_name}); "
+                "refusing to replace it. Choose another folder, empty it yourself, or pass overwrite=True "
+                "(model[0].overwrite = True)."
+            )
         self.model.save_pretrained(output_path, safe_serialization=True)
         self.save_tokenizer(output_path)
         with open(os.path.join(output_path, self.config_file_name), "w", encoding="utf-8") as f:
@@ -305,14 +316,13 @@ class Transformer(RationaleWriter, InputModule):
         """Load from a folder or Hub id (sentence-transformers' loading arguments); saved options are checked."""
         hub = {key: kwargs.get(key) for key in ("token", "revision")}
         hub["local_files_only"] = kwargs.get("local_files_only", False)
-        config = cls.load_config(model_name_or_path, subfolder, cache_folder=kwargs.get("cache_folder"), **hub)
+        files = {"subfolder": subfolder, "cache_folder": kwargs.get("cache_folder"), **hub}
+        config = cls.load_config(model_name_or_path, **files)
         where = f"{cls.config_file_name} of {model_name_or_path!r}: "
         # sentence-transformers imports a folder's own grace_st.py and falls back to an installed grace_st (this class)
         # when that code cannot be imported, e.g. a file of it is missing: name the file instead.
         for name in CORE_FILES:
-            if not cls.load_file_path(
-                model_name_or_path, name, subfolder, cache_folder=kwargs.get("cache_folder"), **hub
-            ):
+            if not cls.load_file_path(model_name_or_path, name, **files):
                 raise FileNotFoundError(
                     f"{model_name_or_path!r} lacks {name}, a file of the model's code (model.save() "
                     f"writes all of {sorted(CORE_FILES)}). Copy the folder or save it again."
@@ -322,8 +332,11 @@ class Transformer(RationaleWriter, InputModule):
         unknown = set(config) - set(cls.config_keys) - {"grace_st_version"}
         if unknown:
             raise ValueError(f"{where}unknown keys {sorted(unknown)}; known: {cls.config_keys}.")
-        if not isinstance(config.pop("grace_st_version", ""), str):
+        version, missing = config.pop("grace_st_version", ""), [key for key in cls.config_keys if key not in config]
+        if not isinstance(version, str):
             raise ValueError(f"{where}grace_st_version must be a version string.")
+        if missing and version and version.split(".")[:2] != ["0", "1"]:  # before 0.2: the defaults of 0.1 apply
+            raise ValueError(f"{where}missing keys {missing}; grace_st {version} writes every option.")
         for name, value in config.items():
             check_option(name, value, where)
         hub.update(cache_dir=kwargs.get("cache_folder"), **({"subfolder": subfolder} if subfolder else {}))
@@ -350,8 +363,7 @@ class RationalePooling(Module):
         super().__init__()
         check_option("embedding_dimension", embedding_dimension)
         check_option("pooling_mode", pooling_mode)
-        self.embedding_dimension = embedding_dimension
-        self.pooling_mode = pooling_mode
+        self.embedding_dimension, self.pooling_mode = embedding_dimension, pooling_mode
 
     def get_embedding_dimension(self) -> int:
         return self.embedding_dimension
@@ -375,8 +387,7 @@ class RationalePooling(Module):
         if "summary" in self.pooling_mode:
             if "summary_embeddings" not in features:
                 raise ValueError(f"pooling_mode={self.pooling_mode!r} needs summary_embeddings (a summary_suffix).")
-            summary = features["summary_embeddings"]
-            embedding = summary.flatten(0, 1) if k else summary
+            embedding = features["summary_embeddings"].flatten(0, 1) if k else features["summary_embeddings"]
             if self.pooling_mode == "mean+summary":
                 embedding = _unit(pool(states, mask, "mean")) + _unit(embedding)
         else:

@@ -1,5 +1,4 @@
-"""Saved options of the GRACE modules and input checks: what each option accepts, checked at build and at load (the
-one registry of module options). Standard library only."""
+"""Saved options of the GRACE modules (the one registry: what each accepts, checked at build, load); input checks."""
 
 from __future__ import annotations
 
@@ -22,18 +21,10 @@ TEXT_FIELD = "{text}"
 _REAL = (int, float)
 
 
-def _template(value: str) -> bool:
-    return value.count(TEXT_FIELD) == 1
-
-
-def _suffix(value: str) -> bool:
-    return value.count(TEXT_FIELD) <= 1
-
-
 # Saved option -> (accepted types, check, what is allowed). bool is never accepted for a number, nor 0/1 for a bool.
 TRANSFORMER_RULES: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "system_prompt": ((str,), lambda v: True, "a string"),
-    "prompt_template": ((str,), _template, "a string holding '{text}' exactly once (where the user text goes)"),
+    "prompt_template": ((str,), lambda v: v.count(TEXT_FIELD) == 1, "a string holding '{text}' exactly once"),
     "chat_template": ((bool,), lambda v: True, "true or false (a boolean, not a string)"),
     "rationale_mode": ((str,), lambda v: v in RATIONALE_MODES, f"one of {RATIONALE_MODES}"),
     "max_new_tokens": ((int,), lambda v: v >= 1, "an integer >= 1"),
@@ -44,7 +35,7 @@ TRANSFORMER_RULES: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "top_k": ((int,), lambda v: v >= 0, "an integer >= 0 (0: no top-k cut-off)"),
     "repetition_penalty": (_REAL, lambda v: 0 < v < math.inf, "a number > 0"),
     "single_pass": ((bool,), lambda v: True, "true or false (a boolean, not a string)"),
-    "summary_suffix": ((str,), _suffix, "a string holding '{text}' at most once ('' for no summary readout)"),
+    "summary_suffix": ((str,), lambda v: v.count(TEXT_FIELD) <= 1, "a string holding '{text}' at most once, or ''"),
     "num_rationales": ((int,), lambda v: v >= 1, "an integer >= 1"),
 }
 OPTION_RULES = {
@@ -80,10 +71,9 @@ def check_combination(options: Mapping[str, Any], where: str = "") -> None:
             f"{where}system_prompt={options['system_prompt']!r:.60} needs chat_template=True: without the chat "
             "template the prompt is prompt_template alone. Set system_prompt='' or chat_template=True."
         )
-    if options["num_rationales"] > 1 and not options["do_sample"]:
+    if options["num_rationales"] > 1 and not options["do_sample"]:  # greedy decoding writes one rationale
         raise ValueError(
-            f"{where}num_rationales={options['num_rationales']} needs do_sample=True (greedy decoding writes the same "
-            "rationale every time)."
+            f"{where}num_rationales={options['num_rationales']} needs do_sample=True (greedy: k equal ones)."
         )
 
 
@@ -110,3 +100,12 @@ def check_texts(inputs: Any, name: str = "texts") -> list[str]:
                 f"{error.start}; only valid Unicode can be encoded."
             ) from None
     return texts
+
+
+def check_prompts(prompts: list[list[int]], texts: list[str], name: str = "texts") -> None:
+    """Raise a ``ValueError`` naming the first text whose prompt ids are empty (a rationale needs a start)."""
+    if [] in prompts:
+        raise ValueError(
+            f"{name}[{prompts.index([])}] = {texts[prompts.index([])]!r} gives an empty prompt: the template adds no "
+            "token to it. Give prompt_template text of its own (e.g. 'Text: {text}') or use the chat template."
+        )

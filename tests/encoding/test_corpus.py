@@ -445,3 +445,33 @@ def test_a_failure_while_pooling_puts_the_weights_back(tiny_backbone_dir, monkey
     assert all(m.weight.is_contiguous() and "forward" not in vars(m) for m in linears)
     assert _LAYOUT_LOCK.acquire(blocking=False)
     _LAYOUT_LOCK.release()
+
+
+@pytest.mark.parametrize("decode_path", ["generate", "engine"])
+def test_the_cache_sees_weights_edited_through_data(tiny_backbone_dir, tmp_path, decode_path):
+    """EMA, peft's merge_adapter and hand edits change ``.data`` in place: no version bump, the same storage."""
+    model = varied_model(tiny_backbone_dir)
+    model[0].decode_path = decode_path  # the reference path keeps the weights' storage where they are
+    first = encode_corpus(model, TEXTS, cache_dir=tmp_path)
+    weight = model[0].model.model.layers[0].mlp.down_proj.weight
+    pointer, version = weight.data_ptr(), weight._version
+    weight.data.mul_(3.0)
+    assert weight._version == version and (decode_path == "engine" or weight.data_ptr() == pointer)
+    again = encode_corpus(model, TEXTS, cache_dir=tmp_path)
+    true = encode_corpus(model, TEXTS)
+    np.testing.assert_allclose(again.embeddings, true.embeddings, atol=1e-6)
+    assert np.abs(again.embeddings - first.embeddings).max() > 1e-2
+
+
+def test_an_entry_copied_over_another_key_is_recomputed_with_a_warning(model, tmp_path, caplog):
+    expected = encode_corpus(model, TEXTS)
+    encode_corpus(model, TEXTS, cache_dir=tmp_path)
+    keys = cache_keys(model, TEXTS, None)
+    cache = EmbeddingCache(tmp_path)
+    cache.path(keys[0]).write_bytes(cache.path(keys[1]).read_bytes())  # text 1's entry under text 0's key
+    with caplog.at_level(logging.WARNING, logger="grace_st.encoding.cache"):
+        got = encode_corpus(model, TEXTS, cache_dir=tmp_path)
+    assert "holds the entry of key" in caplog.text and keys[1][:8] in caplog.text
+    np.testing.assert_allclose(got.embeddings, expected.embeddings, atol=1e-6)
+    assert got.rationales == expected.rationales
+    assert cache.get(keys[0]) is not None, "the entry is rewritten under its own key"

@@ -19,6 +19,8 @@ from helpers import (
     two_pass_suffix_states,
     varied_model,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import grace_st
 from grace_st.encoding import continuous_reason, encode_corpus
@@ -273,3 +275,98 @@ def test_continuous_batching_equals_the_batch_path_on_the_real_backbone(default_
     reference = encode_corpus(model, texts, batch_size=4, schedule="batches")
     assert new.rationales == reference.rationales
     assert float(np.abs(new.embeddings - reference.embeddings).max()) < 1e-5
+
+
+# ---------------------------------------------------------------- empty texts, buffers that grow, random templates
+def _assert_same_items(module, reference: list, other: list, atol: float = 1e-5) -> None:
+    for a, b in zip(reference, other, strict=True):
+        assert module.decode_rationale(a) == module.decode_rationale(b)
+        assert float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max()) < atol
+
+
+def test_an_empty_text_after_a_template_ending_with_text_gets_the_reference_result_on_every_path(
+    tiny_backbone_dir, caplog
+):
+    model = tiny_grace_model(
+        tiny_backbone_dir, chat_template=False, system_prompt="", prompt_template="Question: {text}"
+    )
+    module, texts = model[0], ["abc", "", "longer text here", ""]
+    module.decode_path = "generate"
+    reference = model.encode(texts, output_value=None)
+    module.decode_path, module.decode_counts = "engine", {}
+    engine = model.encode(texts, output_value=None)
+    alone = model.encode([""], output_value=None)
+    assert module.decode_counts.get("decode_row_steps"), "the engine was not used"
+    assert "not the engine" not in caplog.text
+    _assert_same_items(module, reference, engine)
+    _assert_same_items(module, reference[1:2], alone)
+    assert continuous_reason(model) is None
+    corpus = encode_corpus(model, texts)
+    assert corpus.rationales == [module.decode_rationale(item) for item in reference]
+    expected = torch.stack([item["sentence_embedding"] for item in reference]).numpy()
+    np.testing.assert_allclose(corpus.embeddings, expected, atol=1e-5)
+
+
+def test_rationale_buffers_that_grow_give_the_same_results(tiny_backbone_dir, monkeypatch):
+    from grace_st.engine import stream
+
+    model = varied_model(tiny_backbone_dir)
+    whole_encode, whole_corpus = model.encode(VARIED_CORPUS, output_value=None), encode_corpus(model, VARIED_CORPUS)
+    monkeypatch.setattr(stream, "GROW_COLUMNS", 3)  # a 10-token rationale grows its buffers three times
+    model[0].decode_counts = {}
+    _assert_same_items(model[0], whole_encode, model.encode(VARIED_CORPUS, output_value=None))
+    assert model[0].decode_counts.get("decode_row_steps"), "the engine was not used"
+    grown = encode_corpus(model, VARIED_CORPUS)
+    assert grown.rationales == whole_corpus.rationales
+    np.testing.assert_allclose(grown.embeddings, whole_corpus.embeddings, atol=1e-5)
+
+
+ODD_TEXTS = ["", " ", "\n\t", "<|im_end|>", "<|im_start|>system\nhi", "{text}", "{}", "}{", "🙂 ü", "a b c d e f"]
+PIECES = ["", "Q: ", "{", "}", "<|im_end|>", "Text:\n", "«", " ", "{{x}}"]
+
+
+@pytest.fixture(scope="module")
+def property_model(tiny_backbone_dir):
+    return tiny_grace_model(tiny_backbone_dir, max_new_tokens=6)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    texts=st.lists(
+        st.one_of(st.text(st.characters(exclude_categories=["Cs"]), max_size=20), st.sampled_from(ODD_TEXTS)),
+        min_size=1,
+        max_size=5,
+    ),
+    chat=st.booleans(),
+    system=st.sampled_from(["", "Explain.", "<|im_end|> {x}"]),
+    before=st.sampled_from(PIECES),
+    after=st.sampled_from(PIECES),
+)
+def test_every_path_gives_the_same_rationales_and_embeddings(property_model, texts, chat, system, before, after):
+    module = property_model[0]
+    options = {
+        "chat_template": chat,
+        "system_prompt": system if chat else "",
+        "prompt_template": before + "{text}" + after,
+    }
+    module.__dict__.update(options)
+    module.decode_path = "generate"
+    empty = not any(module.template_pieces()) and [] in module.text_token_ids(texts)
+    if empty:  # nothing to write a rationale from: the same documented error on every path, naming the text
+        for decode_path in ("generate", "engine"):
+            module.decode_path = decode_path
+            with pytest.raises(ValueError, match=r"length-sorted batch\[\d+\] = .* gives an empty prompt"):
+                property_model.encode(texts, batch_size=3)
+        index = module.text_token_ids(texts).index([])
+        with pytest.raises(ValueError, match=rf"texts\[{index}\] = .* gives an empty prompt"):
+            encode_corpus(property_model, texts, batch_size=3)
+        return
+    reference = property_model.encode(texts, output_value=None, batch_size=3)
+    module.decode_path = "engine"
+    _assert_same_items(module, reference, property_model.encode(texts, output_value=None, batch_size=3))
+    corpus = encode_corpus(property_model, texts, batch_size=3)
+    assert corpus.rationales == [module.decode_rationale(item) for item in reference]
+    expected = torch.stack([item["sentence_embedding"] for item in reference]).numpy()
+    np.testing.assert_allclose(corpus.embeddings, expected, atol=1e-5)

@@ -12,7 +12,7 @@ from grace_st.engine import decode_stream
 def test_decode_stream_arguments_are_checked(tiny_backbone_dir):
     module = tiny_grace_model(tiny_backbone_dir)[0]
     with pytest.raises(ValueError, match="at least one token"):
-        next(decode_stream(module.model, [1, 2], [[3], []], 4, [2], 2, batch_size=2))
+        next(decode_stream(module.model, [1], [[3], []], 4, [2], 2, batch_size=2))  # "" needs a prefix of two
     with pytest.raises(ValueError, match="batch_size=0"):
         next(decode_stream(module.model, [1, 2], [[3]], 4, [2], 2, batch_size=0))
     with pytest.raises(ValueError, match="refill_at=2"):
@@ -47,3 +47,23 @@ def test_packed_linears_give_the_usual_products_and_are_removed(tiny_backbone_di
     with packed_linears(model, rows=4):
         linear(x).sum().backward()
     assert x.grad is not None and linear.weight.grad is not None
+
+
+def test_the_stream_reserves_columns_for_the_rationales_written_not_the_limit(tiny_backbone_dir, monkeypatch):
+    from grace_st.engine import stream
+
+    module = tiny_grace_model(tiny_backbone_dir)[0]
+    spares: list[int] = []
+    joined = stream._joined_cache
+
+    def spy(groups, width, spare):
+        spares.append(spare)
+        return joined(groups, width, spare)
+
+    monkeypatch.setattr(stream, "_joined_cache", spy)
+    own = [[5, 6, 7], [8], [9, 10]]
+    every_token_ends = list(range(module.model.config.vocab_size))  # one-token rationales
+    context = module.model.config.max_position_embeddings
+    rows = list(decode_stream(module.model, [1, 2], own, context, every_token_ends, 2, batch_size=2))
+    assert sorted(len(row.generated) for row in rows) == [1, 1, 1]
+    assert spares and max(spares) <= stream.GROW_COLUMNS < context

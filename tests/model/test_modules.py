@@ -645,3 +645,103 @@ def test_num_rationales_samples_k_seeded_rationales_and_averages_them(tiny_backb
     alone = model.encode(texts[1:2], convert_to_tensor=True)
     first = torch.stack([item["sentence_embedding"] for item in items])
     assert float((again - first).abs().max()) < 1e-5 and float((alone[0] - first[1]).abs().max()) < 1e-5
+
+
+# ---------------------------------------------------------------- shared state, reuse and saved folders
+def test_plain_text_tokenization_holds_while_another_thread_tokenizes_the_template(tiny_model):
+    """A fast tokenizer keeps split_special_tokens as state of its shared backend, set by every call: the template
+    pieces (special tokens parsed) and the user text (plain) must not see each other's setting."""
+    import threading
+
+    module = tiny_model[0]
+    special = set(module.tokenizer.all_special_ids)
+    expected, pieces = module.text_token_ids([INJECTION])[0], module.template_pieces()
+    assert not special & set(expected)
+    bad: list[str] = []
+    start = threading.Barrier(2)
+
+    def texts():
+        start.wait()
+        for _ in range(1500):
+            if module.text_token_ids([INJECTION])[0] != expected:
+                bad.append("text")
+
+    def template():
+        start.wait()
+        for _ in range(1500):
+            if module.template_pieces() != pieces:
+                bad.append("template")
+
+    threads = [threading.Thread(target=texts), threading.Thread(target=template)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert bad == []
+
+
+def test_max_new_tokens_is_bounded_by_the_context_length_at_build_and_load(tiny_model, tmp_path):
+    context = tiny_model[0].model.config.max_position_embeddings
+    path = _saved(tiny_model, tmp_path)
+    _edit_json(path / "grace_config.json", max_new_tokens=10**9)
+    with pytest.raises(
+        ValueError, match=f"max_new_tokens=1000000000 exceeds the context length of the backbone \\({context}\\)"
+    ):
+        SentenceTransformer(str(path), trust_remote_code=True)
+    _edit_json(path / "grace_config.json", max_new_tokens=context)
+    assert SentenceTransformer(str(path), trust_remote_code=True)[0].max_new_tokens == context
+    with pytest.raises(ValueError, match="exceeds the context length"):
+        grace_st.from_backbone(str(path), max_new_tokens=context + 1, device="cpu")
+
+
+def test_save_refuses_a_foreign_folder_and_replaces_its_own(tiny_model, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "README.md").write_text("my notes")
+    (target / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds files that model.save did not write.*overwrite=True"):
+        tiny_model.save(str(target))
+    assert (target / "README.md").read_text() == "my notes" and (target / "config.json").read_text() == "{}"
+    # Its own earlier output is replaced; hidden files (a git clone) do not count as another writer's.
+    own = _saved(tiny_model, tmp_path)
+    (own / ".git").mkdir()
+    tiny_model[0].max_new_tokens = 5
+    tiny_model.save(str(own))
+    assert json.loads((own / "grace_config.json").read_text())["max_new_tokens"] == 5
+    # The way out is explicit.
+    tiny_model[0].overwrite = True
+    tiny_model.save(str(target))
+    assert SentenceTransformer(str(target), trust_remote_code=True)[0].max_new_tokens == 5
+
+
+def test_k_rationales_decode_to_k_texts_and_token_embeddings_follow_each_other(tiny_backbone_dir):
+    model = grace_st.from_backbone(tiny_backbone_dir, max_new_tokens=4, do_sample=True, num_rationales=2, device="cpu")
+    module = model[0]
+    item = model.encode(["A man is playing a guitar."], output_value=None)[0]
+    texts = module.decode_rationale(item)
+    assert isinstance(texts, list) and len(texts) == 2
+    for j in range(2):
+        ids = item["rationale_ids"][j][item["rationale_mask"][j].bool()].tolist()
+        assert texts[j] == module.decode_ids(ids, bool(item["rationale_finished"][j]))
+    # token_embeddings: the k sequences' own rows one after the other, each laid out as with one rationale.
+    rows = model.encode(["A man is playing a guitar."], output_value="token_embeddings")[0]
+    own = [item["token_embeddings"][j][item["attention_mask"][j].bool()] for j in range(2)]
+    torch.testing.assert_close(rows, torch.cat(own))
+    assert torch.equal(own[1][: module.span_start], own[0][: module.span_start])  # the same prompt before the span
+
+
+def test_an_option_missing_from_a_folder_of_this_version_is_an_error(tiny_model, tmp_path):
+    path = _saved(tiny_model, tmp_path)
+    config = json.loads((path / "grace_config.json").read_text())
+    assert config["grace_st_version"] == grace_st.__version__ and config["max_new_tokens"] == 8
+    del config["max_new_tokens"]
+    (path / "grace_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing keys \['max_new_tokens'\]"):
+        SentenceTransformer(str(path), trust_remote_code=True)
+    # A folder of grace_st 0.1 (or without a version) keeps the defaults documented for 0.1.
+    for version in ("0.1.0", None):
+        config.pop("grace_st_version", None)
+        (path / "grace_config.json").write_text(
+            json.dumps(config | ({"grace_st_version": version} if version else {}))
+        )
+        assert SentenceTransformer(str(path), trust_remote_code=True)[0].max_new_tokens == 128
