@@ -653,14 +653,22 @@ def encode_corpus_on_ray(
                 max_restarts=max_restarts,
                 max_task_retries=max_task_retries,
             )
-            written = 0
+            written, logged = 0, time.time()
             for rows in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in rows.to_pylist():
                     batches.append(row)
+                    written += row["rows"]
                     if on_batch is not None:
                         on_batch(row)
-                written = sum(b["rows"] for b in batches)
-                logger.info("%d/%d texts written to %s", written, remaining, folder)
+                if time.time() - logged > 30 or written == remaining:  # a line per 30 s, beside Ray's progress
+                    logged = time.time()
+                    logger.info(
+                        "%d/%d texts written to %s (%.1f texts/s)",
+                        written,
+                        remaining,
+                        folder,
+                        written / (logged - started),
+                    )
         _manifest, shards, _ = _scan_output(folder)
         table = _read_shards(shards, fingerprint, columns=["id", "position"])
         _check_complete(table, total, folder)
