@@ -23,20 +23,20 @@ def keys_as_first_written(model, texts: list[str], prompt: str | None) -> list[s
     module = model[0]
     lm = module.model
     drop = {"_name_or_path", "transformers_version"}
-    settings = {
-        "format": CACHE_FORMAT,
-        "weights": grace_st.encoding.weights_fingerprint(model),
-        "lm_config": {k: v for k, v in lm.config.to_dict().items() if k not in drop},
-        "generation_config": {k: v for k, v in lm.generation_config.to_dict().items() if k not in drop},
-        "modules": [[type(m).__name__, m.get_config_dict()] for m in model],
-        "template": module.template_pieces(),
-        "eos": module.eos_token_ids,
-        "pad": module.tokenizer.pad_token_id,
+    settings = {  # in name order: the JSON sorts its keys
         "backend": None if module.generation_backend is None else repr(module.generation_backend),
-        "truncate_dim": model.truncate_dim,
-        "prompt": prompt,
         "device": model.device.type,
+        "eos": module.eos_token_ids,
+        "format": CACHE_FORMAT,
+        "generation_config": {k: v for k, v in lm.generation_config.to_dict().items() if k not in drop},
+        "lm_config": {k: v for k, v in lm.config.to_dict().items() if k not in drop},
+        "modules": [[type(m).__name__, m.get_config_dict()] for m in model],
+        "pad": module.tokenizer.pad_token_id,
+        "prompt": prompt,
+        "template": module.template_pieces(),
+        "truncate_dim": model.truncate_dim,
         "versions": [torch.__version__, transformers.__version__, __version__],
+        "weights": grace_st.encoding.weights_fingerprint(model),
     }
     base = json.dumps(settings, sort_keys=True, default=str)
     ids = module.text_token_ids([(prompt or "") + text for text in texts])
