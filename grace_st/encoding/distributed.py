@@ -570,6 +570,7 @@ def encode_corpus_on_ray(
         ImportError: Ray is not installed (the message names the ``distributed`` extra).
         ValueError: bad input (see :func:`read_corpus_input`), an output folder this encoder did not write or written
             with another model fingerprint, a model that cannot be loaded, bad options.
+        RuntimeError: the output does not hold each input row exactly once at the end (never seen in the tests).
     """
     ray = _require_ray()
     started = time.time()
