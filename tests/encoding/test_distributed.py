@@ -239,6 +239,19 @@ def test_csv_texts_that_look_like_numbers_stay_texts(tmp_path):
     assert table["id"].to_pylist() == [7, 8] and table["text"].to_pylist() == ["12", "hello"]
 
 
+def test_the_cli_reports_bad_input_in_one_line(model_dir, tmp_path, capsys):
+    from grace_st import cli
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "text": "a"}, {"id": 1, "text": "b"}])
+    with pytest.raises(SystemExit) as exit:
+        cli.encode(["--model", model_dir, "--input", str(path), "--output", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    assert re.fullmatch(
+        r"grace-st-encode: error: the id 1 appears twice: .*; ids must be unique\.\n", capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_ray_the_error_names_the_extra(model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(ImportError, match=re.escape('pip install "grace-st[distributed]"')):
@@ -305,6 +318,9 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_command(cluster, model_dir,
     written = shard_rows(output)
     assert 1 <= at_kill <= written < len(texts), "fixture: the driver must die mid-run"
     assert written - at_kill <= 2, "at most the 2 actors' batches in flight (1 row each) completed after the kill"
+    with pytest.raises(ValueError, match=rf"is not complete \({written} of {len(texts)} rows\)"):
+        read_encoded(output)
+    assert len(read_encoded(output, allow_partial=True).ids) == written
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
