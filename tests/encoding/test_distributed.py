@@ -39,7 +39,7 @@ CORPUS = TEXTS + [f"Sentence number {i} talks about {topic}." for i, topic in en
 def cluster():
     """A head and a worker node (one CPU each); the test process is the driver. Shut down after the module."""
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    env |= {"OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+    env["OMP_NUM_THREADS"] = "1"
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the nodes' processes, and the workers they start, inherit it
     nodes = None
