@@ -14,8 +14,9 @@ included) and the steady-state time (Ray: from the first batch's start to the la
   - throughput of 2 actors / 1 actor (target >= 1.6), steady state and wall;
   - time of Ray with 1 actor / ``encode_corpus`` in one process (target <= 1.10), steady state and wall;
   - the largest embedding difference and the number of differing rationales, Ray (2 actors) against one process.
-The load average of the machine is printed before and after: other processes on a shared machine slow the runs
-with more actors most.
+The load average of the machine is printed before and after, with its parallel headroom: the throughput of two
+processes spinning in pure Python at once over one alone (2.0 on two idle cores). Other processes on a shared machine
+slow the runs with more actors most: 2 actors / 1 actor cannot exceed the headroom.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +32,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encode_speed import real_sentences  # noqa: E402
+
+SPIN = "import time; t = time.perf_counter(); sum(range(40_000_000)); print(time.perf_counter() - t)"
+
+
+def headroom() -> float:
+    """Throughput of two pure-Python processes at once over one alone: the cores this machine gives right now."""
+    alone = float(subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True).stdout)
+    pair = [subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    together = max(float(p.communicate()[0]) for p in pair)
+    return 2 * alone / together
 
 
 def main() -> None:
@@ -51,7 +63,7 @@ def main() -> None:
     from grace_st.encoding.distributed import encode_corpus_on_ray, read_encoded
 
     torch.set_num_threads(1)
-    print(f"load average before: {os.getloadavg()}")
+    print(f"load average before: {os.getloadavg()}, parallel headroom {headroom():.2f}")
     texts = real_sentences(args.texts)
     with tempfile.TemporaryDirectory(prefix="grace-ray-bench-") as tmp:
         folder = Path(tmp) / "model"
@@ -108,7 +120,7 @@ def main() -> None:
             f"Ray {max(runs)} actor(s) vs one process, {len(texts)} texts: max |d embedding| "
             f"{np.abs(result.embeddings - single.embeddings).max():.2e}, rationales differing: {differing}"
         )
-    print(f"load average after: {os.getloadavg()}")
+    print(f"load average after: {os.getloadavg()}, parallel headroom {headroom():.2f}")
 
 
 if __name__ == "__main__":
