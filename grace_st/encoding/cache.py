@@ -51,14 +51,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_keys(model, texts: list[str], prompt: str | None) -> list[str]:
-    """Cache key of each text: everything that changes its embedding or rationale.
-
-    Covered: the weights (:func:`weights_fingerprint`), the LM config, every module's saved options, the chat prompt
-    around the text (system prompt and chat template, as token ids), the text's own token ids as the prompt builder
-    makes them (so any tokenizer change that alters them), the generation config (EOS ids, ...), the generation
-    backend, the model's ``truncate_dim``, the device type and the torch / transformers / grace_st versions.
-    """
+def _settings(model, prompt: str | None) -> str:
+    """The JSON of everything but the text that changes an embedding or rationale (see :func:`cache_keys`)."""
     module = model[0]
     lm = module.model
     drop = {"_name_or_path", "transformers_version"}  # where the weights came from does not change them
@@ -77,8 +71,39 @@ def cache_keys(model, texts: list[str], prompt: str | None) -> list[str]:
         "device": model.device.type,
         "versions": [torch.__version__, transformers.__version__, __version__],
     }
-    base = json.dumps(settings, sort_keys=True, default=str)
-    ids = module.text_token_ids([(prompt or "") + text for text in texts])
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def model_fingerprint(model, prompt: str | None = None) -> str:
+    """Hash of everything but the text that changes a GRACE model's embeddings and rationales: the shared part of
+    every :func:`cache_keys` key (weights, LM and generation configs, module options, chat template, prompt, device
+    type, library versions).
+
+    Two models with the same fingerprint write the same embeddings for the same texts; the distributed encoder
+    (:mod:`grace_st.encoding.distributed`) records it so that a rerun never mixes two models' outputs.
+
+    Args:
+        model: a GRACE ``SentenceTransformer``.
+        prompt: the prompt prepended to every text (as :func:`grace_st.encoding.resolve_prompt` gives it). Defaults
+            to None.
+
+    Returns:
+        40 hex digits.
+    """
+    return hashlib.blake2b(_settings(model, prompt).encode(), digest_size=20).hexdigest()
+
+
+def cache_keys(model, texts: list[str], prompt: str | None) -> list[str]:
+    """Cache key of each text: everything that changes its embedding or rationale.
+
+    Covered: the weights (:func:`weights_fingerprint`), the LM config, every module's saved options, the chat prompt
+    around the text (system prompt and chat template, as token ids), the text's own token ids as the prompt builder
+    makes them (so any tokenizer change that alters them), the generation config (EOS ids, ...), the generation
+    backend, the model's ``truncate_dim``, the device type and the torch / transformers / grace_st versions. All but
+    the text are :func:`model_fingerprint`'s settings.
+    """
+    base = _settings(model, prompt)
+    ids = model[0].text_token_ids([(prompt or "") + text for text in texts])
     return [hashlib.blake2b(f"{base}\0{row}".encode(), digest_size=20).hexdigest() for row in ids]
 
 
