@@ -142,7 +142,8 @@ def decode_stream(
     masked; positions are explicit, so every real token has the position and context it has in its own left-padded
     prompt). Columns masked in every row are dropped at each refill. Once no prompt waits, finished rows leave once
     at most ``compact_at`` of the rows are writing. The cache keeps free columns (``SpareLayer``); on a CPU the
-    weights are packed for full batches and laid out for few-row products (:func:`~grace_st.engine.cpu.cpu_kernels`).
+    weights may be packed for full batches and laid out for few-row products (:func:`~grace_st.engine.cpu.cpu_kernels`;
+    off by default).
     The rationales and states equal :func:`decode`'s on the same prompts within float
     tolerance (batch shapes and kernels differ, so do the last bits).
 
