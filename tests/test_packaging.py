@@ -240,7 +240,9 @@ def test_installed_publish_dry_run_outside_the_checkout(installed):
     assert (
         'SentenceTransformer("org/tiny-grace", trust_remote_code=True, revision=' in card and "**Rationale:**" in card
     )
-    assert (target / "grace_st.py").read_bytes() == (installed["site"] / "grace_st" / "model" / "modules.py").read_bytes()
+    assert (target / "grace_st.py").read_bytes() == (
+        installed["site"] / "grace_st" / "model" / "modules.py"
+    ).read_bytes()
 
 
 @pytest.mark.slow

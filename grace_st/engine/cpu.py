@@ -18,9 +18,10 @@ logger = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
 
 # Which CPU kernels the decode loop uses: MKL-packed weights for full batches, and the transposed weight layout for
-# few-row products. Both off: on the 2-core CPU of the README (64 STS sentences, 48 new tokens, one thread) their set-up
-# at every call cost more than they saved (encode_corpus 28.2 s with both, 26.5 s without; model.encode at batch 16
-# 31.9 s vs 28.9 s), and their copies of the weights raised encode_corpus's peak RSS from 1.18x to 2.17x generate's.
+# few-row products. Both off: on the 2-core CPU of the README (64 STS sentences, 48 new tokens, one thread) their
+# set-up at every call cost more than they saved (encode_corpus 28.2 s with both, 26.5 s without; model.encode at
+# batch 16 31.9 s vs 28.9 s), and their copies of the weights raised encode_corpus's peak RSS from 1.18x to 2.17x
+# generate's.
 PACKED = False
 LAYOUT = False
 
