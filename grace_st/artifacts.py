@@ -33,6 +33,7 @@ TRAINING_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "license": str,
     "global_step": int,
     "reward": dict,
+    "reward_terms": dict,
     "generation": dict,
     "config": dict,
     "grace_model_name": str,
@@ -40,6 +41,8 @@ TRAINING_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
 # The config fields the training record lists under "reward" and "generation", in this order.
 TRAINING_RECORD_REWARD_FIELDS: tuple[str, ...] = (
     "mode",
+    "reward_form",
+    "query_rollouts",
     "consistency_weight",
     "hard_negative_weight",
     "reward_temperature",

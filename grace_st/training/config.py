@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from grace_st.model.options import DEFAULT_SYSTEM_PROMPT, OPTION_RULES, check_option
+from grace_st.training.callbacks import TimeBudget
+from grace_st.training.rewards import REWARD_FORMS
 
 try:
     from trl import GRPOConfig
@@ -101,6 +103,11 @@ class GraceGRPOConfig(GRPOConfig):
             ``max_completion_length`` (the length it was trained with).
 
     Parameters that control the reward (see :func:`grace_st.training.rewards.grace_rewards`):
+        reward_form (`str`, defaults to `"paper"`): ``"paper"`` (the published reward, whose ``cos(q, d-)`` and
+            in-batch hard-negative terms are constant within a group and cancel in GRPO's advantage) or ``"infonce"``
+            (each rollout anchors an InfoNCE term over the batch's queries and its group's hard negative).
+        query_rollouts (`bool`, defaults to `False`): also roll out queries (supervised): each row gives a second row
+            whose rollouts are rationales of its query, scored against its positive.
         consistency_weight (`float`, defaults to `0.2`): λ_c, weight of the within-group consistency term.
         hard_negative_weight (`float`, defaults to `0.2`): λ_h, weight of the in-batch hard-negative term.
         reward_temperature (`float`, defaults to `0.1`): τ, the reward is divided by it.
@@ -120,6 +127,8 @@ class GraceGRPOConfig(GRPOConfig):
     Parameters that control the output and the run:
         max_train_minutes (`float` or `None`): stop after this many minutes of training (a time budget, e.g. for the
             CPU demo); the step count reached is in the trainer state.
+        budget_clock (`str`, defaults to `"wall"`): clock of ``max_train_minutes``: ``"wall"`` or ``"cpu"`` (this
+            process's CPU time: equal budgets for runs sharing a machine).
         final_model_dir (`str` or `None`): where the final GRACE SentenceTransformer (LoRA merged) is written;
             None gives ``<output_dir>/grace-model``.
     """
@@ -174,6 +183,21 @@ class GraceGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Rationale limit of the saved model; None uses max_completion_length."},
     )
+    reward_form: str = field(
+        default="paper",
+        metadata={
+            "help": "The contrastive reward: 'paper' (cos(q, d+) - cos(q, d-), in-batch hard negatives: the last two "
+            "are constant within a group and cancel in the advantage) or 'infonce' (each rollout is the anchor of an "
+            "InfoNCE term over the batch's queries and its group's hard negative: every term varies per rollout)."
+        },
+    )
+    query_rollouts: bool = field(
+        default=False,
+        metadata={
+            "help": "Also roll out queries: every (query, positive, negative) row gives a second row whose rollouts "
+            "are rationales of the query, scored against the positive (supervised mode only)."
+        },
+    )
     consistency_weight: float = field(default=0.2, metadata={"help": "λ_c: weight of the within-group consistency."})
     hard_negative_weight: float = field(
         default=0.2, metadata={"help": "λ_h: weight of the in-batch hard-negative term."}
@@ -200,6 +224,13 @@ class GraceGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Stop training after this many minutes (checkpoint saved if saving is on); null: no limit."},
     )
+    budget_clock: str = field(
+        default="wall",
+        metadata={
+            "help": "Clock of max_train_minutes: 'wall' (elapsed) or 'cpu' (this process's CPU time, all threads: "
+            "equal budgets for runs that share a machine)."
+        },
+    )
     final_model_dir: str | None = field(
         default=None,
         metadata={"help": "Folder of the final GRACE SentenceTransformer; null gives <output_dir>/grace-model."},
@@ -211,6 +242,17 @@ class GraceGRPOConfig(GRPOConfig):
         super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not supported; choose one of {MODES}.")
+        if self.reward_form not in REWARD_FORMS:
+            raise ValueError(f"reward_form={self.reward_form!r} is not supported; choose one of {REWARD_FORMS}.")
+        if self.query_rollouts and self.mode != "supervised":
+            raise ValueError(
+                f"query_rollouts=True needs mode='supervised' (got mode={self.mode!r}): an unsupervised row's query "
+                "is its own text, which is already rolled out."
+            )
+        if self.budget_clock not in TimeBudget.CLOCKS:
+            raise ValueError(
+                f"budget_clock={self.budget_clock!r} is not supported; choose one of {sorted(TimeBudget.CLOCKS)}."
+            )
         for name in module_option_names():  # saved in the final model: the module's own rules
             check_option(name, getattr(self, name))
         if "summary" in self.pooling_mode and not self.summary_suffix:

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from grace_st.readers import RECORD_FILE_SUFFIXES, read_pairs, read_records
+from grace_st.readers import RECORD_FILE_SUFFIXES, read_pairs, read_records, read_trecqa
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,58 @@ def sick_triplets(path: str, *, seed: int = 0, random_negatives: bool = True):
     return datasets.Dataset.from_dict(columns)
 
 
+def trecqa_triplets(path: str, *, seed: int = 0):
+    """Triplets from TrecQA (``train.csv``): anchor = the question, positive = a sentence that answers it, hard
+    negative = a candidate sentence of the same question that does not answer it (a real hard negative: retrieved for
+    the question, on topic, not an answer).
+
+    One row per answering sentence; its negative is drawn (seeded) from the question's non-answering candidates. A
+    question without such a candidate gets a non-answering sentence of another question, and the count is logged. The
+    file is read with :func:`grace_st.readers.read_trecqa` (strict: a bad label or a short row raises, naming it).
+
+    Args:
+        path: the TrecQA CSV file (header ``qtext,label,atext``).
+        seed: seed of the negative draws. Defaults to 0.
+
+    Returns:
+        A ``datasets.Dataset`` with columns ``query``, ``positive``, ``negative``.
+
+    Raises:
+        ValueError: the file is not a TrecQA file, or it has no answering sentence, or no non-answering sentence.
+    """
+    datasets = _require_datasets()
+    answers: dict[str, list[str]] = {}
+    others: dict[str, list[str]] = {}
+    for row in read_trecqa(path):
+        (answers if row.label == 1 else others).setdefault(row.question, []).append(row.sentence)
+    pool = [sentence for sentences in others.values() for sentence in sentences]
+    if not answers or not pool:
+        raise ValueError(f"{path} yielded no triplets: it needs answering (label 1) and non-answering (label 0) rows.")
+    rng = random.Random(seed)
+    columns: dict[str, list[str]] = {"query": [], "positive": [], "negative": []}
+    borrowed = 0
+    for question, positives in answers.items():
+        candidates = [s for s in others.get(question, []) if s not in positives]
+        for positive in positives:
+            if candidates:
+                negative = rng.choice(candidates)
+            else:
+                borrowed += 1
+                negative = rng.choice(pool)
+            columns["query"].append(question)
+            columns["positive"].append(positive)
+            columns["negative"].append(negative)
+    if borrowed:
+        logger.info(
+            "%s: %d of %d triplets take their negative from another question (their question has no non-answering "
+            "candidate).",
+            path,
+            borrowed,
+            len(columns["query"]),
+        )
+    return datasets.Dataset.from_dict(columns)
+
+
 def to_grpo_dataset(dataset, mode: Literal["supervised", "unsupervised"] = "supervised"):
     """Columns the GRACE trainer reads: ``prompt`` (the text that gets G rollouts), ``query``, ``negative``.
 
@@ -269,14 +321,15 @@ def to_grpo_dataset(dataset, mode: Literal["supervised", "unsupervised"] = "supe
 def load_training_data(data_args, mode: str = "supervised"):
     """Load the data named by a :class:`grace_st.training.config.GraceDataArguments` and return a GRPO-ready dataset.
 
-    ``train_data`` may be ``"demo"``, ``"sick:<path>"``, a file or a Hub dataset id.
+    ``train_data`` may be ``"demo"``, ``"sick:<path>"``, ``"trecqa:<path>"``, a file or a Hub dataset id.
     """
     source = data_args.train_data
     common = {"skip_invalid": data_args.skip_invalid, "max_rows": data_args.max_train_samples}
     if source == "demo":
         source = demo_data_path("train")
-    if source.startswith("sick:"):
-        dataset = sick_triplets(source[len("sick:") :])
+    if source.startswith(("sick:", "trecqa:")):
+        kind, path = source.split(":", 1)
+        dataset = sick_triplets(path) if kind == "sick" else trecqa_triplets(path)
         if data_args.max_train_samples is not None:
             dataset = dataset.select(range(min(len(dataset), data_args.max_train_samples)))
     elif mode == "unsupervised":
@@ -341,3 +394,45 @@ def as_prompt_records(dataset, name: str):
     if isinstance(dataset, Dataset):
         return dataset.with_transform(pack)
     return dataset.map(pack, batched=True)
+
+
+def with_query_rollouts(dataset):
+    """Every GRPO row ``(prompt=positive, query, negative)`` followed by its mirror ``(prompt=query, query=positive,
+    negative)``: the mirror's rollouts are rationales of the query, scored against the positive (and the same hard
+    negative), so the policy learns to write both sides (``GraceGRPOConfig.query_rollouts``).
+
+    Args:
+        dataset: a ``datasets.Dataset`` or ``IterableDataset`` with ``prompt``, ``query`` and ``negative`` columns
+            (:func:`to_grpo_dataset`); other columns are copied to both rows.
+
+    Returns:
+        A dataset of the same kind with twice the rows, each original row followed by its mirror.
+
+    Raises:
+        ValueError: a column is missing, or a row's query is empty (nothing to roll out).
+    """
+    from datasets import Dataset, IterableDataset
+
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(dataset, (Dataset, IterableDataset)) or (
+        columns is not None and not set(_RECORD_COLUMNS) <= set(columns)
+    ):
+        raise ValueError(
+            f"query_rollouts needs a datasets.Dataset or IterableDataset with 'prompt', 'query' and 'negative'; got "
+            f"{type(dataset).__name__} with columns {columns}."
+        )
+
+    def mirror(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in batch}
+        for i in range(len(batch["prompt"])):
+            if not batch["query"][i]:
+                raise ValueError(f"Row {batch['prompt'][i]!r} has an empty query; query_rollouts needs one per row.")
+            for swap in (False, True):
+                for name in batch:
+                    value = batch[name][i]
+                    if swap and name in ("prompt", "query"):
+                        value = batch["query" if name == "prompt" else "prompt"][i]
+                    out[name].append(value)
+        return out
+
+    return dataset.map(mirror, batched=True)

@@ -13,10 +13,29 @@ Supervised reward of rollout ``i`` in group ``g`` (``../shared/GRACE.md``)::
 
 Unsupervised: the contrastive term is ``cos(q_i, d_i)`` and the negative term ``mean_{g' != g} cos(d_i, q_g')``.
 A rollout cut at the length limit gets the fixed ``truncation_penalty`` instead.
+
+GRPO's advantage is the reward minus its group mean, so a term that is the same for every rollout of a group teaches
+nothing. In the paper's form two terms are such constants: ``cos(q, d-)`` (query and hard negative are written once per
+group) and the in-batch hard-negative term (it looks at the query, not at the rollout). What training optimises there
+is ``cos(q, d+_i)`` + consistency - copy penalty. :func:`term_statistics` measures this in every run: each term's
+within-group standard deviation and its share of the advantage's variance.
+
+The per-rollout form (``form="infonce"``) makes the rollout the anchor of an InfoNCE term over the batch: the
+candidates are the query of every group and the own group's hard negative, and the target is the own query::
+
+    r_i = ( τ * log softmax_c( cos(d+_i, c) / τ )[q_g]       # c in {q_1 .. q_n_groups, d-_g}
+          + λ_c * mean_{j != i} cos(d+_i, d+_j)
+          - w_copy * copy_rate_i ) / τ
+
+Every term depends on the rollout's own embedding, so every term varies within a group: the hard negative and the other
+groups' queries now push each rollout away instead of cancelling. ``τ * log softmax`` is in cosine units (it tends to
+``cos(d+_i, q_g) - max_c cos(d+_i, c)`` as τ → 0), so λ_c and the copy weight keep their meaning. Unsupervised, the
+candidates are the query views of all texts of the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -132,17 +151,66 @@ def self_negative_term(query: torch.Tensor, positive: torch.Tensor, group_size: 
     return (sims * others).sum(dim=1) / (n_groups - 1)
 
 
+def infonce_term(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    group_size: int,
+    temperature: float,
+) -> torch.Tensor:
+    """``τ * log softmax_c(cos(d+_i, c) / τ)`` at the rollout's own query: the rollout is the anchor.
+
+    The candidates ``c`` are the query of every group of the batch and (when given) the own group's hard negative.
+
+    Args:
+        query: ``(n, dim)`` query embedding per rollout; the first row of each group is used.
+        positive: ``(n, dim)`` rollout embeddings, group by group.
+        negative: ``(n, dim)`` hard-negative embedding per rollout (first row of each group used), or None.
+        group_size: rollouts per group, G.
+        temperature: τ of the softmax (the result is multiplied back by τ, so it is in cosine units).
+
+    Returns:
+        ``(n,)`` tensor, <= 0; it varies with each rollout's own embedding.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+        >>> d = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.0, 1.0]])
+        >>> [round(x, 4) for x in infonce_term(q, d, None, 2, 0.1).tolist()]
+        [-0.0, -0.2127, -0.0, -0.0]
+    """
+    group_queries = _groups(query, group_size)[:, 0]  # (n_groups, dim)
+    n_groups = group_queries.shape[0]
+    logits = positive @ group_queries.T  # (n, n_groups)
+    if negative is not None:
+        group_negatives = _groups(negative, group_size)[:, 0].repeat_interleave(group_size, dim=0)
+        logits = torch.cat([logits, (positive * group_negatives).sum(dim=-1, keepdim=True)], dim=1)
+    own = torch.arange(n_groups, device=positive.device).repeat_interleave(group_size)
+    log_p = torch.log_softmax(logits / temperature, dim=1)
+    return temperature * log_p[torch.arange(positive.shape[0], device=positive.device), own]
+
+
+REWARD_FORMS: tuple[str, ...] = ("paper", "infonce")
+
+
 @dataclass
 class GraceRewards:
     """All parts of the GRACE reward of one batch, each ``(n,)``.
 
     Attributes:
         total: the reward GRPO uses (``truncation_penalty`` where a rollout was cut).
-        contrastive: ``cos(q, d+) - cos(q, d-)`` (supervised) or ``cos(q, d)`` (unsupervised), unweighted.
+        contrastive: the contrastive term, unweighted: ``cos(q, d+) - cos(q, d-)`` (paper, supervised), ``cos(q, d)``
+            (paper, unsupervised) or the InfoNCE term (``form="infonce"``).
         consistency: mean cosine to the other rollouts of the group, unweighted.
-        hard_negative: in-batch negative similarity, unweighted (it enters the total with a minus sign).
+        hard_negative: in-batch negative similarity, unweighted (it enters the total with a minus sign; zeros in the
+            InfoNCE form, where negatives are inside the softmax).
         copy_rate: share of rationale tokens copied from the input (zeros when not given).
         truncated: True where the rollout was cut at the length limit.
+        terms: ``{name: (values, weight)}`` of every term that enters the total with a non-zero weight: the unweighted
+            per-rollout values and their weight inside the bracket (before the division by τ). Names: ``positive``
+            (``cos(q, d+)``), ``negative`` (``cos(q, d-)``, weight -1), ``hard_negative``, ``infonce``,
+            ``consistency``, ``copy``.
+        temperature: τ.
+        truncation_penalty: the fixed reward of a cut rollout, or None (no override).
     """
 
     total: torch.Tensor
@@ -151,6 +219,63 @@ class GraceRewards:
     hard_negative: torch.Tensor
     copy_rate: torch.Tensor
     truncated: torch.Tensor
+    terms: dict[str, tuple[torch.Tensor, float]] = dataclasses.field(default_factory=dict)
+    temperature: float = 1.0
+    truncation_penalty: float | None = None
+
+    def contributions(self) -> dict[str, torch.Tensor]:
+        """What each term adds to ``total``, per rollout: ``weight * values / τ`` where the rollout was scored, 0
+        where the truncation penalty replaced it, and a ``truncation`` entry (the penalty on cut rollouts). They sum
+        to ``total``."""
+        override = self.truncated if self.truncation_penalty is not None else torch.zeros_like(self.truncated)
+        parts = {
+            name: torch.where(override, torch.zeros_like(values), weight * values / self.temperature)
+            for name, (values, weight) in self.terms.items()
+        }
+        if self.truncation_penalty is not None:
+            parts["truncation"] = override.float() * float(self.truncation_penalty)
+        return parts
+
+
+def term_statistics(rewards: GraceRewards, group_size: int) -> dict[str, dict[str, float | None]]:
+    """Which reward terms teach: each term's within-group standard deviation and share of the advantage's variance.
+
+    GRPO's advantage of rollout ``i`` is ``A_i = r_i - mean_group(r)`` (divided by a per-group scale in some settings,
+    which leaves the shares unchanged). With ``c_t`` a term's contribution to the reward (see
+    :meth:`GraceRewards.contributions`) centred within its group, ``A = sum_t c_t``, so
+    ``share_t = sum_i c_t,i * A_i / sum_i A_i^2`` splits the advantage's variance exactly: the shares sum to 1, a term
+    that is constant within every group has share 0, and a negative share means the term works against the others.
+
+    Args:
+        rewards: the rewards of one batch (:func:`grace_rewards`).
+        group_size: rollouts per group, G.
+
+    Returns:
+        ``{term: {"within_group_std": mean over groups of the population std of the unweighted term (None for the
+        truncation entry), "advantage_share": share (None when every advantage is 0)}}``.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0]] * 2)
+        >>> d = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+        >>> neg = torch.tensor([[0.0, 1.0]] * 2)
+        >>> stats = term_statistics(grace_rewards(q, d, neg, 2, consistency_weight=0.0), 2)
+        >>> stats["positive"]["advantage_share"], stats["negative"]["advantage_share"]
+        (1.0, 0.0)
+    """
+    parts = rewards.contributions()
+    advantage = _groups(rewards.total.float(), group_size)
+    advantage = advantage - advantage.mean(dim=1, keepdim=True)
+    variance = float((advantage**2).sum())
+    out: dict[str, dict[str, float | None]] = {}
+    for name, contribution in parts.items():
+        centred = _groups(contribution.float(), group_size)
+        centred = centred - centred.mean(dim=1, keepdim=True)
+        share = float((centred * advantage).sum()) / variance if variance > 0 else None
+        std = None
+        if name in rewards.terms:
+            std = _groups(rewards.terms[name][0].float(), group_size).std(dim=1, unbiased=False).mean().item()
+        out[name] = {"within_group_std": std, "advantage_share": share}
+    return out
 
 
 def grace_rewards(
@@ -160,6 +285,7 @@ def grace_rewards(
     group_size: int,
     *,
     mode: str = "supervised",
+    form: str = "paper",
     consistency_weight: float = 0.2,
     hard_negative_weight: float = 0.2,
     temperature: float = 0.1,
@@ -176,6 +302,8 @@ def grace_rewards(
         negative: ``(n, dim)`` hard-negative embedding per rollout, or None (unsupervised, or no negatives).
         group_size: rollouts per group, G.
         mode: ``"supervised"`` or ``"unsupervised"``. Defaults to ``"supervised"``.
+        form: ``"paper"`` (the published reward) or ``"infonce"`` (the per-rollout InfoNCE term; see the module
+            docstring; ``hard_negative_weight`` is unused there). Defaults to ``"paper"``.
         consistency_weight: λ_c. Defaults to 0.2.
         hard_negative_weight: λ_h. Defaults to 0.2.
         temperature: τ. Defaults to 0.1.
@@ -197,6 +325,8 @@ def grace_rewards(
     """
     if mode not in ("supervised", "unsupervised"):
         raise ValueError(f"mode={mode!r} is not supported; choose 'supervised' or 'unsupervised'.")
+    if form not in REWARD_FORMS:
+        raise ValueError(f"form={form!r} is not supported; choose one of {REWARD_FORMS}.")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} is not allowed; it must be a finite number > 0.")
     for name, value in (
@@ -219,15 +349,29 @@ def grace_rewards(
                 f"{name} has shape {tuple(per_rollout.shape)}; it needs one value per rollout ({positive.shape[0]},)."
             )
     query, positive = query.float(), positive.float()
-    if mode == "supervised":
-        contrastive = contrastive_term(query, positive, None if negative is None else negative.float())
-        negatives = hard_negative_term(query, positive, group_size)
+    negative = None if negative is None or mode == "unsupervised" else negative.float()
+    terms: dict[str, tuple[torch.Tensor, float]] = {}
+    if form == "infonce":
+        contrastive = infonce_term(query, positive, negative, group_size, temperature)
+        negatives = positive.new_zeros(positive.shape[0])
+        terms["infonce"] = (contrastive, 1.0)
     else:
-        contrastive = contrastive_term(query, positive)
-        negatives = self_negative_term(query, positive, group_size)
+        terms["positive"] = (contrastive_term(query, positive), 1.0)
+        contrastive = terms["positive"][0]
+        if negative is not None:
+            terms["negative"] = (contrastive_term(query, negative), -1.0)
+            contrastive = contrastive - terms["negative"][0]
+        if mode == "supervised":
+            negatives = hard_negative_term(query, positive, group_size)
+        else:
+            negatives = self_negative_term(query, positive, group_size)
+        terms["hard_negative"] = (negatives, -hard_negative_weight)
     consistency = consistency_term(positive, group_size)
+    terms["consistency"] = (consistency, consistency_weight)
     copy = positive.new_zeros(positive.shape[0]) if copy_rate is None else copy_rate.float().to(positive.device)
-    total = contrastive + consistency_weight * consistency - hard_negative_weight * negatives - copy_penalty * copy
+    terms["copy"] = (copy, -copy_penalty)
+    terms = {name: term for name, term in terms.items() if term[1] != 0}
+    total = sum((weight * values for values, weight in terms.values()), positive.new_zeros(positive.shape[0]))
     total = total / temperature
     if finished is None:
         truncated = torch.zeros(positive.shape[0], dtype=torch.bool, device=positive.device)
@@ -235,4 +379,6 @@ def grace_rewards(
         truncated = ~finished.to(device=positive.device, dtype=torch.bool)
     if truncation_penalty is not None:
         total = torch.where(truncated, torch.full_like(total, float(truncation_penalty)), total)
-    return GraceRewards(total, contrastive, consistency, negatives, copy, truncated)
+    return GraceRewards(
+        total, contrastive, consistency, negatives, copy, truncated, terms, temperature, truncation_penalty
+    )

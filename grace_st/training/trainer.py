@@ -23,7 +23,11 @@ How a batch flows (``../shared/GRACE.md``):
    transformers'.
 
 Every reward term and the collapse diagnostics (copy rate, distinct rollouts per group, within-group reward std, mean
-length, finish rate) are logged every step under ``grace/*`` (through the reward function's ``log_metric``).
+length, finish rate) are logged every step under ``grace/*`` (through the reward function's ``log_metric``), and so is
+which terms teach: ``grace/term_std/<term>`` (the term's within-group std) and ``grace/advantage_share/<term>`` (its
+share of the advantage's variance; :func:`grace_st.training.rewards.term_statistics`), averaged over the run in the
+training record's ``reward_terms``. ``query_rollouts=True`` adds, for every row, a row whose rollouts are rationales of
+the query (:func:`grace_st.training.data.with_query_rollouts`).
 ``grace/copy_rate`` is token-weighted over each generation batch, as evaluation reports it
 (:class:`grace_st.diagnostics.RationaleStats`; not logged for a batch without rationale tokens); the copy-penalty
 reward term uses each rollout's own rate.
@@ -67,9 +71,9 @@ from grace_st.training.checkpoints import (
     write_folder,
 )
 from grace_st.training.config import GraceGRPOConfig
-from grace_st.training.data import as_prompt_records, prompt_record
+from grace_st.training.data import as_prompt_records, prompt_record, with_query_rollouts
 from grace_st.training.provenance import base_model_info
-from grace_st.training.rewards import grace_rewards
+from grace_st.training.rewards import grace_rewards, term_statistics
 
 try:
     from accelerate.utils import gather_object
@@ -178,7 +182,9 @@ class GraceGRPOTrainer(GRPOTrainer):
                 model=model,
                 reward_funcs=[self.grace_reward],
                 args=args,
-                train_dataset=as_prompt_records(train_dataset, "train_dataset"),
+                train_dataset=as_prompt_records(
+                    with_query_rollouts(train_dataset) if args.query_rollouts else train_dataset, "train_dataset"
+                ),
                 eval_dataset=eval_dataset,
                 processing_class=processing_class,
                 callbacks=callbacks,
@@ -205,10 +211,12 @@ class GraceGRPOTrainer(GRPOTrainer):
         source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", None)
         self.base_model_source: str | None = source or None
         self._last_collapse_warning = -(10**9)
+        # Running sums of each reward term's statistics over training steps (the training record's "reward_terms").
+        self._term_totals: dict[str, dict[str, float]] = {}
         # Prompt ids of the latest rollouts, per mode: training may reuse its rollouts after an evaluation.
         self._rollout_prompt_ids: dict[str, set[tuple[int, ...]]] = {}
         if args.max_train_minutes is not None:
-            self.add_callback(TimeBudget(args.max_train_minutes))
+            self.add_callback(TimeBudget(args.max_train_minutes, clock=args.budget_clock))
         # First in line: a checkpoint is marked complete as soon as transformers finished it, whatever other
         # callbacks do in their on_save.
         self.callback_handler.callbacks.insert(0, CheckpointCompletion())
@@ -487,6 +495,7 @@ class GraceGRPOTrainer(GRPOTrainer):
             None if all_negative is None else _first_of_group(all_negative, group_size),
             group_size,
             mode=args.mode,
+            form=args.reward_form,
             consistency_weight=args.consistency_weight,
             hard_negative_weight=args.hard_negative_weight,
             temperature=args.reward_temperature,
@@ -511,13 +520,44 @@ class GraceGRPOTrainer(GRPOTrainer):
             "grace/finish_rate": 1.0 - rewards.truncated.float().mean().item(),
             "grace/query_finish_rate": side_finished.item(),
         }
+        # Which terms teach: within-group std of each term and its share of the advantage's variance (a term that is
+        # constant within every group has share 0: GRPO's group baseline cancels it).
+        terms = term_statistics(rewards, group_size)
+        for term, stats in terms.items():
+            metrics[f"grace/term_std/{term}"] = stats["within_group_std"]
+            metrics[f"grace/advantage_share/{term}"] = stats["advantage_share"]
         for name, value in metrics.items():
             if value is not None:  # no copy rate for a batch without rationale tokens (all rollouts empty)
                 log_metric(name, value)
         if mode == "train":
             self._check_collapse(metrics)
+            self._add_term_statistics(terms)
         local = slice(offset, offset + n_local)
         return rewards.total[local].tolist()
+
+    def _add_term_statistics(self, terms: dict[str, dict[str, float | None]]) -> None:
+        for term, stats in terms.items():
+            totals = self._term_totals.setdefault(term, {"steps": 0})
+            totals["steps"] += 1
+            for key, value in stats.items():
+                if value is not None:
+                    totals[key] = totals.get(key, 0.0) + value
+                    totals[f"{key}_steps"] = totals.get(f"{key}_steps", 0) + 1
+
+    def reward_term_summary(self) -> dict[str, dict[str, float | int | None]]:
+        """Each reward term's within-group std and advantage share, averaged over the training steps of this run
+        (:func:`grace_st.training.rewards.term_statistics`): ``{term: {"within_group_std", "advantage_share",
+        "steps"}}`` (None where a value was never defined); the training record's ``reward_terms``."""
+        return {
+            term: {
+                **{
+                    key: totals[key] / totals[f"{key}_steps"] if totals.get(f"{key}_steps") else None
+                    for key in ("within_group_std", "advantage_share")
+                },
+                "steps": int(totals["steps"]),
+            }
+            for term, totals in self._term_totals.items()
+        }
 
     def _check_collapse(self, metrics: dict[str, float | None]) -> None:
         args: GraceGRPOConfig = self.args
@@ -600,6 +640,7 @@ class GraceGRPOTrainer(GRPOTrainer):
             "license": license_,
             "global_step": self.state.global_step,
             "reward": {field: getattr(args, field) for field in TRAINING_RECORD_REWARD_FIELDS},
+            "reward_terms": self.reward_term_summary(),
             "generation": {field: getattr(args, field) for field in TRAINING_RECORD_GENERATION_FIELDS},
             "config": json.loads(args.to_json_string()),
         }

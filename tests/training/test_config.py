@@ -62,6 +62,9 @@ def test_defaults_follow_the_paper(tmp_path):
         ({"summary_suffix": "{text} {text}"}, "summary_suffix="),
         ({"final_model_dir": ""}, "final_model_dir=''"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
+        ({"reward_form": "contrastive"}, "reward_form='contrastive'"),
+        ({"query_rollouts": True, "mode": "unsupervised"}, "query_rollouts=True needs mode='supervised'"),
+        ({"budget_clock": "gpu"}, "budget_clock='gpu'"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(tmp_path, overrides, message):
@@ -72,6 +75,8 @@ def test_bad_values_are_rejected_naming_the_field(tmp_path, overrides, message):
 def _wrong_values(annotation) -> list:
     """Values of the wrong type for a field annotated ``annotation`` (the usual YAML/CLI mistakes)."""
     allowed = _allowed_types(annotation)
+    if bool in allowed:
+        return ["true", 1]
     if str in allowed:
         return [5, ["a list"]]
     if int in allowed:

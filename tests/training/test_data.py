@@ -15,6 +15,7 @@ from grace_st.training.data import (
     load_triplets,
     sick_triplets,
     to_grpo_dataset,
+    trecqa_triplets,
 )
 
 
@@ -132,6 +133,54 @@ def test_sick_train_triplets(shared_data):
     assert all(row["query"] and row["positive"] and row["negative"] for row in dataset.select(range(50)))
     data_args = GraceDataArguments(train_data=f"sick:{path}", max_train_samples=10)
     assert len(load_training_data(data_args)) == 10
+
+
+def test_trecqa_triplets_pair_each_answer_with_a_non_answer_of_its_question(shared_data, caplog):
+    import csv
+
+    path = shared_data / "trecqa" / "train.csv"
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    answers = {(r["qtext"].strip(), r["atext"].strip()) for r in rows if r["label"] == "1"}
+    non_answers: dict[str, set[str]] = {}
+    for r in rows:
+        if r["label"] == "0":
+            non_answers.setdefault(r["qtext"].strip(), set()).add(r["atext"].strip())
+    with caplog.at_level("INFO", logger="grace_st.training.data"):
+        dataset = trecqa_triplets(str(path), seed=3)
+    assert len(dataset) == len(answers)
+    assert {(row["query"], row["positive"]) for row in dataset} == answers
+    own = sum(row["negative"] in non_answers.get(row["query"], ()) for row in dataset)
+    borrowed = len(dataset) - own
+    assert own > 0.9 * len(dataset)
+    assert not borrowed or f"{borrowed} of {len(dataset)} triplets take their negative from another question" in (
+        caplog.text
+    )
+    assert all((row["query"], row["negative"]) not in answers for row in dataset)
+    assert list(trecqa_triplets(str(path), seed=3)["negative"]) == list(dataset["negative"])  # seeded
+    data_args = GraceDataArguments(train_data=f"trecqa:{path}", max_train_samples=5)
+    assert len(load_training_data(data_args)) == 5
+
+
+def test_query_rollouts_mirror_every_row():
+    from datasets import Dataset
+
+    from grace_st.training.data import with_query_rollouts
+
+    data = Dataset.from_dict({"prompt": ["d1", "d2"], "query": ["q1", "q2"], "negative": ["n1", ""], "id": [1, 2]})
+    mirrored = with_query_rollouts(data)
+    assert mirrored.to_list() == [
+        {"prompt": "d1", "query": "q1", "negative": "n1", "id": 1},
+        {"prompt": "q1", "query": "d1", "negative": "n1", "id": 1},
+        {"prompt": "d2", "query": "q2", "negative": "", "id": 2},
+        {"prompt": "q2", "query": "d2", "negative": "", "id": 2},
+    ]
+    streamed = with_query_rollouts(data.to_iterable_dataset())
+    assert list(streamed) == mirrored.to_list()
+    with pytest.raises(ValueError, match="empty query"):
+        with_query_rollouts(Dataset.from_dict({"prompt": ["d"], "query": [""], "negative": ["n"]}))
+    with pytest.raises(ValueError, match="'prompt', 'query' and 'negative'"):
+        with_query_rollouts(Dataset.from_dict({"prompt": ["d"]}))
 
 
 # ------------------------------------------------------------------------------------------- issue 12, item 11

@@ -14,7 +14,9 @@ from grace_st.training.rewards import (
     contrastive_term,
     grace_rewards,
     hard_negative_term,
+    infonce_term,
     self_negative_term,
+    term_statistics,
 )
 
 
@@ -134,3 +136,60 @@ def test_bad_arguments_raise(batch):
         grace_rewards(q, d, neg, 2, finished=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"copy_rate has shape \(4, 1\)"):
         grace_rewards(q, d, neg, 2, copy_rate=torch.zeros(4, 1))
+
+
+def test_infonce_term_is_the_log_softmax_over_all_queries_and_the_own_negative(batch):
+    q, d, neg = batch
+    tau = 0.1
+    got = infonce_term(q, d, neg, 2, tau)
+    for i in range(4):
+        g = i // 2
+        candidates = [q[0], q[2], neg[i]]
+        logits = torch.tensor([float(torch.dot(d[i], c)) / tau for c in candidates])
+        expected = tau * (logits[g] - torch.logsumexp(logits, 0)).item()
+        assert got[i].item() == pytest.approx(expected, abs=1e-6)
+    no_negative = infonce_term(q, d, None, 2, tau)
+    assert (no_negative >= got - 1e-7).all()  # one candidate fewer: never a lower log-probability
+
+
+def test_every_term_of_the_infonce_form_varies_within_a_group_and_the_paper_form_cancels_two():
+    # Groups of 3 (with 2 rollouts, consistency is cos(d_1, d_2) for both: constant in any form).
+    q = torch.tensor([unit(1, 0, 0)] * 3 + [unit(0, 1, 0)] * 3)
+    neg = torch.tensor([unit(0, 0, 1)] * 3 + [unit(1, 0, 0)] * 3)
+    d = torch.tensor([unit(1, 1, 0), unit(1, 0, 1), unit(2, 1, 1), unit(0, 1, 1), unit(1, 1, 1), unit(1, 3, 0)])
+    copies = torch.tensor([0.0, 0.5, 0.25, 0.0, 0.1, 0.0])
+    per_rollout = grace_rewards(q, d, neg, 3, form="infonce", copy_rate=copies, copy_penalty=0.5)
+    assert set(per_rollout.terms) == {"infonce", "consistency", "copy"}
+    stats = term_statistics(per_rollout, 3)
+    assert all(stats[name]["within_group_std"] > 0 for name in per_rollout.terms)
+    assert all(stats[name]["advantage_share"] != 0 for name in per_rollout.terms)
+    paper = grace_rewards(q, d, neg, 3)
+    assert set(paper.terms) == {"positive", "negative", "hard_negative", "consistency"}
+    stats = term_statistics(paper, 3)
+    for cancelled in ("negative", "hard_negative"):
+        assert stats[cancelled]["within_group_std"] == pytest.approx(0.0, abs=1e-7)
+        assert stats[cancelled]["advantage_share"] == pytest.approx(0.0, abs=1e-7)
+    assert stats["positive"]["advantage_share"] > 0
+    assert sum(s["advantage_share"] for s in stats.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_contributions_sum_to_the_total_with_truncation():
+    q = torch.tensor([unit(1, 0, 0)] * 3 + [unit(0, 1, 0)] * 3)
+    d = torch.tensor([unit(1, 1, 0), unit(1, 0, 1), unit(0, 1, 1), unit(1, 1, 1), unit(0, 1, 0), unit(1, 2, 0)])
+    finished = torch.tensor([True, False, True, True, True, False])
+    for form in ("paper", "infonce"):
+        result = grace_rewards(q, d, None, 3, form=form, finished=finished, copy_rate=torch.rand(6), copy_penalty=0.3)
+        parts = result.contributions()
+        torch.testing.assert_close(sum(parts.values()), result.total)
+        assert parts["truncation"].tolist() == [0.0, -1.0, 0.0, 0.0, 0.0, -1.0]
+        stats = term_statistics(result, 3)
+        assert sum(s["advantage_share"] for s in stats.values()) == pytest.approx(1.0, abs=1e-5)
+        assert stats["truncation"]["within_group_std"] is None and stats["truncation"]["advantage_share"] != 0
+
+
+def test_a_batch_without_advantage_has_no_shares():
+    q = torch.tensor([unit(1, 0)] * 2)
+    result = grace_rewards(q, q.clone(), None, 2)
+    assert all(s["advantage_share"] is None for s in term_statistics(result, 2).values())
+    with pytest.raises(ValueError, match="form='nce'"):
+        grace_rewards(q, q, None, 2, form="nce")

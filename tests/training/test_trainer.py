@@ -356,6 +356,58 @@ def test_logged_copy_rate_is_token_weighted_and_the_penalty_per_rollout(tiny_dir
     assert "grace/copy_rate" not in logged and logged["grace/copy_penalty"] == 0.0
 
 
+# ---------------------------------------------------------------------- which reward terms teach
+def _reward_of_real_rollouts(trainer, group_size: int = 4) -> dict:
+    """The rollouts the tiny policy writes for two groups, and the metrics their reward logs."""
+    rows = records(groups=(0, 1), group_size=group_size)
+    out = trainer.grace_rollout(rows)
+    logged, log_metric = _metric_log()
+    trainer.grace_reward(
+        prompts=rows,
+        completions=None,
+        completion_ids=out["completion_ids"],
+        grace_rollouts=[out["grace_rollouts"]] * len(rows),
+        log_metric=log_metric,
+    )
+    return logged
+
+
+def test_every_term_of_the_per_rollout_reward_varies_within_a_group_on_real_rollouts(tiny_dir, tmp_path):
+    args = make_args(tmp_path, reward_form="infonce", num_generations=4, per_device_train_batch_size=8)
+    trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=tiny_dataset())
+    logged = _reward_of_real_rollouts(trainer)
+    stds = {key.rsplit("/", 1)[1]: value for key, value in logged.items() if key.startswith("grace/term_std/")}
+    assert set(stds) == {"infonce", "consistency"}
+    assert all(value > 0 for value in stds.values()), stds
+    shares = {key.rsplit("/", 1)[1]: v for key, v in logged.items() if key.startswith("grace/advantage_share/")}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4) and shares["infonce"] > 0
+
+
+def test_the_paper_reward_logs_a_zero_advantage_share_for_its_negative_terms(tiny_dir, tmp_path):
+    args = make_args(tmp_path, num_generations=4, per_device_train_batch_size=8)
+    trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=tiny_dataset())
+    logged = _reward_of_real_rollouts(trainer)
+    for cancelled in ("negative", "hard_negative"):
+        assert logged[f"grace/advantage_share/{cancelled}"] == pytest.approx(0.0, abs=1e-6)
+        assert logged[f"grace/term_std/{cancelled}"] == pytest.approx(0.0, abs=1e-6)
+    assert logged["grace/advantage_share/positive"] != 0 and logged["grace/term_std/positive"] > 0
+
+
+def test_query_rollouts_write_rationales_for_the_queries(tiny_dir, tmp_path):
+    args = make_args(tmp_path, query_rollouts=True, max_steps=2, per_device_train_batch_size=8)
+    trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=tiny_dataset())
+    recorder = _Recorder(trainer)
+    trainer.train()
+    rolled = {prompt["text"] for prompts in recorder.prompts for prompt in prompts}
+    data = tiny_dataset()
+    assert rolled & set(data["query"]) and rolled & set(data["prompt"])
+    for prompts in recorder.prompts:
+        for prompt in prompts:  # a query group is scored against its positive document
+            if prompt["text"] in data["query"]:
+                assert prompt["query"] == data["prompt"][data["query"].index(prompt["text"])]
+    assert trainer.reward_term_summary()["positive"]["steps"] == 2
+
+
 # ---------------------------------------------------------------------- training
 def test_smoke_training_logs_every_term_from_the_rollouts_and_saves_a_grace_model(tiny_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
@@ -636,6 +688,8 @@ def test_trained_model_folder_carries_its_training_record(tiny_dir, tmp_path):
     assert record["training_datasets"] == ["demo"] and record["global_step"] == 1
     assert record["reward"] == {
         "mode": "supervised",
+        "reward_form": "paper",
+        "query_rollouts": False,
         "consistency_weight": 0.2,
         "hard_negative_weight": 0.2,
         "reward_temperature": 0.1,
@@ -654,6 +708,9 @@ def test_trained_model_folder_carries_its_training_record(tiny_dir, tmp_path):
         "pooling_mode": "mean",
     }
     assert record["config"]["copy_penalty"] == 0.25 and record["config"]["output_dir"] == args.output_dir
+    terms = record["reward_terms"]
+    assert set(terms) == {"positive", "negative", "hard_negative", "consistency", "copy"}
+    assert terms["negative"]["advantage_share"] == pytest.approx(0.0, abs=1e-6) and terms["negative"]["steps"] == 1
     card = render_card(path)  # the card reads the record (its display is hub.py's)
     assert "base_model: org/tiny-llm" in card and "license: mit" in card
 
