@@ -1,0 +1,142 @@
+"""Reward forms at equal CPU budgets: train every row of the comparison, two seeds each, then one dev-set table.
+
+Rows trained from ``training/configs/trecqa.yaml`` (TrecQA triplets, summary readout), each for the same CPU minutes
+(``budget_clock: cpu``, so runs sharing the machine get equal budgets):
+
+- ``+CL``: the same backbone, prompt, readout and LoRA adapter with MultipleNegativesRankingLoss
+  (``training/train_contrastive.py``);
+- ``GRACE paper``: the published reward (``reward_form: paper``);
+- ``GRACE InfoNCE``: the per-rollout reward (``reward_form: infonce``);
+- ``GRACE InfoNCE + query rollouts``: the same, with queries rolled out too (the recipe).
+
+Then ``eval/compare_dev.py`` scores them with PromptEOL and untrained GRACE on the five STS dev sets and TrecQA dev,
+each trained GRACE row also with its rationale removed, with bootstrap intervals (``<out>/compare/comparison.md``).
+
+Usage:
+    OMP_NUM_THREADS=1 python experiments/reward_study.py --out runs/reward-study           # everything
+    OMP_NUM_THREADS=1 python experiments/reward_study.py --out runs/reward-study --train-only
+    OMP_NUM_THREADS=1 python experiments/reward_study.py --out runs/reward-study --compare-only
+
+A run whose model folder is complete is not trained again (delete its folder to retrain it); each run's log is
+``<out>/<run>.log``. ``--parallel`` runs train side by side (one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "training" / "configs" / "trecqa.yaml"
+# label -> flags of training/train.py (None: the +CL baseline of training/train_contrastive.py)
+CONFIGURATIONS: dict[str, list[str] | None] = {
+    "+CL": None,
+    "GRACE paper": ["--reward_form", "paper", "--query_rollouts", "false"],
+    "GRACE InfoNCE": ["--reward_form", "infonce", "--query_rollouts", "false"],
+    "GRACE InfoNCE + query rollouts": ["--reward_form", "infonce", "--query_rollouts", "true"],
+}
+
+
+def run_name(label: str, seed: int) -> str:
+    slug = label.lower().replace("+", "plus ").replace(" ", "-").replace("--", "-")
+    return f"{slug.strip('-')}-seed{seed}"
+
+
+def model_folder(out: Path, label: str, seed: int) -> Path:
+    """Where a run's SentenceTransformer lands (a GRACE run writes it to <run>/grace-model, +CL to <run>)."""
+    run = out / run_name(label, seed)
+    return run if CONFIGURATIONS[label] is None else run / "grace-model"
+
+
+def seed_config(out: Path, seed: int, minutes: float) -> Path:
+    """The recipe with ``seed`` and the budget replaced (the +CL script reads both from the config)."""
+    lines = []
+    for line in RECIPE.read_text(encoding="utf-8").splitlines():
+        key = line.split(":", 1)[0]
+        if key == "seed":
+            line = f"seed: {seed}"
+        elif key == "max_train_minutes":
+            line = f"max_train_minutes: {minutes}"
+        lines.append(line)
+    path = out / "configs" / f"trecqa-seed{seed}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def train_command(out: Path, label: str, seed: int, minutes: float) -> list[str]:
+    config = str(seed_config(out, seed, minutes))
+    run = str(out / run_name(label, seed))
+    flags = CONFIGURATIONS[label]
+    if flags is None:
+        script = str(ROOT / "training" / "train_contrastive.py")
+        return [sys.executable, script, "--grace_config", config, "--output_dir", run, "--epochs", "100",
+                "--learning_rate", "5e-5", "--budget_clock", "cpu"]  # fmt: skip
+    return [sys.executable, str(ROOT / "training" / "train.py"), "--config", config, "--output_dir", run, *flags]
+
+
+def train(out: Path, label: str, seed: int, minutes: float) -> tuple[str, float, int]:
+    folder = model_folder(out, label, seed)
+    if (folder / "modules.json").is_file():
+        print(f"{run_name(label, seed)}: already trained ({folder}); skipped", flush=True)
+        return run_name(label, seed), 0.0, 0
+    log = out / f"{run_name(label, seed)}.log"
+    started = time.perf_counter()
+    print(f"{run_name(label, seed)}: training ({minutes} CPU min), log {log}", flush=True)
+    with open(log, "w", encoding="utf-8") as handle:
+        code = subprocess.call(
+            train_command(out, label, seed, minutes),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=ROOT,
+        )
+    minutes_taken = (time.perf_counter() - started) / 60
+    print(f"{run_name(label, seed)}: exit {code} after {minutes_taken:.1f} min wall", flush=True)
+    return run_name(label, seed), minutes_taken, code
+
+
+def compare_command(out: Path, seeds: list[int], limit: int, general: bool) -> list[str]:
+    command = [sys.executable, str(ROOT / "eval" / "compare_dev.py"), "--out", str(out / "compare"), "--limit",
+               str(limit), "--overwrite"]  # fmt: skip
+    for label in CONFIGURATIONS:
+        for seed in seeds:
+            flag = "--contrastive" if CONFIGURATIONS[label] is None else "--trained"
+            command += [flag, f"{label}, seed {seed}={model_folder(out, label, seed)}"]
+    return command + (["--general"] if general else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/reward-study", help="Output folder. Default: runs/reward-study.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="Seeds of every row. Default: 1 2.")
+    parser.add_argument("--minutes", type=float, default=8.0, help="CPU minutes per run. Default: 8.")
+    parser.add_argument("--parallel", type=int, default=2, help="Runs trained side by side. Default: 2.")
+    parser.add_argument("--limit", type=int, default=100, help="STS pairs per dev set. Default: 100.")
+    parser.add_argument("--rows", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    parser.add_argument("--general", action="store_true", help="Also the general-ability check (compare_dev).")
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--compare-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or args.parallel < 1 or args.limit < 1:
+        parser.error(f"--minutes ({args.minutes}) must be > 0, --parallel ({args.parallel}) and --limit >= 1.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.compare_only:
+        jobs = [(label, seed) for seed in args.seeds for label in args.rows]
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            results = list(pool.map(lambda job: train(out, job[0], job[1], args.minutes), jobs))
+        failed = [name for name, _, code in results if code]
+        if failed:
+            sys.exit(f"Training failed for {failed}; see their logs in {out}.")
+    if not args.train_only:
+        subprocess.check_call(compare_command(out, args.seeds, args.limit, args.general), cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()
