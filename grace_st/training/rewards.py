@@ -224,16 +224,15 @@ class GraceRewards:
     truncation_penalty: float | None = None
 
     def contributions(self) -> dict[str, torch.Tensor]:
-        """What each term adds to ``total``, per rollout: ``weight * values / τ`` where the rollout was scored, 0
-        where the truncation penalty replaced it, and a ``truncation`` entry (the penalty on cut rollouts). They sum
-        to ``total``."""
-        override = self.truncated if self.truncation_penalty is not None else torch.zeros_like(self.truncated)
-        parts = {
-            name: torch.where(override, torch.zeros_like(values), weight * values / self.temperature)
-            for name, (values, weight) in self.terms.items()
-        }
+        """What each term adds to ``total``, per rollout: ``weight * values / τ``, and (with a truncation penalty) a
+        ``truncation`` entry: what the override changes on cut rollouts (the penalty minus the terms' sum there, 0
+        elsewhere). They sum to ``total``; a term that is constant within a group stays constant there."""
+        parts = {name: weight * values / self.temperature for name, (values, weight) in self.terms.items()}
         if self.truncation_penalty is not None:
-            parts["truncation"] = override.float() * float(self.truncation_penalty)
+            scored = sum(parts.values(), torch.zeros_like(self.total))
+            parts["truncation"] = torch.where(
+                self.truncated, float(self.truncation_penalty) - scored, torch.zeros_like(self.total)
+            )
         return parts
 
 

@@ -181,10 +181,20 @@ def test_contributions_sum_to_the_total_with_truncation():
         result = grace_rewards(q, d, None, 3, form=form, finished=finished, copy_rate=torch.rand(6), copy_penalty=0.3)
         parts = result.contributions()
         torch.testing.assert_close(sum(parts.values()), result.total)
-        assert parts["truncation"].tolist() == [0.0, -1.0, 0.0, 0.0, 0.0, -1.0]
+        scored = sum(weight * values / 0.1 for values, weight in result.terms.values())
+        torch.testing.assert_close(parts["truncation"], torch.where(finished, 0.0, -1.0 - scored))
         stats = term_statistics(result, 3)
         assert sum(s["advantage_share"] for s in stats.values()) == pytest.approx(1.0, abs=1e-5)
         assert stats["truncation"]["within_group_std"] is None and stats["truncation"]["advantage_share"] != 0
+
+
+def test_terms_constant_in_a_group_keep_a_zero_share_when_rollouts_are_cut(batch):
+    q, d, neg = batch
+    result = grace_rewards(q, d, neg, 2, finished=torch.tensor([True, False, True, True]))
+    stats = term_statistics(result, 2)
+    assert stats["negative"]["advantage_share"] == pytest.approx(0.0, abs=1e-7)
+    assert stats["hard_negative"]["advantage_share"] == pytest.approx(0.0, abs=1e-7)
+    assert stats["truncation"]["advantage_share"] > 0
 
 
 def test_a_batch_without_advantage_has_no_shares():
