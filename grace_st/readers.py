@@ -9,6 +9,9 @@ Three pair formats, as published in ``../shared/data`` (see :func:`read_pairs`):
 - ``"sick"``: SICK, TSV with the header ``pair_ID sentence_A sentence_B relatedness_score entailment_judgment``;
 - ``"msrp"``: MSR Paraphrase, TSV with the header ``Quality #1 ID #2 ID #1 String #2 String`` (a UTF-8 BOM first).
 
+Question answering (TrecQA, see :func:`read_trecqa`): CSV with the header ``qtext,label,atext`` (label 1 = the
+sentence answers the question).
+
 Every reader is strict: bytes that are not UTF-8, a row with another number of fields than the header, a missing
 column or a score that is not a number raise ``ValueError`` naming the file and the line. Cells are stripped of
 surrounding whitespace; blank lines are skipped.
@@ -239,6 +242,62 @@ def read_pairs(path: str | os.PathLike, format: PairFormat = "auto", limit: int 
         label = cells[label_index] if label_index is not None else None
         pairs.append(Pair(cells[first], cells[second], score, label, number))
     return pairs
+
+
+class QARow(NamedTuple):
+    """One TrecQA row: a question, a candidate sentence and whether the sentence answers it.
+
+    Attributes:
+        question: the question.
+        sentence: the candidate answer sentence.
+        label: 1 when the sentence answers the question, else 0.
+    """
+
+    question: str
+    sentence: str
+    label: int
+
+
+TRECQA_COLUMNS = ("qtext", "label", "atext")
+
+
+def read_trecqa(path: str | os.PathLike) -> list[QARow]:
+    """Read a TrecQA file (CSV with the header ``qtext,label,atext``, usual CSV quoting) in file order.
+
+    Args:
+        path: the file (for example ``trecqa/dev.csv`` under :func:`data_dir`, via :func:`resolve_data_path`).
+
+    Returns:
+        The :class:`QARow` s, one per data row.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not UTF-8, a missing column, a row with the wrong number of fields, an empty question or sentence,
+            or a label other than ``0``/``1`` (naming the file, the line and the value).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as handle:
+        ...     _ = handle.write('qtext,label,atext\\nWho wrote it ?,1,"Smith , who wrote it , said so ."\\n')
+        >>> read_trecqa(handle.name)
+        [QARow(question='Who wrote it ?', sentence='Smith , who wrote it , said so .', label=1)]
+    """
+    table = read_rows(path, delimiter=",")
+    header = table.header or []
+    missing = [name for name in TRECQA_COLUMNS if name not in header]
+    if missing:
+        raise ValueError(f"{path} is not a TrecQA file: columns {missing} are missing (header: {header}).")
+    question_index, label_index, sentence_index = (header.index(name) for name in TRECQA_COLUMNS)
+    rows = []
+    for number, cells in table.rows:
+        label = cells[label_index]
+        if label not in ("0", "1"):
+            raise ValueError(f"{path}: line {number}: label {label!r} is not allowed; a TrecQA label is 0 or 1.")
+        question, sentence = cells[question_index], cells[sentence_index]
+        if not question or not sentence:
+            raise ValueError(f"{path}: line {number}: the question or the sentence is empty.")
+        rows.append(QARow(question, sentence, int(label)))
+    return rows
 
 
 RECORD_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")

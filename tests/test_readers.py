@@ -126,3 +126,48 @@ def test_data_dir_order(tmp_path, monkeypatch):
     assert resolve_data_path("f.tsv") == tmp_path / "env" / "f.tsv"
     with pytest.raises(FileNotFoundError, match=r"GRACE_ST_DATA.*now .*explicit"):
         resolve_data_path("f.tsv", tmp_path / "explicit")
+
+
+def test_read_trecqa_keeps_quoted_commas_and_file_order(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text(
+        'qtext,label,atext\nWho wrote it ?,1,"Smith , who wrote it , said ""so"" ."\n\nWho wrote it ?,0,No .\n',
+        encoding="utf-8",
+    )
+    rows = readers.read_trecqa(path)
+    assert rows == [
+        readers.QARow("Who wrote it ?", 'Smith , who wrote it , said "so" .', 1),
+        readers.QARow("Who wrote it ?", "No .", 0),
+    ]
+    assert all(type(row.label) is int for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("qtext,label,atext\nQ ?,1,A .\nQ ?,2,B .\n", r"line 3: label '2' is not allowed"),
+        ("qtext,label,atext\nQ ?,yes,A .\n", r"line 2: label 'yes' is not allowed"),
+        ("qtext,atext\nQ ?,A .\n", r"columns \['label'\] are missing"),
+        ("qtext,label,atext\nQ ?,1\n", r"line 2 has 2 fields"),
+        ("qtext,label,atext\n,1,A .\n", r"line 2: the question or the sentence is empty"),
+    ],
+)
+def test_read_trecqa_rejects_bad_rows_naming_file_and_line(tmp_path, content, message):
+    path = tmp_path / "qa.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as error:
+        readers.read_trecqa(path)
+    assert str(path) in str(error.value)
+
+
+def test_read_trecqa_real_dev_file(shared_data):
+    import csv
+
+    path = shared_data / "trecqa" / "dev.csv"
+    if not path.is_file():
+        pytest.skip(f"TrecQA dev not found at {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        expected = [(q.strip(), a.strip(), int(label)) for q, label, a in list(csv.reader(handle))[1:]]
+    rows = readers.read_trecqa(path)
+    assert [tuple(row) for row in rows] == expected
+    assert len({row.question for row in rows}) == 81 and sum(row.label for row in rows) == 222
