@@ -84,16 +84,8 @@ def bootstrap_spearmans(
 def bootstrap_means(
     predicted: Sequence[np.ndarray], gold: Sequence[np.ndarray], indices: Sequence[np.ndarray]
 ) -> np.ndarray:
-    """The mean over sets of the per-set Spearman, recomputed on each resample: shape ``(resamples,)``.
-
-    Args:
-        predicted: per set, the predicted similarity of each pair.
-        gold: per set, the gold score of each pair.
-        indices: :func:`bootstrap_indices` of the set sizes.
-
-    Returns:
-        One mean over the sets per resample (NaN where a resample of some set is constant on one side).
-    """
+    """The mean over sets of :func:`bootstrap_spearmans` (same arguments): one value per resample, ``(resamples,)``
+    (NaN where a resample of some set is constant on one side)."""
     return np.mean(bootstrap_spearmans(predicted, gold, indices), axis=0)
 
 

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs",
         "rows_options": {row.label: _row_record(row) for row in rows},
     }
+    if TRECQA_DEV[0] in dev_sets:  # the questions nDCG cannot score, listed rather than dropped silently
+        report["trecqa_unanswered_questions"] = list(dev_sets[TRECQA_DEV[0]].unanswered)
 
     def save(results: dict[str, Any]) -> None:
         report.update(results, seconds=time.perf_counter() - started)
