@@ -1,9 +1,14 @@
-"""Test-time scaling study: mean Spearman on the dev sets against seconds per text for ``num_rationales`` k = 1, 2, 4.
+"""Test-time scaling study: dev-set scores against seconds per text for ``num_rationales`` k = 1, 2, 4.
+
+The dev sets are the comparison's: the five STS sets (Spearman, first --limit pairs) and TrecQA dev (nDCG@10 of all
+answered questions); ``--sets trecqa`` runs the curve on TrecQA dev only, ``--sets sts`` on the STS sets only.
 
 Usage:
     OMP_NUM_THREADS=1 python experiments/k_curve.py --model outputs/grace-sick-summary/grace-model --readout summary \
         --limit 40 --out runs/k-curve
     OMP_NUM_THREADS=1 python experiments/k_curve.py --limit 20        # the untrained default backbone, greedy k=1
+    OMP_NUM_THREADS=1 python experiments/k_curve.py --model outputs/grace-sick-summary/grace-model --sets trecqa \
+        --out runs/k-curve-trecqa
 
 k rationales are sampled per text (seeded by the text) for k > 1; k = 1 keeps the model's decoding (greedy). Scores
 come from the dev-set comparison of the library (:mod:`grace_st.evaluation.dev_comparison`); writes <out>/k_curve.json
@@ -20,25 +25,29 @@ from pathlib import Path
 from typing import Any
 
 from grace_st.evaluation.dev_comparison import (
+    DevSets,
     Row,
     build_row_model,
     grace_options,
+    labelled_folder,
     load_dev_sets,
+    load_trecqa_dev,
     missing_features,
+    optional_trecqa_dev,
     score_model,
 )
 from grace_st.evaluation.mteb_evaluation import ModelSpec
-from grace_st.readers import Pair
 from grace_st.scripts import setup_logging
 from grace_st.scripts.compare_dev import dev_set_parser
 from grace_st.tables import format_cell, markdown_table
 
 logger = logging.getLogger("k_curve")
+SET_GROUPS = ("sts", "trecqa")
 
 
 def k_curve(
     spec: ModelSpec,
-    dev_sets: dict[str, Sequence[Pair]],
+    dev_sets: DevSets,
     ks: Sequence[int] = (1, 2, 4),
     *,
     pooling_mode: str | None = None,
@@ -52,7 +61,8 @@ def k_curve(
 
     Args:
         spec: the GRACE model (a backbone with options or a folder); ``num_rationales`` is set per point.
-        dev_sets: ``{name: pairs}`` (a stated subset, e.g. ``load_dev_sets(limit=20)``, keeps k=4 affordable).
+        dev_sets: ``{name: pairs or RetrievalSet}`` (a stated subset, e.g. ``load_dev_sets(limit=20)``, keeps k=4
+            affordable; :func:`grace_st.evaluation.dev_comparison.load_trecqa_dev` adds TrecQA dev).
         ks: the values of k. Defaults to (1, 2, 4).
         pooling_mode: the readout (None: the model's).
         sampling: options for k > 1, which must sample (each text's k rationales are seeded from the text). Defaults
@@ -61,8 +71,8 @@ def k_curve(
         batch_size, resamples, seed, device: see :func:`grace_st.evaluation.dev_comparison.compare`.
 
     Returns:
-        One dict per k: ``{"k", "mean", "ci95", "spearman", "seconds_per_text", "finish_rate", "mean_length",
-        "pairs_per_set"}``.
+        One dict per k: ``{"k", "mean", "ci95", "scores" (per set: Spearman or nDCG@10), "spearman", "sts_mean",
+        "seconds_per_text", "finish_rate", "mean_length", "pairs_per_set"}``.
 
     Raises:
         ValueError: this grace_st has no ``num_rationales`` option, or a k is not an integer >= 1.
@@ -80,7 +90,8 @@ def k_curve(
         result = score_model(
             build_row_model(row, device), dev_sets, batch_size=batch_size, resamples=resamples, seed=seed
         )
-        keep = ("mean", "ci95", "spearman", "seconds_per_text", "finish_rate", "mean_length", "copy_rate")
+        keep = ("mean", "ci95", "scores", "spearman", "sts_mean", "seconds_per_text", "finish_rate", "mean_length")
+        keep += ("copy_rate",)
         decoding = "sampled" if options.get("do_sample") else "greedy"
         points.append(
             {
@@ -94,17 +105,19 @@ def k_curve(
     return points
 
 
-def results_sizes(dev_sets: dict[str, Sequence[Pair]]) -> dict[str, int]:
-    """``{set: number of pairs}``."""
+def results_sizes(dev_sets: DevSets) -> dict[str, int]:
+    """``{set: number of pairs (STS) or questions (retrieval)}``."""
     return {name: len(pairs) for name, pairs in dev_sets.items()}
 
 
 def k_curve_markdown(points: Sequence[dict[str, Any]]) -> str:
-    """The k-curve as a table: k, mean Spearman, its 95% interval, seconds per text, finish rate, mean length."""
+    """The k-curve as a table: k, each set's score, the mean, its 95% interval, seconds per text, finish, length."""
+    sets = list(points[0]["scores"]) if points else []
     rows = [
         [
             p["k"],
             p["decoding"],
+            *(p["scores"][name] for name in sets),
             p["mean"],
             f"[{format_cell(p['ci95']['low'])}, {format_cell(p['ci95']['high'])}]",
             None if p["seconds_per_text"] is None else f"{p['seconds_per_text']:.3f}",
@@ -113,7 +126,7 @@ def k_curve_markdown(points: Sequence[dict[str, Any]]) -> str:
         ]
         for p in points
     ]
-    return markdown_table(["k", "decoding", "mean Spearman", "95% CI", "s/text", "finish", "length"], rows)
+    return markdown_table(["k", "decoding", *sets, "mean", "95% CI", "s/text", "finish", "length"], rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -122,13 +135,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="k values. Default: 1 2 4.")
     parser.add_argument("--model", default=None, help="A GRACE folder (default: the untrained backbone).")
     parser.add_argument("--readout", default=None, help="Readout (default: the model's).")
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        choices=SET_GROUPS,
+        default=None,
+        help="Dev sets: sts (the five STS sets), trecqa (TrecQA dev, nDCG@10). Default: both, TrecQA left out with a "
+        "warning when the data folder lacks it (named explicitly, a missing file is an error).",
+    )
     args = parser.parse_args(argv)
     setup_logging()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    options = grace_options(args.trained, args.max_new_tokens, args.system_prompt)
+    trained = labelled_folder(args.trained[0])[1] if args.trained else None
+    options = grace_options(trained, args.max_new_tokens, args.system_prompt)
     if args.readout and "summary" in args.readout:
         options["summary_suffix"] = args.summary_suffix
     if args.model:
@@ -136,11 +158,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         spec = ModelSpec(args.backbone, "k curve", tuple(sorted(options.items())))
     started = time.perf_counter()
+    sets = args.sets or list(SET_GROUPS)
+    dev_sets: DevSets = load_dev_sets(args.data_dir, args.limit) if "sts" in sets else {}
+    if "trecqa" in sets:
+        dev_sets.update(load_trecqa_dev(args.data_dir) if args.sets else optional_trecqa_dev(args.data_dir))
     points = k_curve(
-        spec, load_dev_sets(args.data_dir, args.limit), args.k, pooling_mode=args.readout,
+        spec, dev_sets, args.k, pooling_mode=args.readout,
         batch_size=args.batch_size, resamples=args.bootstrap, seed=args.seed, device=args.device,
     )  # fmt: skip
-    text = f"num_rationales curve ({spec.name_or_path}, {dict(spec.options)}), first {args.limit} pairs per set, "
+    text = f"num_rationales curve ({spec.name_or_path}, {dict(spec.options)}), sets {sets} (first {args.limit} "
+    text += "pairs per STS set, all answered TrecQA questions), "
     text += f"{(time.perf_counter() - started) / 60:.1f} min\n\n" + k_curve_markdown(points)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,3 +47,30 @@ def write_dev_sets(root: Path) -> Path:
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (root / "sts2012" / "MSRpar.train.tsv").write_text("".join(f"3\t{a}\t{b}\n" for a, b, _ in PAIRS), "utf-8")
     return root
+
+
+# (question, sentence, label): "Who plays ?" has two answers, "A man plays the guitar." answers two questions and
+# "Why ?" has none (it is not scored).
+QA_ROWS = [
+    ("Who plays the guitar ?", "A man plays the guitar.", 1),
+    ("Who plays the guitar ?", "Stocks fell , sharply .", 0),
+    ("Who plays the guitar ?", "A man is playing a guitar.", 1),
+    ("What does the man play ?", "A man plays the guitar.", 1),
+    ("What does the man play ?", "Kids are running in a park.", 0),
+    ("What fell today ?", "The stock market fell today.", 1),
+    ("What fell today ?", "A dog is barking.", 0),
+    ("Why ?", "A dog is barking.", 0),
+]
+
+
+def write_trecqa(root: Path, rows=QA_ROWS) -> Path:
+    """``<root>/trecqa/dev.csv`` (``qtext,label,atext``, quoted where a cell has a comma) of ``rows``; returns root."""
+    import csv
+
+    path = root / "trecqa" / "dev.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["qtext", "label", "atext"])
+        writer.writerows([question, label, sentence] for question, sentence, label in rows)
+    return root

@@ -1,18 +1,23 @@
 """The dev-set comparison: does a GRACE embedding beat what the same backbone gives for free?
 
 Five STS dev sets of the data folder (:data:`DEV_SETS`: SICK trial, STS12 MSRpar, STS12 OnWN, STS13 headlines,
-STS13 OnWN; first 100 pairs each by default), one row per model. For each row the distinct texts of all five sets are
-encoded once (:func:`grace_st.evaluation.quickeval.encode`, which goes through :func:`grace_st.encoding.encode_corpus`
-and measures the rationales with :mod:`grace_st.diagnostics`), then per set the Spearman correlation of cosine
-similarity with the gold score, the five-set mean, and a bootstrap 95% interval of that mean
-(:mod:`grace_st.evaluation.metrics`: pairs resampled within each set, all five Spearmans recomputed and averaged). The
-resampled indices depend only on the seed and the set sizes, so every row sees the same resamples and the difference
-of two rows gets a paired interval too (``delta_vs_promptEOL``).
+STS13 OnWN; first 100 pairs each by default) and TrecQA dev as retrieval (:data:`TRECQA_DEV`, :func:`load_trecqa_dev`:
+every answered question retrieves among all answering sentences, nDCG@10, never limited), one row per model. For each
+row the distinct texts of all sets (STS sentences, questions, answering sentences) are encoded once
+(:func:`grace_st.evaluation.quickeval.encode`, which goes through :func:`grace_st.encoding.encode_corpus` and measures
+the rationales with :mod:`grace_st.diagnostics`), then per STS set the Spearman correlation of cosine similarity with
+the gold score, per retrieval set the mean nDCG@10 over its questions, the mean over all sets (and the STS mean), and
+a bootstrap 95% interval of that mean (:mod:`grace_st.evaluation.metrics`: pairs resampled within each STS set,
+questions within TrecQA, every set's score recomputed and averaged). The resampled indices depend only on the seed and
+the set sizes, so every row sees the same resamples and the difference of two rows gets a paired interval too
+(``delta_vs_promptEOL``).
 
 Rows (:func:`comparison_rows`): no rationale, echo, PromptEOL (Jiang et al., 2023: the raw prompt
 ``This sentence : "<text>" means in one word:"``, no chat template, last-token state), untrained GRACE with the mean
-and the summary readout, the +CL baseline, trained GRACE with the mean and with its best readout. Rows that need a
-module option this installation lacks are listed as skipped with the reason, never silently left out.
+and the summary readout, the +CL baselines, and each trained GRACE folder with its readout and with the rationale
+removed. Rows that need a module option this installation lacks are listed as skipped with the reason, never silently
+left out. With ``rows_dir``, :func:`compare` saves each scored row as its own file keyed by everything that changes its
+value and reuses a file whose key matches (:func:`row_key`), so a run resumes and several processes can share rows.
 
 Also :func:`general_check` (perplexity on held-out text and multiple-choice score of each trained LM next to the
 backbone's, :mod:`grace_st.evaluation.general`). The command line of ``eval/compare_dev.py`` is
@@ -22,8 +27,11 @@ backbone's, :mod:`grace_st.evaluation.general`). The command line of ``eval/comp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,10 +39,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from grace_st.artifacts import GRACE_CONFIG_FILE
-from grace_st.evaluation.metrics import bootstrap_indices, bootstrap_means, percentile_interval, spearman
+from grace_st.evaluation.metrics import (
+    bootstrap_indices,
+    bootstrap_query_means,
+    bootstrap_spearmans,
+    percentile_interval,
+    retrieval_ndcg,
+    spearman,
+)
 from grace_st.factory import PROMPTEOL_OPTIONS
 from grace_st.model import SUMMARY_SUFFIX
-from grace_st.readers import Pair, read_json, read_pairs, resolve_data_path
+from grace_st.readers import Pair, QARow, read_json, read_pairs, read_trecqa, resolve_data_path
 from grace_st.tables import format_cell, markdown_table
 
 if TYPE_CHECKING:
@@ -52,6 +67,9 @@ DEV_SETS: tuple[tuple[str, str], ...] = (
     ("STS13 headlines", "sts2013/headlines.test.tsv"),
     ("STS13 OnWN", "sts2013/OnWN.test.tsv"),
 )
+# (column name, path relative to the data folder) of the retrieval set; its questions are never limited.
+TRECQA_DEV: tuple[str, str] = ("TrecQA nDCG@10", "trecqa/dev.csv")
+NDCG_K = 10
 DEFAULT_LIMIT = 100
 DEFAULT_SUMMARY_SUFFIX = SUMMARY_SUFFIX  # the module's measured default; a flag of eval/compare_dev.py
 DEFAULT_MAX_NEW_TOKENS = 40  # training/configs/sick.yaml's rationale limit
@@ -67,9 +85,11 @@ ROW_NAMES: tuple[str, ...] = (
     "trained GRACE (best readout), rationale removed",
 )
 PROMPTEOL_ROW = "PromptEOL"
-# The ablation of issue 14: the trained model's best readout with no rationale written (the summary suffix follows the
-# prompt directly), so the table shows what the rationale adds.
+# The ablation: the trained model's best readout with no rationale written (the summary suffix follows the prompt
+# directly), so the table shows what the rationale adds.
 ABLATION_ROW = "trained GRACE (best readout), rationale removed"
+ABLATION_SUFFIX = ", rationale removed"
+CONTRASTIVE_ROW = "+CL (equal budget)"
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -93,6 +113,77 @@ def load_dev_sets(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
         raise ValueError(f"limit={limit!r} is not allowed; use an integer >= 2 (pairs per set) or None (all pairs).")
     return {name: read_pairs(resolve_data_path(path, data_dir), limit=limit) for name, path in sets}
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSet:
+    """A retrieval dev set: questions, the corpus they search and, per question, the corpus indices that answer it.
+
+    Attributes:
+        queries: the questions with at least one answer, in file order.
+        corpus: the distinct answering sentences of all questions, in file order.
+        relevant: per query, the indices of its answering sentences in ``corpus``.
+        unanswered: questions of the file without an answering sentence (nDCG is undefined for them; reported).
+    """
+
+    queries: tuple[str, ...]
+    corpus: tuple[str, ...]
+    relevant: tuple[tuple[int, ...], ...]
+    unanswered: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    @classmethod
+    def from_qa_rows(cls, rows: Sequence[QARow]) -> RetrievalSet:
+        """Questions as queries, every answering sentence (label 1) as one corpus document relevant to each question
+        it answers; questions without an answer go to ``unanswered``.
+
+        Example:
+            >>> rows = [QARow("Q1", "A", 1), QARow("Q1", "B", 0), QARow("Q2", "A", 1), QARow("Q3", "C", 0)]
+            >>> RetrievalSet.from_qa_rows(rows)
+            RetrievalSet(queries=('Q1', 'Q2'), corpus=('A',), relevant=((0,), (0,)), unanswered=('Q3',))
+        """
+        corpus = list(dict.fromkeys(row.sentence for row in rows if row.label == 1))
+        index = {sentence: i for i, sentence in enumerate(corpus)}
+        answers: dict[str, dict[int, None]] = {row.question: {} for row in rows}
+        for row in rows:
+            if row.label == 1:
+                answers[row.question][index[row.sentence]] = None
+        return cls(
+            queries=tuple(q for q, docs in answers.items() if docs),
+            corpus=tuple(corpus),
+            relevant=tuple(tuple(docs) for docs in answers.values() if docs),
+            unanswered=tuple(q for q, docs in answers.items() if not docs),
+        )
+
+
+def load_trecqa_dev(
+    data_dir: str | os.PathLike | None = None, path: str = TRECQA_DEV[1], name: str = TRECQA_DEV[0]
+) -> dict[str, RetrievalSet]:
+    """TrecQA dev as ``{name: RetrievalSet}`` (all questions, :func:`grace_st.readers.read_trecqa`).
+
+    Questions without an answering sentence cannot be scored; they are logged and kept in ``unanswered``.
+
+    Raises:
+        FileNotFoundError: the file is missing (the message names the folder looked in).
+    """
+    dataset = RetrievalSet.from_qa_rows(read_trecqa(resolve_data_path(path, data_dir)))
+    if dataset.unanswered:
+        logger.info(
+            "%s: %d of %d questions have no answering sentence and are not scored: %s",
+            path, len(dataset.unanswered), len(dataset) + len(dataset.unanswered), list(dataset.unanswered),
+        )  # fmt: skip
+    return {name: dataset}
+
+
+def optional_trecqa_dev(data_dir: str | os.PathLike | None = None) -> dict[str, RetrievalSet]:
+    """:func:`load_trecqa_dev`, or ``{}`` with a logged warning when the data folder has no TrecQA dev file."""
+    try:
+        return load_trecqa_dev(data_dir)
+    except FileNotFoundError as error:
+        logger.warning("TrecQA dev is left out of the comparison: %s", error)
+        return {}
 
 
 # -------------------------------------------------------------------------------------------------------- rows
@@ -159,49 +250,80 @@ def build_row_model(row: Row, device: str | None = "cpu") -> SentenceTransformer
     return model
 
 
+def labelled_folder(text: str) -> tuple[str | None, str]:
+    """Split ``LABEL=FOLDER`` into ``(label, folder)``; an existing path, or text without ``=``, is a bare folder.
+
+    Example:
+        >>> labelled_folder("GRACE paper, seed 1=outputs/paper-s1/grace-model"), labelled_folder("outputs/m")
+        (('GRACE paper, seed 1', 'outputs/paper-s1/grace-model'), (None, 'outputs/m'))
+    """
+    if os.path.exists(text) or "=" not in text:
+        return None, text
+    label, _, folder = text.partition("=")
+    if not label.strip() or not folder.strip():
+        raise ValueError(f"{text!r} is neither a folder nor LABEL=FOLDER with a label and a folder.")
+    return label.strip(), folder.strip()
+
+
+def _labelled(values: str | Sequence[str] | None, flag: str) -> list[tuple[str | None, str]]:
+    entries = [labelled_folder(v) for v in ([values] if isinstance(values, str) else list(values or ()))]
+    if len(entries) > 1 and any(label is None for label, _ in entries):
+        bare = [folder for label, folder in entries if label is None]
+        raise ValueError(f"Several {flag} folders need a label each (LABEL=FOLDER); unlabelled: {bare}.")
+    return entries
+
+
 def comparison_rows(
     backbone: str = "default",
     *,
-    trained: str | None = None,
+    trained: str | Sequence[str] | None = None,
     trained_readout: str = "summary",
-    contrastive: str | None = None,
+    contrastive: str | Sequence[str] | None = None,
     max_new_tokens: int | None = None,
     system_prompt: str | None = None,
     summary_suffix: str = DEFAULT_SUMMARY_SUFFIX,
     only: Sequence[str] | None = None,
 ) -> list[Row]:
-    """The rows of the dev-set table (:data:`ROW_NAMES`), as :class:`Row` s.
+    """The rows of the dev-set table, as :class:`Row` s.
 
     The training-free rows are the standard rows of every GRACE table
     (:func:`grace_st.evaluation.mteb_evaluation.standard_rows`), each with its readout; the untrained model is read
-    out twice (mean and summary), and a trained folder gives its mean, best-readout and rationale-removed rows.
+    out twice (mean and summary). Then one row per +CL folder and two per trained GRACE folder.
+
+    Trained folders come bare (one folder: today's rows "trained GRACE (mean)", "trained GRACE (best readout)" and
+    "trained GRACE (best readout), rationale removed") or labelled, ``LABEL=FOLDER`` (:func:`labelled_folder`; rows
+    "LABEL" with ``trained_readout`` and "LABEL, rationale removed": the same model and readout with
+    ``rationale_mode="none"``; no mean row). +CL folders: a bare one is the row "+CL (equal budget)", labelled ones the
+    row "LABEL". Several folders of one kind need labels.
 
     Args:
         backbone: backbone of the training-free rows (folder, Hub id or ``"default"``).
-        trained: a trained GRACE folder (rows "trained GRACE (mean)" and "(best readout)"); None lists them as
-            skipped.
-        trained_readout: the readout of "trained GRACE (best readout)". Defaults to ``"summary"``.
-        contrastive: the +CL folder (:func:`grace_st.training.contrastive.train_contrastive`); None lists its row
-            as skipped.
-        max_new_tokens: rationale limit of the untrained rows; None takes the trained folder's, else 40.
-        system_prompt: system prompt of the chat-template rows; None takes the trained folder's, else the default.
+        trained: trained GRACE folder(s), ``FOLDER`` or ``LABEL=FOLDER`` each; None lists the trained rows as skipped.
+        trained_readout: the readout of the trained rows. Defaults to ``"summary"``.
+        contrastive: +CL folder(s) (:func:`grace_st.training.contrastive.train_contrastive`), ``FOLDER`` or
+            ``LABEL=FOLDER`` each; None lists the +CL row as skipped.
+        max_new_tokens: rationale limit of the untrained rows; None takes the first trained folder's, else 40.
+        system_prompt: system prompt of the chat-template rows; None takes the first trained folder's, else the
+            default.
         summary_suffix: suffix of the summary readout (used where the model does not have one saved).
-        only: keep only these row names (e.g. the cheap rows for a dry run); None keeps all.
+        only: keep only these row labels (e.g. the cheap rows for a dry run); None keeps all.
 
     Returns:
-        The rows, in :data:`ROW_NAMES` order.
+        The rows: training-free, +CL, trained, in the order given.
+
+    Raises:
+        ValueError: two rows with one label, several folders of one kind without labels, or an ``only`` label that
+            these arguments do not produce (the message lists those they do).
     """
-    unknown = sorted(set(only or ()) - set(ROW_NAMES))
-    if unknown:
-        raise ValueError(f"Unknown row name(s) {unknown}; choose from {list(ROW_NAMES)}.")
     from grace_st.evaluation.mteb_evaluation import ModelSpec, standard_rows
 
-    generate = grace_options(trained, max_new_tokens, system_prompt)
+    trained_entries = _labelled(trained, "--trained")
+    contrastive_entries = _labelled(contrastive, "--contrastive")
+    first_trained = trained_entries[0][1] if trained_entries else None
+    generate = grace_options(first_trained, max_new_tokens, system_prompt)
     chat = {key: value for key, value in generate.items() if key == "system_prompt"}
     summary = {"summary_suffix": summary_suffix}
-    no_rationale, echo, prompteol, untrained, *others = standard_rows(
-        backbone, generate["max_new_tokens"], contrastive=contrastive, **chat
-    )
+    no_rationale, echo, prompteol, untrained, *_ = standard_rows(backbone, generate["max_new_tokens"], **chat)
 
     def spec(base: ModelSpec, label: str, drop: str | None = None, **options: Any) -> ModelSpec:
         kept = {key: value for key, value in base.options if key != drop}
@@ -226,36 +348,44 @@ def comparison_rows(
             needs=("summary_suffix", "pooling_mode:summary"),
         ),
     ]
-    if contrastive:
-        rows.append(Row("+CL (equal budget)", spec(others[0], "+CL (equal budget)")))
-    else:
-        rows.append(Row("+CL (equal budget)", skip="no +CL folder given (--contrastive)"))
-    if not trained:
+    if not contrastive_entries:
+        rows.append(Row(CONTRASTIVE_ROW, skip="no +CL folder given (--contrastive)"))
+    for label, folder in contrastive_entries:
+        rows.append(Row(label or CONTRASTIVE_ROW, ModelSpec(folder, label or CONTRASTIVE_ROW)))
+    if not trained_entries:
         rows += [Row(label, skip="no trained GRACE folder given (--trained)") for label in ROW_NAMES[6:]]
-    else:
-        trained_spec = ModelSpec(trained)
-        rows.append(Row("trained GRACE (mean)", spec(trained_spec, "trained GRACE (mean)"), pooling_mode="mean"))
+    for label, folder in trained_entries:
+        trained_spec = ModelSpec(folder)
         readout_needs = (f"pooling_mode:{trained_readout}",)
         options: dict[str, Any] = {}
-        if "summary" in trained_readout and not _saved_suffix(trained):
+        if "summary" in trained_readout and not _saved_suffix(folder):
             options = dict(summary)
             readout_needs += ("summary_suffix",)
+        if label is None:
+            rows.append(Row("trained GRACE (mean)", spec(trained_spec, "trained GRACE (mean)"), pooling_mode="mean"))
+            label, ablation = "trained GRACE (best readout)", ABLATION_ROW
+        else:
+            ablation = label + ABLATION_SUFFIX
+        rows.append(
+            Row(label, spec(trained_spec, label, **options), pooling_mode=trained_readout, needs=readout_needs)
+        )
         rows.append(
             Row(
-                "trained GRACE (best readout)",
-                spec(trained_spec, f"trained GRACE ({trained_readout})", **options),
+                ablation,
+                spec(trained_spec, ablation, **options, rationale_mode="none"),
                 pooling_mode=trained_readout,
                 needs=readout_needs,
             )
         )
-        rows.append(
-            Row(
-                ABLATION_ROW,
-                spec(trained_spec, ABLATION_ROW, **options, rationale_mode="none"),
-                pooling_mode=trained_readout,
-                needs=readout_needs,
-            )
+    labels = [row.label for row in rows]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(
+            f"Row labels must be unique; {repeated} appear more than once. Give each folder its own label."
         )
+    unknown = [label for label in only or () if label not in labels]
+    if unknown:
+        raise ValueError(f"Unknown row name(s) {unknown}; these flags give the rows {labels}.")
     return [row for row in rows if only is None or row.label in only]
 
 
@@ -302,9 +432,23 @@ def _with_readouts(model: SentenceTransformer, readouts: Sequence[str]) -> Sente
     return SentenceTransformer(modules=[model[0], _Readouts(**pooling.get_config_dict())], device=str(model.device))
 
 
+DevSets = dict[str, "Sequence[Pair] | RetrievalSet"]
+
+
+def set_texts(dev_sets: DevSets) -> list[str]:
+    """The distinct texts of all sets in order: STS sentences, retrieval questions and corpus sentences."""
+    texts: list[str] = []
+    for dataset in dev_sets.values():
+        if isinstance(dataset, RetrievalSet):
+            texts += [*dataset.queries, *dataset.corpus]
+        else:
+            texts += [text for pair in dataset for text in pair[:2]]
+    return list(dict.fromkeys(texts))
+
+
 def score_model(
     model: SentenceTransformer,
-    dev_sets: dict[str, Sequence[Pair]],
+    dev_sets: DevSets,
     *,
     batch_size: int = 16,
     resamples: int = 1000,
@@ -315,7 +459,8 @@ def score_model(
 
     Args:
         model: any ``SentenceTransformer`` (GRACE models are measured: copy rate, finish rate, mean length).
-        dev_sets: ``{name: pairs}`` (:func:`load_dev_sets`).
+        dev_sets: ``{name: pairs}`` (:func:`load_dev_sets`, Spearman of cosine) and ``{name: RetrievalSet}``
+            (:func:`load_trecqa_dev`, mean nDCG@10 of cosine retrieval), in the order of the table.
         batch_size: encoding batch size. Defaults to 16.
         resamples: bootstrap resamples. Defaults to 1000.
         seed: bootstrap seed. Defaults to 0.
@@ -323,15 +468,17 @@ def score_model(
             time and diagnostics are the generation's, shared by all); None scores the model as it is.
 
     Returns:
-        ``{"spearman": {set: value}, "mean", "ci95": {"low", "high", ...}, "cosines": {set: [...]}, "texts",
-        "seconds", "seconds_per_text", "copy_rate", "finish_rate", "mean_length", "examples"}`` (rationale numbers
-        None for models without rationales); a list of them with ``readouts``.
+        ``{"scores": {set: value}, "spearman": {STS set: value}, "ndcg": {retrieval set: [per question]}, "mean"
+        (over all sets), "sts_mean" (over the STS sets; None without one), "ci95": {"low", "high", ...},
+        "cosines": {STS set: [...]}, "texts", "seconds", "seconds_per_text", "copy_rate", "finish_rate",
+        "mean_length", "examples"}`` (rationale numbers None for models without rationales); a list of them with
+        ``readouts``.
     """
     from grace_st.evaluation.quickeval import encode
 
     if not dev_sets:
         raise ValueError("dev_sets is empty; pass at least one set of pairs.")
-    texts = list(dict.fromkeys(text for pairs in dev_sets.values() for pair in pairs for text in pair[:2]))
+    texts = set_texts(dev_sets)
     encoded = encode(model if readouts is None else _with_readouts(model, readouts), texts, batch_size=batch_size)
     if readouts is None:
         return _score(encoded, encoded.embeddings, texts, dev_sets, resamples, seed)
@@ -341,23 +488,49 @@ def score_model(
         parts, readouts, strict=True)]  # fmt: skip
 
 
+def _golds(pairs: Sequence[Pair]) -> np.ndarray:
+    return np.asarray([float(pair[2]) for pair in pairs])
+
+
+def bootstrap_set_scores(result: dict[str, Any], dev_sets: DevSets, resamples: int, seed: int) -> np.ndarray:
+    """Each set's score on each bootstrap resample, ``(sets, resamples)``: STS pairs and retrieval questions
+    resampled within their set, from a result's ``cosines`` and ``ndcg`` (the same resamples for every row)."""
+    indices = bootstrap_indices([len(dataset) for dataset in dev_sets.values()], resamples, seed)
+    samples = []
+    for (name, dataset), idx in zip(dev_sets.items(), indices, strict=True):
+        if isinstance(dataset, RetrievalSet):
+            samples.append(bootstrap_query_means(np.asarray(result["ndcg"][name]), idx))
+        else:
+            cosines = np.asarray(result["cosines"][name])
+            samples.append(bootstrap_spearmans([cosines], [_golds(dataset)], [idx])[0])
+    return np.asarray(samples)
+
+
 def _score(encoded, vectors, texts, dev_sets, resamples, seed) -> dict[str, Any]:
     row_of = {text: i for i, text in enumerate(texts)}
-    cosines, golds = {}, {}
-    for name, pairs in dev_sets.items():
-        a = vectors[[row_of[pair[0]] for pair in pairs]]
-        b = vectors[[row_of[pair[1]] for pair in pairs]]
-        cosines[name] = (a * b).sum(axis=1).astype(np.float64)
-        golds[name] = np.asarray([float(pair[2]) for pair in pairs])
-    per_set = {name: spearman(cosines[name], golds[name]) for name in dev_sets}
-    indices = bootstrap_indices([len(pairs) for pairs in dev_sets.values()], resamples, seed)
-    means = bootstrap_means(list(cosines.values()), list(golds.values()), indices)
+    scores, per_set, cosines, ndcg = {}, {}, {}, {}
+    for name, dataset in dev_sets.items():
+        if isinstance(dataset, RetrievalSet):
+            queries = vectors[[row_of[text] for text in dataset.queries]]
+            corpus = vectors[[row_of[text] for text in dataset.corpus]]
+            ndcg[name] = retrieval_ndcg(queries, corpus, dataset.relevant, NDCG_K)
+            scores[name] = float(ndcg[name].mean())
+        else:
+            a = vectors[[row_of[pair[0]] for pair in dataset]]
+            b = vectors[[row_of[pair[1]] for pair in dataset]]
+            cosines[name] = (a * b).sum(axis=1).astype(np.float64)
+            scores[name] = per_set[name] = spearman(cosines[name], _golds(dataset))
+    result = {"cosines": {name: values.tolist() for name, values in cosines.items()}}
+    result["ndcg"] = {name: values.tolist() for name, values in ndcg.items()}
+    samples = bootstrap_set_scores(result, dev_sets, resamples, seed)
     stats = encoded.stats
     return {
+        "scores": scores,
         "spearman": per_set,
-        "mean": float(np.mean(list(per_set.values()))),
-        "ci95": percentile_interval(means),
-        "cosines": {name: values.tolist() for name, values in cosines.items()},
+        "mean": float(np.mean(list(scores.values()))),
+        "sts_mean": float(np.mean(list(per_set.values()))) if per_set else None,
+        "ci95": percentile_interval(samples.mean(axis=0)),
+        **result,
         "texts": len(texts),
         "seconds": stats.seconds,
         "seconds_per_text": stats.seconds_per_text,
@@ -369,45 +542,128 @@ def _score(encoded, vectors, texts, dev_sets, resamples, seed) -> dict[str, Any]
 
 
 def paired_difference(
-    result: dict[str, Any], reference: dict[str, Any], dev_sets: dict[str, Sequence[Pair]], resamples: int, seed: int
+    result: dict[str, Any], reference: dict[str, Any], dev_sets: DevSets, resamples: int, seed: int
 ) -> dict[str, Any]:
     """``result["mean"] - reference["mean"]`` with a paired bootstrap 95% interval (the same resamples for both)."""
-    golds = [np.asarray([float(pair[2]) for pair in pairs]) for pairs in dev_sets.values()]
-    indices = bootstrap_indices([len(pairs) for pairs in dev_sets.values()], resamples, seed)
-    ours = bootstrap_means([np.asarray(result["cosines"][name]) for name in dev_sets], golds, indices)
-    theirs = bootstrap_means([np.asarray(reference["cosines"][name]) for name in dev_sets], golds, indices)
+    ours = bootstrap_set_scores(result, dev_sets, resamples, seed).mean(axis=0)
+    theirs = bootstrap_set_scores(reference, dev_sets, resamples, seed).mean(axis=0)
     return {"delta": result["mean"] - reference["mean"], **percentile_interval(ours - theirs)}
+
+
+# ---------------------------------------------------------------------------------------------------- row files
+_CONTENT_HASH_BYTES = 1 << 20  # files up to 1 MiB (configs, tokenizer, module code) by content; weights by size+mtime
+
+
+def folder_fingerprint(path: str | os.PathLike) -> dict[str, str] | None:
+    """What identifies a model folder's contents: ``{relative file: sha256 of small files, or size and mtime of large
+    ones (weights)}``; None when ``path`` is not a folder (a Hub id is identified by its name)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    prints = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        if stat.st_size <= _CONTENT_HASH_BYTES:
+            prints[file.relative_to(path).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+        else:
+            prints[file.relative_to(path).as_posix()] = f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+    return prints
+
+
+def dev_sets_fingerprint(dev_sets: DevSets) -> dict[str, Any]:
+    """``{set: {"kind", "size", "sha256"}}``: a hash of each set's texts, gold scores and relevance judgments."""
+    prints = {}
+    for name, dataset in dev_sets.items():
+        if isinstance(dataset, RetrievalSet):
+            content: Any = [dataset.queries, dataset.corpus, dataset.relevant]
+            kind = f"retrieval nDCG@{NDCG_K}"
+        else:
+            content, kind = [list(pair[:3]) for pair in dataset], "sts spearman"
+        digest = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+        prints[name] = {"kind": kind, "size": len(dataset), "sha256": digest}
+    return prints
+
+
+def row_key(row: Row, dev_sets: DevSets, resamples: int, seed: int) -> dict[str, Any] | None:
+    """Everything that changes a row's numbers: label, model (path and :func:`folder_fingerprint`), options, readout,
+    the sets (:func:`dev_sets_fingerprint`) and the bootstrap; None for a row with an in-memory model (not saved)."""
+    if row.model is not None or row.spec is None:
+        return None
+    key = {
+        "label": row.label,
+        "model": os.path.abspath(row.spec.name_or_path)
+        if os.path.isdir(row.spec.name_or_path)
+        else row.spec.name_or_path,
+        "model_files": folder_fingerprint(row.spec.name_or_path),
+        "revision": row.spec.revision,
+        "options": dict(row.spec.options),
+        "pooling_mode": row.pooling_mode,
+        "sets": dev_sets_fingerprint(dev_sets),
+        "bootstrap": {"resamples": resamples, "seed": seed},
+    }
+    return json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back from a file
+
+
+def row_file(rows_dir: str | os.PathLike, label: str) -> Path:
+    """The file of a row: its label made file-safe, plus a short hash of the label so distinct labels never collide."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:80] or "row"
+    return Path(rows_dir) / f"{slug}-{hashlib.sha256(label.encode()).hexdigest()[:8]}.json"
+
+
+def _read_row_file(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    stored = read_json(path)
+    if not stored:
+        return None
+    if stored.get("key") != key:
+        changed = sorted(k for k in {**key, **stored.get("key", {})} if key.get(k) != stored.get("key", {}).get(k))
+        logger.info("%s was scored with other %s; rescoring.", path, changed)
+        return None
+    return stored["result"]
+
+
+def _write_row_file(path: Path, key: dict[str, Any], result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps({"key": key, "result": result}, default=str) + "\n", encoding="utf-8")
+    os.replace(partial, path)  # complete or absent, also with two processes writing rows
 
 
 def compare(
     rows: Sequence[Row],
-    dev_sets: dict[str, Sequence[Pair]],
+    dev_sets: DevSets,
     *,
     batch_size: int = 16,
     resamples: int = 1000,
     seed: int = 0,
     device: str | None = "cpu",
     on_row=None,
+    rows_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score every row; rows whose module options are missing are listed under ``"skipped"`` with the reason.
 
-    Every model is built once before any is scored, so a bad folder or option fails in seconds, not after an hour.
+    Every model to score is built once before any is scored, so a bad folder or option fails in seconds, not after an
+    hour.
 
     Args:
         rows: the rows (:func:`comparison_rows`).
-        dev_sets: ``{name: pairs}``.
+        dev_sets: ``{name: pairs or RetrievalSet}`` (see :func:`score_model`).
         batch_size, resamples, seed: see :func:`score_model`.
         device: where models are loaded. Defaults to ``"cpu"``.
-        on_row: called with the results so far after each row (e.g. to save them), or None.
+        on_row: called with the results so far after each scored row (e.g. to save them), or None.
+        rows_dir: a folder of row files (:func:`row_file`): a row whose file holds the same :func:`row_key` is read
+            from it, not scored; every scored row is written there. None scores every row and writes nothing.
 
     Returns:
-        ``{"sets": {name: number of pairs}, "rows": {label: score_model(...) + delta_vs_promptEOL},
-        "skipped": {label: reason}}``.
+        ``{"sets": {name: number of pairs or questions}, "rows": {label: score_model(...) + delta_vs_promptEOL},
+        "skipped": {label: reason}, "reused": [labels read from row files]}``, rows in the given order.
     """
     labels = [row.label for row in rows]
     if len(set(labels)) != len(labels):
         raise ValueError(f"Row labels must be distinct; got {labels}.")
     results: dict[str, Any] = {"sets": {k: len(v) for k, v in dev_sets.items()}, "rows": {}, "skipped": {}}
+    results["reused"] = []
+    scored: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
     runnable = []
     for row in rows:
         missing = missing_features(row.needs)
@@ -415,6 +671,13 @@ def compare(
             reason = row.skip or f"this grace_st lacks the module option(s) {missing}"
             logger.warning("Skipping row %r: %s.", row.label, reason)
             results["skipped"][row.label] = reason
+            continue
+        key = keys[row.label] = row_key(row, dev_sets, resamples, seed) if rows_dir is not None else None
+        stored = _read_row_file(row_file(rows_dir, row.label), key) if key is not None else None
+        if stored is not None:
+            logger.info("%s: reused from %s", row.label, row_file(rows_dir, row.label))
+            scored[row.label] = stored
+            results["reused"].append(row.label)
             continue
         runnable.append(row)
     for row in runnable:  # pre-flight: load every model once
@@ -425,22 +688,30 @@ def compare(
     for row in runnable:
         key = (row.spec.name_or_path, row.spec.options) if row.model is None and row.pooling_mode else id(row)
         groups.setdefault(key, []).append(row)
+
+    def ordered() -> dict[str, Any]:
+        return {label: scored[label] for label in labels if label in scored}
+
     for group in groups.values():
         logger.info("Scoring %s on %d sets.", [row.label for row in group], len(dev_sets))
         model = build_row_model(group[0], device)
         kwargs = {"batch_size": batch_size, "resamples": resamples, "seed": seed}
         if len(group) == 1:
-            scored = [score_model(model, dev_sets, **kwargs)]
+            results_of_group = [score_model(model, dev_sets, **kwargs)]
         else:
-            scored = score_model(model, dev_sets, readouts=[row.pooling_mode for row in group], **kwargs)
+            results_of_group = score_model(model, dev_sets, readouts=[row.pooling_mode for row in group], **kwargs)
         del model
-        for row, result in zip(group, scored, strict=True):
+        for row, result in zip(group, results_of_group, strict=True):
             if len(group) > 1:
                 result["shared_generation_with"] = [other.label for other in group if other is not row]
-            results["rows"][row.label] = result
+            scored[row.label] = result
+            if keys.get(row.label) is not None:
+                _write_row_file(row_file(rows_dir, row.label), keys[row.label], result)
             logger.info("%s: mean %.4f", row.label, result["mean"])
         if on_row is not None:
+            results["rows"] = ordered()
             on_row(results)
+    results["rows"] = {label: dict(result) for label, result in ordered().items()}
     reference = results["rows"].get(PROMPTEOL_ROW)
     if reference is not None:
         for label, result in results["rows"].items():
@@ -450,9 +721,13 @@ def compare(
 
 
 def comparison_markdown(results: dict[str, Any]) -> str:
-    """The comparison table: per-set Spearman, mean, its 95% interval, Δ vs PromptEOL, rationale numbers, time."""
+    """The comparison table: per-set score (Spearman, nDCG@10), the STS mean beside a retrieval set, the mean over
+    all sets, its 95% interval, Δ vs PromptEOL, rationale numbers, time."""
     sets = list(results["sets"])
-    header = ["row", *sets, "mean", "95% CI", "Δ PromptEOL [95% CI]", "copy", "finish", "length", "s/text"]
+    some = next(iter(results["rows"].values()), {})
+    sts_column = bool(some.get("sts_mean") is not None and len(some.get("spearman", {})) < len(sets))
+    header = ["row", *sets, *(["STS mean"] if sts_column else []), "mean", "95% CI", "Δ PromptEOL [95% CI]"]
+    header += ["copy", "finish", "length", "s/text"]
     table_rows = []
     for label, r in results["rows"].items():
         ci = r["ci95"]
@@ -461,10 +736,12 @@ def comparison_markdown(results: dict[str, Any]) -> str:
         delta_cell = (
             f"{delta['delta']:+.3f} [{format_cell(delta['low'])}, {format_cell(delta['high'])}]" if delta else None
         )
+        scores = r.get("scores", r["spearman"])
         table_rows.append(
             [
                 label,
-                *(r["spearman"][name] for name in sets),
+                *(scores[name] for name in sets),
+                *([r["sts_mean"]] if sts_column else []),
                 r["mean"],
                 interval,
                 delta_cell,

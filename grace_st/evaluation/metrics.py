@@ -1,8 +1,9 @@
-"""The metrics of GRACE evaluation: Spearman rank correlation and its bootstrap intervals.
+"""The metrics of GRACE evaluation: Spearman rank correlation, retrieval nDCG@k and their bootstrap intervals.
 
 Every Spearman grace_st reports comes from :func:`spearman` (average ranks for ties, as ``scipy.stats.spearmanr``);
-bootstrap intervals resample pairs within each set (:func:`bootstrap_indices`), so rows scored on the same sets get the
-same resamples and their difference has a paired interval.
+every nDCG from :func:`ndcg_at_k` (binary relevance, ties broken by corpus order). Bootstrap intervals resample pairs
+within each STS set and queries within each retrieval set (:func:`bootstrap_indices`), so rows scored on the same sets
+get the same resamples and their difference has a paired interval.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def bootstrap_indices(sizes: Sequence[int], resamples: int = 1000, seed: int = 0
     return [rng.integers(0, size, size=(resamples, size)) for size in sizes]
 
 
-def bootstrap_means(
+def bootstrap_spearmans(
     predicted: Sequence[np.ndarray], gold: Sequence[np.ndarray], indices: Sequence[np.ndarray]
 ) -> np.ndarray:
-    """The mean over sets of the per-set Spearman, recomputed on each resample: shape ``(resamples,)``.
+    """The Spearman of each set recomputed on each resample: shape ``(sets, resamples)``.
 
     Args:
         predicted: per set, the predicted similarity of each pair.
@@ -67,7 +68,7 @@ def bootstrap_means(
         indices: :func:`bootstrap_indices` of the set sizes.
 
     Returns:
-        One five-set mean per resample (NaN where a resample of some set is constant on one side).
+        One Spearman per set and resample (NaN where a resample is constant on one side).
     """
     if not (len(predicted) == len(gold) == len(indices)):
         raise ValueError(f"got {len(predicted)} predicted, {len(gold)} gold and {len(indices)} index sets.")
@@ -77,7 +78,90 @@ def bootstrap_means(
         if not (len(p) == len(g) == idx.shape[1]):
             raise ValueError(f"a set has {len(p)} predictions, {len(g)} gold scores and {idx.shape[1]} indices.")
         per_set.append(_pearson_rows(_rank_rows(p[idx]), _rank_rows(g[idx])))
-    return np.mean(per_set, axis=0)
+    return np.asarray(per_set).reshape(len(indices), -1)
+
+
+def bootstrap_means(
+    predicted: Sequence[np.ndarray], gold: Sequence[np.ndarray], indices: Sequence[np.ndarray]
+) -> np.ndarray:
+    """The mean over sets of :func:`bootstrap_spearmans` (same arguments): one value per resample, ``(resamples,)``
+    (NaN where a resample of some set is constant on one side)."""
+    return np.mean(bootstrap_spearmans(predicted, gold, indices), axis=0)
+
+
+def bootstrap_query_means(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The mean of per-query values (e.g. :func:`ndcg_at_k`) on each resample of queries: shape ``(resamples,)``.
+
+    Args:
+        values: one value per query.
+        indices: a ``(resamples, queries)`` array of :func:`bootstrap_indices`.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or indices.shape[1] != len(values):
+        raise ValueError(f"got {values.shape} per-query values and {indices.shape[1]} indices per resample.")
+    return values[indices].mean(axis=1)
+
+
+def ndcg_at_k(scores: np.ndarray, relevant: Sequence[Sequence[int]], k: int = 10) -> np.ndarray:
+    """Per-query nDCG@k with binary relevance from a ``(queries, documents)`` score matrix.
+
+    Documents are ranked by decreasing score; equal scores keep corpus order (a stable sort), so the value is
+    deterministic. DCG sums ``1 / log2(rank + 1)`` over the relevant documents in the first ``k`` ranks; the ideal DCG
+    puts ``min(k, number relevant)`` relevant documents first.
+
+    Args:
+        scores: similarity of each query (row) to each document (column).
+        relevant: per query, the column indices of its relevant documents (at least one each).
+        k: the cut-off. Defaults to 10.
+
+    Returns:
+        One nDCG@k in [0, 1] per query.
+
+    Raises:
+        ValueError: ``k`` < 1, a query without relevant documents (nDCG is undefined), an index outside the corpus,
+            or one entry of ``relevant`` per query not given.
+
+    Example:
+        >>> ndcg_at_k(np.array([[0.9, 0.1, 0.5]]), [[2]], k=10).round(4).tolist()  # the relevant one ranks 2nd
+        [0.6309]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} is not allowed; use an integer >= 1.")
+    if scores.ndim != 2 or scores.shape[0] != len(relevant):
+        raise ValueError(f"scores must be (queries, documents) with one row per query; got {scores.shape} and "
+                         f"{len(relevant)} queries' relevant documents.")  # fmt: skip
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    values = np.empty(len(relevant))
+    for query, docs in enumerate(relevant):
+        docs = sorted(set(docs))
+        if not docs:
+            raise ValueError(f"query {query} has no relevant document; nDCG is undefined (leave such queries out).")
+        if docs[0] < 0 or docs[-1] >= scores.shape[1]:
+            raise ValueError(f"query {query}: relevant index {docs} outside the corpus of {scores.shape[1]}.")
+        gains = np.isin(order[query], docs)
+        ideal = discounts[: min(k, len(docs))].sum()
+        values[query] = (gains * discounts[: len(gains)]).sum() / ideal
+    return values
+
+
+def retrieval_ndcg(
+    query_embeddings: np.ndarray, corpus_embeddings: np.ndarray, relevant: Sequence[Sequence[int]], k: int = 10
+) -> np.ndarray:
+    """Per-query nDCG@k of cosine retrieval: L2-normalised query and corpus embeddings, ranked by dot product.
+
+    Args:
+        query_embeddings: ``(queries, dim)``, L2-normalised.
+        corpus_embeddings: ``(documents, dim)``, L2-normalised.
+        relevant: per query, the row indices of its relevant documents in ``corpus_embeddings``.
+        k: the cut-off. Defaults to 10.
+
+    Returns:
+        :func:`ndcg_at_k` of the cosine scores.
+    """
+    scores = np.asarray(query_embeddings, dtype=np.float64) @ np.asarray(corpus_embeddings, dtype=np.float64).T
+    return ndcg_at_k(scores, relevant, k)
 
 
 def percentile_interval(samples: np.ndarray, level: float = 0.95) -> dict[str, Any]:

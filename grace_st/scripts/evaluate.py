@@ -28,9 +28,9 @@ Usage:
 A model is ``[LABEL=]NAME_OR_PATH[@KEY=VALUE,...]``: a GRACE folder, a SentenceTransformer folder or Hub id, a causal
 LM (made into GRACE), or ``default`` (the embedded SmolLM2-135M-Instruct); KEY=VALUE override GRACE options
 (rationale_mode, max_new_tokens, ...). --local-task takes spec files or the names of the bundled specs (msrp_pairs,
-msrp_retrieval, sick_contradiction, sick_trial_relatedness, sts12_msrpar, sts13_headlines), whose data is read from
---data-dir, else $GRACE_ST_DATA, else ../shared/data from the working directory. Results are written in mteb's
-results layout under --output-dir and reused on the next run; the comparison table is printed and saved to
+msrp_retrieval, sick_contradiction, sick_trial_relatedness, sts12_msrpar, sts13_headlines, trecqa_dev), whose data is
+read from --data-dir, else $GRACE_ST_DATA, else ../shared/data from the working directory. Results are written in
+mteb's results layout under --output-dir and reused on the next run; the comparison table is printed and saved to
 <output-dir>/comparison.md.
 """
 

@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
-from tiny_sts import PAIRS, write_dev_sets
+from tiny_sts import PAIRS, QA_ROWS, write_dev_sets, write_trecqa
 
 from grace_st.evaluation import dev_comparison as comparison
 from grace_st.evaluation.dev_comparison import (
     DEV_SETS,
     PROMPTEOL_ROW,
+    RetrievalSet,
     Row,
     compare,
     comparison_markdown,
     comparison_rows,
     load_dev_sets,
+    load_trecqa_dev,
     missing_features,
+    row_file,
     score_model,
     set_readout,
 )
+from grace_st.evaluation.mteb_evaluation import ModelSpec
 from grace_st.factory import from_backbone
-from grace_st.readers import Pair
+from grace_st.readers import Pair, QARow
 from grace_st.scripts.compare_dev import main
 
 
@@ -236,3 +241,160 @@ def test_readouts_of_one_model_share_one_generation_and_equal_separate_scoring(t
         assert np.allclose(shared[row.label]["cosines"]["a"], alone["cosines"]["a"], atol=1e-5)
         assert shared[row.label]["mean"] == pytest.approx(alone["mean"], abs=1e-6)
     assert shared[labels[0]]["mean"] != pytest.approx(shared[labels[1]]["mean"], abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------- TrecQA
+def _qa_set() -> RetrievalSet:
+    return RetrievalSet.from_qa_rows([QARow(q, a, label) for q, a, label in QA_ROWS])
+
+
+def test_retrieval_set_keeps_shared_answers_once_and_reports_unanswered_questions(tmp_path):
+    dataset = load_trecqa_dev(write_trecqa(tmp_path))["TrecQA nDCG@10"]
+    assert dataset == _qa_set()
+    assert dataset.queries == ("Who plays the guitar ?", "What does the man play ?", "What fell today ?")
+    assert dataset.corpus == ("A man plays the guitar.", "A man is playing a guitar.", "The stock market fell today.")
+    assert dataset.relevant == ((0, 1), (0,), (2,)) and dataset.unanswered == ("Why ?",)
+
+
+def test_load_trecqa_dev_reads_the_real_file(shared_data):
+    if not (shared_data / "trecqa" / "dev.csv").is_file():
+        pytest.skip("TrecQA dev not found in the data folder")
+    dataset = load_trecqa_dev(shared_data)["TrecQA nDCG@10"]
+    assert len(dataset) == 78 and len(dataset.unanswered) == 3 and len(dataset.corpus) == 198
+    assert sum(map(len, dataset.relevant)) == 222
+
+
+def _brute_ndcg(query, corpus, relevant, k=10):
+    scores = corpus @ query
+    ranked = sorted(range(len(corpus)), key=lambda doc: (-scores[doc], doc))[:k]
+    dcg = sum(1 / np.log2(rank + 2) for rank, doc in enumerate(ranked) if doc in relevant)
+    return dcg / sum(1 / np.log2(rank + 2) for rank in range(min(k, len(relevant))))
+
+
+def test_score_model_scores_retrieval_beside_sts_and_means_all_sets(tiny_backbone_dir):
+    model = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    qa = _qa_set()
+    sets = {"sts": _pairs(PAIRS), "qa": qa}
+    result = score_model(model, sets, resamples=200, seed=0)
+    queries = model.encode(list(qa.queries), normalize_embeddings=True)
+    corpus = model.encode(list(qa.corpus), normalize_embeddings=True)
+    expected = [_brute_ndcg(q, corpus, docs) for q, docs in zip(queries, qa.relevant, strict=True)]
+    np.testing.assert_allclose(result["ndcg"]["qa"], expected, atol=1e-5)
+    assert result["scores"]["qa"] == pytest.approx(np.mean(expected), abs=1e-5)
+    assert result["scores"]["sts"] == result["spearman"]["sts"] == result["sts_mean"]
+    assert result["mean"] == pytest.approx((result["scores"]["sts"] + result["scores"]["qa"]) / 2)
+    texts = {t for p in PAIRS for t in p[:2]} | set(qa.queries) | set(qa.corpus)
+    assert result["texts"] == len(texts)  # every text encoded once
+    assert result["ci95"]["low"] <= result["mean"] <= result["ci95"]["high"]
+    table = comparison_markdown({"sets": {"sts": 6, "qa": 3}, "rows": {"m": result}, "skipped": {}})
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert header[:5] == ["row", "sts", "qa", "STS mean", "mean"]
+
+
+def test_bootstrap_of_the_mean_resamples_questions_and_pairs_alike_for_every_row(tiny_backbone_dir):
+    none = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    echo = from_backbone(tiny_backbone_dir, rationale_mode="echo", max_new_tokens=4, device="cpu")
+    sets = {"sts": _pairs(PAIRS), "qa": _qa_set()}
+    rows = [Row(PROMPTEOL_ROW, model=none), Row("same", model=none), Row("echo", model=echo)]
+    results = compare(rows, sets, resamples=100)
+    same = results["rows"]["same"]["delta_vs_promptEOL"]
+    assert same["delta"] == 0 and same["low"] == 0 and same["high"] == 0
+    samples = comparison.bootstrap_set_scores(results["rows"]["echo"], sets, 100, 0)
+    assert samples.shape == (2, 100)
+    indices = comparison.bootstrap_indices([6, 3], 100, 0)[1]
+    np.testing.assert_allclose(samples[1], np.asarray(results["rows"]["echo"]["ndcg"]["qa"])[indices].mean(axis=1))
+
+
+# ------------------------------------------------------------------------------------------- labelled rows
+def test_labelled_trained_and_contrastive_folders_give_their_own_rows(tiny_backbone_dir, tmp_path):
+    folders = []
+    for seed, prompt in ((1, "Say what it means."), (2, "Other.")):
+        folder = tmp_path / f"s{seed}"
+        from_backbone(tiny_backbone_dir, system_prompt=prompt, max_new_tokens=12, device="cpu").save(str(folder))
+        folders.append(str(folder))
+    trained = [f"GRACE, seed {i}={folder}" for i, folder in enumerate(folders, start=1)]
+    contrastive = [f"+CL, seed {i}={folder}" for i, folder in enumerate(folders, start=1)]
+    rows = comparison_rows(tiny_backbone_dir, trained=trained, contrastive=contrastive, trained_readout="lasttoken")
+    labels = [r.label for r in rows]
+    assert labels[:5] == list(comparison.ROW_NAMES[:5])
+    assert labels[5:] == [
+        "+CL, seed 1",
+        "+CL, seed 2",
+        "GRACE, seed 1",
+        "GRACE, seed 1, rationale removed",
+        "GRACE, seed 2",
+        "GRACE, seed 2, rationale removed",
+    ]
+    assert rows[5].spec.name_or_path == folders[0] and rows[6].spec.name_or_path == folders[1]
+    seed2, ablation2 = rows[-2], rows[-1]
+    assert seed2.spec.name_or_path == ablation2.spec.name_or_path == folders[1]
+    assert seed2.pooling_mode == ablation2.pooling_mode == "lasttoken"
+    assert dict(ablation2.spec.options) == {"rationale_mode": "none"} and dict(seed2.spec.options) == {}
+    assert dict(rows[3].spec.options)["system_prompt"] == "Say what it means."  # the first trained folder's
+    with pytest.raises(ValueError, match=r"Row labels must be unique; \['GRACE', 'GRACE, rationale removed'\]"):
+        comparison_rows(tiny_backbone_dir, trained=[f"GRACE={folders[0]}", f"GRACE={folders[1]}"])
+    with pytest.raises(ValueError, match="need a label each"):
+        comparison_rows(tiny_backbone_dir, trained=[folders[0], f"GRACE={folders[1]}"])
+    with pytest.raises(ValueError, match=r"Unknown row name\(s\) \['GRACE, seed 3'\].*'GRACE, seed 2'"):
+        comparison_rows(tiny_backbone_dir, trained=trained, only=["GRACE, seed 3"])
+    bare = comparison_rows(tiny_backbone_dir, trained=folders[0], contrastive=[folders[1]])
+    assert [r.label for r in bare] == list(comparison.ROW_NAMES)
+
+
+# ------------------------------------------------------------------------------------------------ row files
+def test_compare_reuses_a_row_file_only_while_its_key_matches(tiny_backbone_copy, tmp_path, monkeypatch):
+    options = (("rationale_mode", "none"),)
+    rows = [Row("plain", ModelSpec(tiny_backbone_copy, "plain", options), pooling_mode="mean")]
+    sets, rows_dir = {"sts": _pairs(PAIRS), "qa": _qa_set()}, tmp_path / "rows"
+    first = compare(rows, sets, resamples=30, rows_dir=rows_dir)
+    path = row_file(rows_dir, "plain")
+    assert path.is_file() and json.loads(path.read_text())["key"]["options"] == {"rationale_mode": "none"}
+    calls = []
+    real_score = comparison.score_model
+    monkeypatch.setattr(comparison, "score_model", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    again = compare(rows, sets, resamples=30, rows_dir=rows_dir)
+    assert calls == [] and again["reused"] == ["plain"]
+    assert again["rows"]["plain"]["mean"] == pytest.approx(first["rows"]["plain"]["mean"])
+    compare(rows, sets, resamples=31, rows_dir=rows_dir)  # another bootstrap
+    compare(rows, {"sts": _pairs(PAIRS[:5]), "qa": _qa_set()}, resamples=31, rows_dir=rows_dir)  # other texts
+    (Path(tiny_backbone_copy) / "config.json").write_text(
+        (Path(tiny_backbone_copy) / "config.json").read_text() + "\n"
+    )  # the model folder changed
+    compare(rows, {"sts": _pairs(PAIRS[:5]), "qa": _qa_set()}, resamples=31, rows_dir=rows_dir)
+    readout = [Row("plain", ModelSpec(tiny_backbone_copy, "plain", options), pooling_mode="lasttoken")]
+    compare(readout, {"sts": _pairs(PAIRS[:5]), "qa": _qa_set()}, resamples=31, rows_dir=rows_dir)
+    assert calls == [1, 1, 1, 1]
+    compare(readout, {"sts": _pairs(PAIRS[:5]), "qa": _qa_set()}, resamples=31, rows_dir=rows_dir, batch_size=2)
+    assert calls == [1, 1, 1, 1]  # the batch size does not change the numbers
+
+
+def test_two_processes_split_the_rows_and_a_last_run_assembles_the_table(tiny_backbone_dir, tmp_path, monkeypatch):
+    data = write_trecqa(write_dev_sets(tmp_path / "data"))
+    trained = tmp_path / "trained"
+    from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu").save(str(trained))
+    out = tmp_path / "out"
+    argv = ["--backbone", tiny_backbone_dir, "--trained", f"GRACE, seed 1={trained}", "--trained-readout", "mean"]
+    argv += ["--limit", "4", "--data-dir", str(data), "--out", str(out), "--bootstrap", "20"]
+    first = ["PromptEOL", "no rationale"]
+    second = ["GRACE, seed 1", "GRACE, seed 1, rationale removed"]
+    main([*argv, "--rows", *first, "--only-row-files"])
+    main([*argv, "--rows", *second, "--only-row-files"])
+    assert not (out / "comparison.json").exists() and len(list((out / "rows").glob("*.json"))) == 4
+    monkeypatch.setattr(comparison, "score_model", lambda *a, **k: pytest.fail("a saved row was scored again"))
+    report = main([*argv, "--rows", *first, *second])
+    assert sorted(report["reused"]) == sorted(first + second) and list(report["rows"]) == [first[1], first[0], *second]
+    assert report["sets"]["TrecQA nDCG@10"] == 3 and report["sets"]["SICK trial"] == 4
+    table = (out / "comparison.md").read_text()
+    assert "TrecQA nDCG@10" in table and "STS mean" in table and "| GRACE, seed 1, rationale removed" in table
+    assert report["rows"]["GRACE, seed 1"]["delta_vs_promptEOL"]["resamples"] == 20
+    with pytest.raises(ValueError, match=r"Unknown row name\(s\) \['GRACE, seed 2'\]"):
+        main([*argv, "--rows", "GRACE, seed 2", "--overwrite"])
+
+
+def test_no_trecqa_and_a_missing_trecqa_file_give_the_sts_table(tiny_backbone_dir, fake_data, tmp_path, caplog):
+    argv = ["--backbone", tiny_backbone_dir, "--rows", "no rationale", "--limit", "4", "--data-dir", str(fake_data)]
+    report = main([*argv, "--out", str(tmp_path / "a"), "--bootstrap", "10"])
+    assert "TrecQA nDCG@10" not in report["sets"] and "TrecQA dev is left out" in caplog.text
+    write_trecqa(fake_data)
+    report = main([*argv, "--out", str(tmp_path / "b"), "--bootstrap", "10", "--no-trecqa"])
+    assert list(report["sets"]) == [name for name, _ in DEV_SETS] and "STS mean" not in report["table"]

@@ -187,6 +187,7 @@ def test_bundled_specs_are_package_data_and_load_real_data(shared_data):
         "sick_trial_relatedness",
         "sts12_msrpar",
         "sts13_headlines",
+        "trecqa_dev",
     }
     assert all(Path(local_tasks.__file__).parents[1] / "task_specs" == path.parent for path in specs.values())
     tasks = resolve_tasks(local_tasks=sorted(specs), data_dir=shared_data)
@@ -197,3 +198,31 @@ def test_bundled_specs_are_package_data_and_load_real_data(shared_data):
     assert len(headlines) == 100 and headlines["score"][0] == 2.6
     assert len(by_name["LocalSICKTrialRelatedness"].dataset["test"]) == 100
     assert by_name["LocalMSRPPairClassification"].dataset["test"][0]["labels"][:3] == [1, 0, 1]
+
+
+def test_trecqa_dev_spec_gives_one_query_per_answered_question_and_shared_documents(shared_data):
+    import csv
+
+    path = shared_data / "trecqa" / "dev.csv"
+    if not path.is_file():
+        pytest.skip(f"TrecQA dev not found at {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [(q.strip(), label, a.strip()) for q, label, a in list(csv.reader(handle))[1:]]
+    answers: dict[str, set[str]] = {}
+    for question, label, sentence in rows:
+        if label == "1":
+            answers.setdefault(question, set()).add(sentence)
+    assert len({question for question, _, _ in rows}) == 81  # 3 of them have no answering sentence
+    task = resolve_tasks(local_tasks=["trecqa_dev"], data_dir=shared_data)[0]
+    assert task.metadata.name == "LocalTrecQARetrieval" and task.metadata.main_score == "ndcg_at_10"
+    task.load_data()
+    split = task.dataset["default"]["dev"]
+    queries = {row["id"]: row["text"] for row in split["queries"]}
+    corpus = {row["id"]: row["text"] for row in split["corpus"]}
+    assert len(queries) == len(answers) == 78
+    assert len(corpus) == len(set().union(*answers.values())) == 198
+    assert sum(len(docs) for docs in split["relevant_docs"].values()) == sum(map(len, answers.values())) == 222
+    for query_id, docs in split["relevant_docs"].items():
+        assert {corpus[doc] for doc in docs} == answers[queries[query_id]]
+    shared = [s for s in corpus.values() if sum(s in docs for docs in answers.values()) > 1]
+    assert shared  # some sentences answer two questions: one document, relevant to both

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from grace_st.evaluation.metrics import bootstrap_indices, bootstrap_means, percentile_interval, spearman
+from grace_st.evaluation.metrics import (
+    bootstrap_indices,
+    bootstrap_means,
+    bootstrap_query_means,
+    bootstrap_spearmans,
+    ndcg_at_k,
+    percentile_interval,
+    retrieval_ndcg,
+    spearman,
+)
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -60,3 +69,63 @@ def test_doctests():
     from grace_st.evaluation import metrics
 
     assert doctest.testmod(metrics).failed == 0
+
+
+def test_ndcg_at_k_by_hand_with_ties_in_corpus_order():
+    # Query 0: relevant documents 1 and 3; ranking 0, 1, 2, 3 (scores tie: corpus order) -> hits at ranks 2 and 4.
+    # Query 1: relevant document 2 ranked first -> 1. Query 2: relevant 0 is 3rd of 3 but k=2 -> 0.
+    scores = np.array([[0.5, 0.5, 0.5, 0.5], [0.1, 0.2, 0.9, 0.3], [0.1, 0.8, 0.9, 0.0]])
+    values = ndcg_at_k(scores, [[1, 3], [2], [0]], k=2)
+    ideal = 1 + 1 / np.log2(3)
+    assert values[0] == pytest.approx((1 / np.log2(3)) / ideal)
+    assert values[1] == pytest.approx(1.0) and values[2] == 0.0
+    full = ndcg_at_k(scores, [[1, 3], [2], [0]], k=10)
+    assert full[0] == pytest.approx((1 / np.log2(3) + 1 / np.log2(5)) / ideal) and full[2] == pytest.approx(0.5)
+
+
+def test_ndcg_at_k_rejects_undefined_and_out_of_range_queries():
+    scores = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="query 1 has no relevant document"):
+        ndcg_at_k(scores, [[0], []])
+    with pytest.raises(ValueError, match="outside the corpus of 3"):
+        ndcg_at_k(scores, [[0], [3]])
+    with pytest.raises(ValueError, match="k=0"):
+        ndcg_at_k(scores, [[0], [1]], k=0)
+
+
+def _brute_force_ndcg(scores, relevant, k):
+    values = []
+    for row, docs in zip(scores, relevant, strict=True):
+        ranked = sorted(range(len(row)), key=lambda doc: (-row[doc], doc))[:k]
+        dcg = sum(1 / np.log2(rank + 2) for rank, doc in enumerate(ranked) if doc in docs)
+        values.append(dcg / sum(1 / np.log2(rank + 2) for rank in range(min(k, len(docs)))))
+    return np.array(values)
+
+
+def test_retrieval_ndcg_matches_trec_eval():
+    rng = np.random.default_rng(0)
+    queries, corpus = rng.normal(size=(12, 8)), rng.normal(size=(40, 8))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    relevant = [sorted(rng.choice(40, size=int(rng.integers(1, 15)), replace=False).tolist()) for _ in range(12)]
+    values = retrieval_ndcg(queries, corpus, relevant, k=10)
+    scores = queries @ corpus.T  # continuous scores: no ties, so every implementation ranks alike
+    np.testing.assert_allclose(values, _brute_force_ndcg(scores, relevant, 10), atol=1e-12)
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    qrels = {f"q{q}": {f"d{d}": 1 for d in docs} for q, docs in enumerate(relevant)}
+    run = {f"q{q}": {f"d{d}": float(scores[q, d]) for d in range(40)} for q in range(12)}
+    measured = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
+    np.testing.assert_allclose(values, [measured[f"q{q}"]["ndcg_cut_10"] for q in range(12)], atol=1e-6)
+
+
+def test_bootstrap_query_means_and_spearmans_share_the_resamples():
+    indices = bootstrap_indices([5, 7, 4], 30, seed=2)
+    predicted, gold = _synthetic_sets(5)[0][:1] + _synthetic_sets(7)[0][:1], _synthetic_sets(5)[1][:1]
+    gold += _synthetic_sets(7)[1][:1]
+    per_set = bootstrap_spearmans(predicted, gold, indices[:2])
+    assert per_set.shape == (2, 30)
+    np.testing.assert_allclose(per_set.mean(axis=0), bootstrap_means(predicted, gold, indices[:2]))
+    values = np.array([0.0, 1.0, 0.5, 0.25])
+    np.testing.assert_allclose(bootstrap_query_means(values, indices[2]), values[indices[2]].mean(axis=1))
+    with pytest.raises(ValueError, match="indices per resample"):
+        bootstrap_query_means(values, indices[0])

@@ -56,3 +56,17 @@ def test_command_writes_the_curve(tiny_backbone_dir, tmp_path):
     saved = json.loads((out / "k_curve.json").read_text())
     assert [p["k"] for p in saved["k_curve"]] == [1] and saved["k_curve"][0]["pairs_per_set"]["SICK trial"] == 3
     assert (out / "k_curve.md").read_text() == report["table"] and "num_rationales curve" in report["table"]
+
+
+def test_command_runs_the_curve_on_trecqa_dev_only(tiny_backbone_dir, tmp_path):
+    from tiny_sts import write_trecqa
+
+    data, out = write_trecqa(tmp_path / "data"), tmp_path / "out"
+    argv = ["--backbone", tiny_backbone_dir, "--k", "1", "--max-new-tokens", "4", "--sets", "trecqa"]
+    report = k_curve_script.main(argv + ["--data-dir", str(data), "--out", str(out), "--bootstrap", "20"])
+    (point,) = report["k_curve"]
+    assert point["pairs_per_set"] == {"TrecQA nDCG@10": 3} and point["sts_mean"] is None
+    assert point["mean"] == point["scores"]["TrecQA nDCG@10"] and 0 <= point["mean"] <= 1
+    assert "TrecQA nDCG@10" in report["table"]
+    with pytest.raises(FileNotFoundError, match="trecqa/dev.csv"):
+        k_curve_script.main(argv + ["--data-dir", str(tmp_path / "empty"), "--out", str(out)])
