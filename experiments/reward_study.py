@@ -101,14 +101,49 @@ def train(out: Path, label: str, seed: int, minutes: float) -> tuple[str, float,
     return run_name(label, seed), minutes_taken, code
 
 
-def compare_command(out: Path, seeds: list[int], limit: int, general: bool) -> list[str]:
-    command = [sys.executable, str(ROOT / "eval" / "compare_dev.py"), "--out", str(out / "compare"), "--limit",
-               str(limit), "--overwrite"]  # fmt: skip
+# Rows of the table besides the trained ones (the recipe's readout is summary; the mean readout shares its generation).
+BASE_ROWS = ("PromptEOL", "untrained GRACE (mean)", "untrained GRACE (summary)")
+
+
+def compare_flags(out: Path, seeds: list[int], limit: int) -> list[str]:
+    flags = ["--out", str(out / "compare"), "--limit", str(limit), "--trained-readout", "summary"]
     for label in CONFIGURATIONS:
         for seed in seeds:
             flag = "--contrastive" if CONFIGURATIONS[label] is None else "--trained"
-            command += [flag, f"{label}, seed {seed}={model_folder(out, label, seed)}"]
-    return command + (["--general"] if general else [])
+            flags += [flag, f"{label}, seed {seed}={model_folder(out, label, seed)}"]
+    return flags
+
+
+def row_shares(seeds: list[int], processes: int) -> list[list[str]]:
+    """The table's rows split over ``processes`` by their expected cost (a row that writes rationales costs about three
+    rows that do not); the two untrained rows stay together (they share one generation)."""
+    jobs: list[tuple[float, list[str]]] = [(1.0, ["PromptEOL"]), (4.0, list(BASE_ROWS[1:]))]
+    for label, flags in CONFIGURATIONS.items():
+        for seed in seeds:
+            name = f"{label}, seed {seed}"
+            jobs += [(1.5, [name])] if flags is None else [(4.0, [name]), (1.5, [f"{name}, rationale removed"])]
+    shares: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(processes)]
+    for cost, rows in sorted(jobs, key=lambda job: -job[0]):
+        load, share = min(shares, key=lambda item: item[0])
+        shares[shares.index((load, share))] = (load + cost, share + rows)
+    return [share for _, share in shares if share]
+
+
+def compare(out: Path, seeds: list[int], limit: int, processes: int, general: bool) -> None:
+    """Score the rows in ``processes`` processes (each fills the row files), then assemble the one table."""
+    script, flags = [sys.executable, str(ROOT / "eval" / "compare_dev.py")], compare_flags(out, seeds, limit)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = [row for share in row_shares(seeds, 1) for row in share]
+    if processes > 1:
+        workers = [
+            subprocess.Popen([*script, *flags, "--only-row-files", "--rows", *share], cwd=ROOT, env=env)
+            for share in row_shares(seeds, processes)
+        ]
+        if any(worker.wait() for worker in workers):
+            sys.exit("A scoring process failed; its output is above.")
+    subprocess.check_call(
+        [*script, *flags, "--overwrite", "--rows", *rows, *(["--general"] if general else [])], cwd=ROOT, env=env
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/reward-study", help="Output folder. Default: runs/reward-study.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="Seeds of every row. Default: 1 2.")
     parser.add_argument("--minutes", type=float, default=8.0, help="CPU minutes per run. Default: 8.")
-    parser.add_argument("--parallel", type=int, default=2, help="Runs trained side by side. Default: 2.")
+    parser.add_argument(
+        "--parallel", type=int, default=2, help="Runs trained (and processes scoring) side by side. Default: 2."
+    )
     parser.add_argument("--limit", type=int, default=100, help="STS pairs per dev set. Default: 100.")
     parser.add_argument("--rows", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
     parser.add_argument("--general", action="store_true", help="Also the general-ability check (compare_dev).")
@@ -135,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         if failed:
             sys.exit(f"Training failed for {failed}; see their logs in {out}.")
     if not args.train_only:
-        subprocess.check_call(compare_command(out, args.seeds, args.limit, args.general), cwd=ROOT)
+        compare(out, args.seeds, args.limit, args.parallel, args.general)
 
 
 if __name__ == "__main__":

@@ -585,16 +585,20 @@ def dev_sets_fingerprint(dev_sets: DevSets) -> dict[str, Any]:
 
 
 def row_key(row: Row, dev_sets: DevSets, resamples: int, seed: int) -> dict[str, Any] | None:
-    """Everything that changes a row's numbers: label, model (path and :func:`folder_fingerprint`), options, readout,
-    the sets (:func:`dev_sets_fingerprint`) and the bootstrap; None for a row with an in-memory model (not saved)."""
+    """Everything that changes a row's numbers: label, model (path and :func:`folder_fingerprint`; ``"default"`` is
+    resolved to the default backbone's folder), options, readout, the sets (:func:`dev_sets_fingerprint`), the
+    bootstrap and the grace_st version (its code encodes); None for a row with an in-memory model (not saved)."""
+    import grace_st
+    from grace_st.backbone import resolve_backbone
+
     if row.model is not None or row.spec is None:
         return None
+    model = resolve_backbone(row.spec.name_or_path)
     key = {
         "label": row.label,
-        "model": os.path.abspath(row.spec.name_or_path)
-        if os.path.isdir(row.spec.name_or_path)
-        else row.spec.name_or_path,
-        "model_files": folder_fingerprint(row.spec.name_or_path),
+        "model": os.path.abspath(model) if os.path.isdir(model) else model,
+        "model_files": folder_fingerprint(model),
+        "grace_st_version": grace_st.__version__,
         "revision": row.spec.revision,
         "options": dict(row.spec.options),
         "pooling_mode": row.pooling_mode,
