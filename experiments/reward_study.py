@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,18 +34,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "training" / "configs" / "trecqa.yaml"
-# label -> flags of training/train.py (None: the +CL baseline of training/train_contrastive.py)
-CONFIGURATIONS: dict[str, list[str] | None] = {
+# label -> the recipe's settings it replaces (None: the +CL baseline of training/train_contrastive.py)
+CONFIGURATIONS: dict[str, dict[str, str] | None] = {
     "+CL": None,
-    "GRACE paper": ["--reward_form", "paper", "--query_rollouts", "false"],
-    "GRACE InfoNCE": ["--reward_form", "infonce", "--query_rollouts", "false"],
-    "GRACE InfoNCE + query rollouts": ["--reward_form", "infonce", "--query_rollouts", "true"],
+    "GRACE paper": {"reward_form": "paper", "query_rollouts": "false"},
+    "GRACE InfoNCE": {"reward_form": "infonce", "query_rollouts": "false"},
+    "GRACE InfoNCE + query rollouts": {"reward_form": "infonce", "query_rollouts": "true"},
+    # The runs above log ~70-100% of the advantage's variance to the truncation penalty (a fixed -1 for a rationale
+    # cut at the limit) and most of the rest to the copy penalty: the contrastive term hardly teaches. Here it leads.
+    "GRACE InfoNCE + query rollouts, light guards": {
+        "reward_form": "infonce",
+        "query_rollouts": "true",
+        "truncation_penalty": "null",
+        "copy_penalty": "0.1",
+    },
 }
 
 
 def run_name(label: str, seed: int) -> str:
-    slug = label.lower().replace("+", "plus ").replace(" ", "-").replace("--", "-")
-    return f"{slug.strip('-')}-seed{seed}"
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower().replace("+", " plus ")).strip("-")
+    return f"{slug}-seed{seed}"
 
 
 def model_folder(out: Path, label: str, seed: int) -> Path:
@@ -53,31 +62,30 @@ def model_folder(out: Path, label: str, seed: int) -> Path:
     return run if CONFIGURATIONS[label] is None else run / "grace-model"
 
 
-def seed_config(out: Path, seed: int, minutes: float) -> Path:
-    """The recipe with ``seed`` and the budget replaced (the +CL script reads both from the config)."""
+def run_config(out: Path, label: str, seed: int, minutes: float) -> Path:
+    """The recipe with the seed, the budget and the configuration's settings replaced (the +CL script reads the seed
+    and the data from it)."""
+    settings = {"seed": str(seed), "max_train_minutes": str(minutes), **(CONFIGURATIONS[label] or {})}
     lines = []
     for line in RECIPE.read_text(encoding="utf-8").splitlines():
         key = line.split(":", 1)[0]
-        if key == "seed":
-            line = f"seed: {seed}"
-        elif key == "max_train_minutes":
-            line = f"max_train_minutes: {minutes}"
-        lines.append(line)
-    path = out / "configs" / f"trecqa-seed{seed}.yaml"
+        lines.append(f"{key}: {settings.pop(key)}" if key in settings else line)
+    if settings:
+        raise ValueError(f"{RECIPE} has no line for {sorted(settings)}; add them to the recipe.")
+    path = out / "configs" / f"{run_name(label, seed)}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def train_command(out: Path, label: str, seed: int, minutes: float) -> list[str]:
-    config = str(seed_config(out, seed, minutes))
+    config = str(run_config(out, label, seed, minutes))
     run = str(out / run_name(label, seed))
-    flags = CONFIGURATIONS[label]
-    if flags is None:
+    if CONFIGURATIONS[label] is None:
         script = str(ROOT / "training" / "train_contrastive.py")
         return [sys.executable, script, "--grace_config", config, "--output_dir", run, "--epochs", "100",
                 "--learning_rate", "5e-5", "--budget_clock", "cpu"]  # fmt: skip
-    return [sys.executable, str(ROOT / "training" / "train.py"), "--config", config, "--output_dir", run, *flags]
+    return [sys.executable, str(ROOT / "training" / "train.py"), "--config", config, "--output_dir", run]
 
 
 def train(out: Path, label: str, seed: int, minutes: float) -> tuple[str, float, int]:
@@ -118,10 +126,10 @@ def row_shares(seeds: list[int], processes: int) -> list[list[str]]:
     """The table's rows split over ``processes`` by their expected cost (a row that writes rationales costs about three
     rows that do not); the two untrained rows stay together (they share one generation)."""
     jobs: list[tuple[float, list[str]]] = [(1.0, ["PromptEOL"]), (4.0, list(BASE_ROWS[1:]))]
-    for label, flags in CONFIGURATIONS.items():
+    for label, settings in CONFIGURATIONS.items():
         for seed in seeds:
             name = f"{label}, seed {seed}"
-            jobs += [(1.5, [name])] if flags is None else [(4.0, [name]), (1.5, [f"{name}, rationale removed"])]
+            jobs += [(1.5, [name])] if settings is None else [(4.0, [name]), (1.5, [f"{name}, rationale removed"])]
     shares: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(processes)]
     for cost, rows in sorted(jobs, key=lambda job: -job[0]):
         load, share = min(shares, key=lambda item: item[0])
