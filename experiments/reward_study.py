@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parallel", type=int, default=2, help="Runs trained (and processes scoring) side by side. Default: 2."
     )
-    parser.add_argument("--limit", type=int, default=100, help="STS pairs per dev set. Default: 100.")
+    parser.add_argument("--limit", type=int, default=50, help="STS pairs per dev set. Default: 50.")
     parser.add_argument("--rows", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
     parser.add_argument("--general", action="store_true", help="Also the general-ability check (compare_dev).")
     parser.add_argument("--train-only", action="store_true")

@@ -111,7 +111,7 @@ def _rollout_and_reward(trainer, rows) -> dict:
         prompts=rows,
         completions=None,
         completion_ids=out["completion_ids"],
-        grace_rollouts=[out["grace_rollouts"]] * 4,
+        grace_rollouts=[out["grace_rollouts"]] * len(rows),
         log_metric=log_metric,
     )
     return logged
@@ -359,17 +359,7 @@ def test_logged_copy_rate_is_token_weighted_and_the_penalty_per_rollout(tiny_dir
 # ---------------------------------------------------------------------- which reward terms teach
 def _reward_of_real_rollouts(trainer, group_size: int = 4) -> dict:
     """The rollouts the tiny policy writes for two groups, and the metrics their reward logs."""
-    rows = records(groups=(0, 1), group_size=group_size)
-    out = trainer.grace_rollout(rows)
-    logged, log_metric = _metric_log()
-    trainer.grace_reward(
-        prompts=rows,
-        completions=None,
-        completion_ids=out["completion_ids"],
-        grace_rollouts=[out["grace_rollouts"]] * len(rows),
-        log_metric=log_metric,
-    )
-    return logged
+    return _rollout_and_reward(trainer, records(groups=(0, 1), group_size=group_size))
 
 
 def test_every_term_of_the_per_rollout_reward_varies_within_a_group_on_real_rollouts(tiny_dir, tmp_path):
