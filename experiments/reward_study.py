@@ -122,14 +122,19 @@ def compare_flags(out: Path, seeds: list[int], limit: int) -> list[str]:
     return flags
 
 
-def row_shares(seeds: list[int], processes: int) -> list[list[str]]:
+def row_shares(seeds: list[int], processes: int, done: Path | None = None) -> list[list[str]]:
     """The table's rows split over ``processes`` by their expected cost (a row that writes rationales costs about three
-    rows that do not); the two untrained rows stay together (they share one generation)."""
+    rows that do not); the two untrained rows stay together (they share one generation). With ``done`` (the row-file
+    folder), rows that already have a file cost nothing (compare_dev still checks that the file is current)."""
+    from grace_st.evaluation.dev_comparison import row_file
+
     jobs: list[tuple[float, list[str]]] = [(1.0, ["PromptEOL"]), (4.0, list(BASE_ROWS[1:]))]
     for label, settings in CONFIGURATIONS.items():
         for seed in seeds:
             name = f"{label}, seed {seed}"
             jobs += [(1.5, [name])] if settings is None else [(4.0, [name]), (1.5, [f"{name}, rationale removed"])]
+    if done is not None:
+        jobs = [(0.0 if all(row_file(done, row).is_file() for row in rows) else cost, rows) for cost, rows in jobs]
     shares: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(processes)]
     for cost, rows in sorted(jobs, key=lambda job: -job[0]):
         load, share = min(shares, key=lambda item: item[0])
@@ -145,7 +150,7 @@ def compare(out: Path, seeds: list[int], limit: int, processes: int, general: bo
     if processes > 1:
         workers = [
             subprocess.Popen([*script, *flags, "--only-row-files", "--rows", *share], cwd=ROOT, env=env)
-            for share in row_shares(seeds, processes)
+            for share in row_shares(seeds, processes, done=out / "compare" / "rows")
         ]
         if any(worker.wait() for worker in workers):
             sys.exit("A scoring process failed; its output is above.")
