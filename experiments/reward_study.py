@@ -159,6 +159,35 @@ def compare(out: Path, seeds: list[int], limit: int, processes: int, general: bo
     )
 
 
+def reward_terms_table(out: Path, seeds: list[int]) -> str:
+    """Which terms taught in each GRACE run: every term's share of the advantage's variance and its within-group std
+    (run averages from the training records, :func:`grace_st.training.rewards.term_statistics`), with the steps run."""
+    from grace_st.artifacts import TRAINING_INFO_FILE
+    from grace_st.readers import read_json
+    from grace_st.tables import markdown_table
+
+    records = {}
+    for label, settings in CONFIGURATIONS.items():
+        for seed in seeds:
+            path = model_folder(out, label, seed) / TRAINING_INFO_FILE
+            if settings is not None and path.is_file():
+                records[f"{label}, seed {seed}"] = read_json(path)
+    terms = list(dict.fromkeys(term for record in records.values() for term in record.get("reward_terms", {})))
+    rows = []
+    for name, record in records.items():
+        stats = record.get("reward_terms", {})
+        cells = []
+        for term in terms:
+            share, std = (
+                (stats.get(term) or {}).get("advantage_share"),
+                (stats.get(term) or {}).get("within_group_std"),
+            )
+            cells.append(None if share is None else f"{share:+.2f}" + ("" if std is None else f" ({std:.4f})"))
+        rows.append([name, record.get("global_step"), *cells])
+    header = ["run", "steps", *(f"{term}: share (std)" for term in terms)]
+    return markdown_table(header, rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/reward-study", help="Output folder. Default: runs/reward-study.")
@@ -184,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         failed = [name for name, _, code in results if code]
         if failed:
             sys.exit(f"Training failed for {failed}; see their logs in {out}.")
+    table = reward_terms_table(out, args.seeds)
+    (out / "reward_terms.md").write_text(table, encoding="utf-8")
+    print("Which reward terms taught (share of the advantage's variance, within-group std):\n\n" + table, flush=True)
     if not args.train_only:
         compare(out, args.seeds, args.limit, args.parallel, args.general)
 
