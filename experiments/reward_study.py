@@ -7,7 +7,9 @@ Rows trained from ``training/configs/trecqa.yaml`` (TrecQA triplets, summary rea
   (``training/train_contrastive.py``);
 - ``GRACE paper``: the published reward (``reward_form: paper``);
 - ``GRACE InfoNCE``: the per-rollout reward (``reward_form: infonce``);
-- ``GRACE InfoNCE + query rollouts``: the same, with queries rolled out too (the recipe).
+- ``GRACE InfoNCE + query rollouts``: the same, with queries rolled out too (the recipe);
+- ``GRACE InfoNCE + query rollouts, light guards``: the same without the truncation penalty and with copy penalty 0.1,
+  so that the contrastive term leads the advantage.
 
 Then ``eval/compare_dev.py`` scores them with PromptEOL and untrained GRACE on the five STS dev sets and TrecQA dev,
 each trained GRACE row also with its rationale removed, with bootstrap intervals (``<out>/compare/comparison.md``).
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/reward-study", help="Output folder. Default: runs/reward-study.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="Seeds of every row. Default: 1 2.")
-    parser.add_argument("--minutes", type=float, default=8.0, help="CPU minutes per run. Default: 8.")
+    parser.add_argument("--minutes", type=float, default=12.0, help="CPU minutes per run. Default: 12.")
     parser.add_argument(
         "--parallel", type=int, default=2, help="Runs trained (and processes scoring) side by side. Default: 2."
     )
