@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -124,3 +127,12 @@ def varied_model(tiny_backbone_dir, **options):
     split_rows(model[0], model[0].preprocess(VARIED_CORPUS[::2]), 10)
     model[0].decode_path = "engine"
     return model
+
+
+def load_experiment(name: str) -> ModuleType:
+    """``experiments/<name>.py`` (a study script, not a package) as a module named ``name``."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

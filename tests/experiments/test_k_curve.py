@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
+from helpers import load_experiment
 from tiny_sts import PAIRS, write_dev_sets
 
 from grace_st.evaluation.dev_comparison import Row, build_row_model, comparison_rows, score_model
 from grace_st.readers import Pair
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "k_curve.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("k_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-k_curve_script = _load_script()
+k_curve_script = load_experiment("k_curve")
 
 
 def _pairs(rows) -> list[Pair]:

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import load_experiment
 
 from grace_st import from_backbone
 from grace_st.evaluation.dev_comparison import comparison_rows, row_file
 from grace_st.scripts.compare_dev import dev_set_parser
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "reward_study.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("reward_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_script()
+study = load_experiment("reward_study")
 
 
 def test_each_run_config_is_the_recipe_with_its_settings(tmp_path):
