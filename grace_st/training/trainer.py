@@ -211,8 +211,8 @@ class GraceGRPOTrainer(GRPOTrainer):
         source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", None)
         self.base_model_source: str | None = source or None
         self._last_collapse_warning = -(10**9)
-        # Running sums of each reward term's statistics over training steps (the training record's "reward_terms").
-        self._term_totals: dict[str, dict[str, float]] = {}
+        # Each reward term's statistics at every training step (averaged in the training record's "reward_terms").
+        self._term_history: dict[str, list[dict[str, float | None]]] = {}
         # Prompt ids of the latest rollouts, per mode: training may reuse its rollouts after an evaluation.
         self._rollout_prompt_ids: dict[str, set[tuple[int, ...]]] = {}
         if args.max_train_minutes is not None:
@@ -531,33 +531,22 @@ class GraceGRPOTrainer(GRPOTrainer):
                 log_metric(name, value)
         if mode == "train":
             self._check_collapse(metrics)
-            self._add_term_statistics(terms)
+            for term, stats in terms.items():
+                self._term_history.setdefault(term, []).append(stats)
         local = slice(offset, offset + n_local)
         return rewards.total[local].tolist()
-
-    def _add_term_statistics(self, terms: dict[str, dict[str, float | None]]) -> None:
-        for term, stats in terms.items():
-            totals = self._term_totals.setdefault(term, {"steps": 0})
-            totals["steps"] += 1
-            for key, value in stats.items():
-                if value is not None:
-                    totals[key] = totals.get(key, 0.0) + value
-                    totals[f"{key}_steps"] = totals.get(f"{key}_steps", 0) + 1
 
     def reward_term_summary(self) -> dict[str, dict[str, float | int | None]]:
         """Each reward term's within-group std and advantage share, averaged over the training steps of this run
         (:func:`grace_st.training.rewards.term_statistics`): ``{term: {"within_group_std", "advantage_share",
         "steps"}}`` (None where a value was never defined); the training record's ``reward_terms``."""
-        return {
-            term: {
-                **{
-                    key: totals[key] / totals[f"{key}_steps"] if totals.get(f"{key}_steps") else None
-                    for key in ("within_group_std", "advantage_share")
-                },
-                "steps": int(totals["steps"]),
-            }
-            for term, totals in self._term_totals.items()
-        }
+        summary: dict[str, dict[str, float | int | None]] = {}
+        for term, steps in self._term_history.items():
+            summary[term] = {"steps": len(steps)}
+            for key in ("within_group_std", "advantage_share"):
+                values = [step[key] for step in steps if step[key] is not None]
+                summary[term][key] = sum(values) / len(values) if values else None
+        return summary
 
     def _check_collapse(self, metrics: dict[str, float | None]) -> None:
         args: GraceGRPOConfig = self.args
