@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 # Columns the rationale buffers and the KV cache grow by (at most max_new_tokens): memory follows the rationales
 # actually written, not the limit.
 GROW_COLUMNS = 64
+# What one more prefill forward costs, in prompt positions computed, per device type: prompts taken together are
+# prefilled in groups of similar length where that costs less than their padding (on this 2-core CPU a forward's
+# fixed part, ~60 ms, is what ~24 positions cost). Devices not listed prefill every group in one forward (padding costs
+# little there next to a forward's launch).
+PREFILL_CALL_POSITIONS = {"cpu": 24}
 _MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
 
@@ -74,6 +79,28 @@ def after_prefix(own_mask: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor,
     its own left-padded prompt (padding between prefix and text takes no position)."""
     mask = torch.cat([own_mask.new_ones(len(own_mask), prefix_len), own_mask], dim=1)
     return mask, (prefix_len + own_mask.cumsum(1) - 1).clamp(min=prefix_len)
+
+
+def prefill_groups(lengths: list[int], call_positions: int | None) -> list[list[int]]:
+    """Indices into ``lengths`` (prompt lengths) in groups to prefill one forward each, longest first: the split of
+    the length-sorted prompts that computes the fewest positions (each group padded to its longest prompt), counting
+    ``call_positions`` for each forward; one group when ``call_positions`` is None."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if call_positions is None or len(order) < 2:
+        return [order] if order else []
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j prompts; cut[j]: where its last group starts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + call_positions + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def decode_step(
@@ -206,6 +233,7 @@ def decode_stream(
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     prefix_len = len(prefix_ids)
     grow = min(GROW_COLUMNS, max_new_tokens)
+    call_positions = PREFILL_CALL_POSITIONS.get(device.type)
 
     @torch.no_grad()
     def prefill(group: list[int]) -> _Prefilled:
@@ -272,6 +300,7 @@ def decode_stream(
         if counts is not None:
             counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + prefix_len
         next_prompt = 0  # next row of own_ids to prefill
+        pending: list[list[int]] = []  # prompts taken for prefilling, in groups of similar length
         ready: _Prefilled | None = None  # prefilled prompts waiting for a slot
         # Batch state, one entry per batch row.
         cache: Cache | None = None
@@ -281,7 +310,7 @@ def decode_stream(
         while True:
             n_alive = 0 if alive is None else int(alive.sum())
             n_rows = 0 if rows is None else len(rows)
-            waiting = next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)
+            waiting = next_prompt < len(own_ids) or bool(pending) or (ready is not None and len(ready.rows) > 0)
             refill = waiting and n_alive <= refill_at * n_rows and n_alive < batch_size
             compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= compact_at * n_rows)
             if n_rows and (refill or compact):
@@ -315,14 +344,20 @@ def decode_stream(
             if n_rows == 0 and not waiting:
                 break
             if refill:
-                # Free slots take prefilled prompts (prefilled batch_size at a time when none is ready).
+                # Free slots take prefilled prompts (taken batch_size at a time, prefilled in groups of similar
+                # length, when none is ready).
                 parts: list[_Prefilled] = []
                 need = batch_size - n_rows
-                while need > 0 and (next_prompt < len(own_ids) or (ready is not None and len(ready.rows) > 0)):
+                while need > 0 and (
+                    next_prompt < len(own_ids) or pending or (ready is not None and len(ready.rows) > 0)
+                ):
                     if ready is None or len(ready.rows) == 0:
-                        group = list(range(next_prompt, min(len(own_ids), next_prompt + batch_size)))
-                        next_prompt = group[-1] + 1
-                        ready = prefill(group)
+                        if not pending:
+                            taken = range(next_prompt, min(len(own_ids), next_prompt + batch_size))
+                            next_prompt = taken[-1] + 1
+                            pending = prefill_groups([len(own_ids[i]) for i in taken], call_positions)
+                            pending = [[taken[j] for j in group] for group in pending]
+                        ready = prefill(pending.pop(0))
                     part, ready = ready.split(need)
                     parts.append(part)
                     need -= len(part.rows)

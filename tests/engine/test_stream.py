@@ -67,3 +67,29 @@ def test_the_stream_reserves_columns_for_the_rationales_written_not_the_limit(ti
     rows = list(decode_stream(module.model, [1, 2], own, context, every_token_ends, 2, batch_size=2))
     assert sorted(len(row.generated) for row in rows) == [1, 1, 1]
     assert spares and max(spares) <= stream.GROW_COLUMNS < context
+
+
+def _padded_positions(groups: list[list[int]], lengths: list[int], call_positions: int) -> int:
+    return sum(call_positions + len(group) * max(lengths[i] for i in group) for group in groups)
+
+
+@pytest.mark.parametrize("call_positions", [0, 5, 24, 1000])
+def test_prefill_groups_split_prompts_where_it_computes_fewest_positions(call_positions):
+    import itertools
+
+    from grace_st.engine.stream import prefill_groups
+
+    generator = torch.Generator().manual_seed(call_positions)
+    for size in range(1, 8):
+        lengths = torch.randint(1, 60, (size,), generator=generator).tolist()
+        groups = prefill_groups(lengths, call_positions)
+        assert sorted(i for group in groups for i in group) == list(range(size))  # every prompt once
+        order = sorted(range(size), key=lambda i: -lengths[i])
+        best = min(  # every split of the length-sorted prompts into consecutive groups
+            _padded_positions([order[a:b] for a, b in itertools.pairwise((0, *cuts, size))], lengths, call_positions)
+            for k in range(size)
+            for cuts in itertools.combinations(range(1, size), k)
+        )
+        assert _padded_positions(groups, lengths, call_positions) == best
+    assert prefill_groups([3, 9, 5], None) == [[1, 2, 0]]  # one forward, longest first
+    assert prefill_groups([], 24) == []
