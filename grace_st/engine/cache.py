@@ -72,6 +72,23 @@ class SpareLayer(DynamicLayer):
             self.values = self._value_buffer[:, :, : start + new]
         return self.keys, self.values
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep batch rows ``keep`` (ascending indices) only, in place: each kept row moves up to its new index within
+        the buffers, so only rows that had a dropped row before them are copied (``batch_select_indices`` copies
+        every kept row)."""
+        views = self.keys.data_ptr() == self._key_buffer.data_ptr()
+        if not views or self.values.data_ptr() != self._value_buffer.data_ptr():
+            self.batch_select_indices(keep)  # keys/values no longer views of the buffers (see update)
+            return
+        length, target = self.keys.shape[2], torch.arange(len(keep), device=keep.device)
+        moved = keep != target
+        if bool(moved.any()):  # ascending: a row moves to an index no later row is read from
+            source, destination = keep[moved], target[moved]
+            for buffer in (self._key_buffer, self._value_buffer):
+                buffer[destination, :, :length] = buffer[source, :, :length]
+        self._key_buffer, self._value_buffer = self._key_buffer[: len(keep)], self._value_buffer[: len(keep)]
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         length = self.keys.shape[2]
         self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]

@@ -12,7 +12,9 @@ within float tolerance:
   position ids and the attention mask give every real token the position and context it has in the left-padded
   prompt of ``model.generate``;
 - every token is fed once (its state is part of the embedding); with fewer ``slots`` than rows a finished row's slot
-  goes to the next row, and finished rows leave the batch once at most ``compact_at`` of its rows are writing;
+  goes to the next row, and finished rows leave the batch once at most ``compact_at`` of its rows are writing (by
+  default as soon as they finish);
+- on a CPU, prompts are prefilled in groups of similar length (:func:`~grace_st.engine.stream.prefill_groups`);
 - the KV cache keeps free columns (:class:`~grace_st.engine.cache.SpareLayer`), and on a CPU the weights are laid
   out for few-row products and packed for full batches (:mod:`~grace_st.engine.cpu`).
 
@@ -107,7 +109,7 @@ def decode(
     top_k: int | None = 0,
     top_p: float | None = 1.0,
     counts: dict[str, int] | None = None,
-    compact_at: float = 0.5,
+    compact_at: float = 1.0,
     suffix_ids: list[list[int]] | None = None,
     seeds: list[int] | None = None,
     slots: int | None = None,
@@ -132,7 +134,7 @@ def decode(
             (prompt positions run through the model, padding included) and, with ``suffix_ids``, ``suffix_tokens``
             (suffix positions run, padding included) are added to it.
         compact_at: finished rows are dropped from the batch once at most this fraction of its rows is still writing
-            (1.0: as soon as any row finishes). Defaults to 0.5.
+            (1.0: as soon as any row finishes; the cache rows after them move up in place). Defaults to 1.0.
         slots: rows decoding at once (default: the whole batch); with fewer slots than rows, a finished row's slot
             goes to the next row (continuous batching within the batch).
         suffix_ids: per row, token ids (at least one) fed after the row's rationale ends (after its EOS, or after
@@ -190,7 +192,7 @@ def generate_with_engine(
     suffix_ids: list[list[int]] | None = None,
     seeds: list[int] | None = None,
     slots: int | None = None,
-    compact_at: float = 0.5,
+    compact_at: float = 1.0,
 ) -> DecodeOutput | None:
     """:func:`generate_with_states` by :func:`decode` (the shared prompt prefix of ``prefix_len`` tokens runs once,
     finished rows leave the batch) for the left-padded prompts of ``features`` (``input_ids``, ``attention_mask``,

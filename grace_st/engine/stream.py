@@ -149,7 +149,7 @@ def decode_stream(
     counts: dict[str, int] | None = None,
     refill_at: float = 0.875,
     suffix_ids: list[list[int]] | None = None,
-    compact_at: float = 0.5,
+    compact_at: float = 1.0,
     do_sample: bool = False,
     temperature: float | torch.Tensor | None = 1.0,
     top_k: int | None = 0,
@@ -161,17 +161,18 @@ def decode_stream(
     engine: :func:`~grace_st.engine.decode.decode` runs it over one batch.
 
     At most ``batch_size`` rows decode together. The shared prefix runs once for the whole call. Prompts are
-    prefilled ``batch_size`` at a time, in order, whenever a slot needs one and none is ready: their own tokens in one
-    forward (left-padded after the prefix, as in :func:`decode`) against the prefix's keys/values; they then wait for
-    a slot with their cache rows, so a refill runs no forward of its own. When at most ``refill_at`` of the batch's
-    rows are still writing, the finished rows leave and ready prompts take their slots: their cache rows join the
-    batch's in one copy, right-aligned with the other rows' last column (padding columns between prefix and text are
-    masked; positions are explicit, so every real token has the position and context it has in its own left-padded
-    prompt). Columns masked in every row are dropped at each refill. Once no prompt waits, finished rows leave once
-    at most ``compact_at`` of the rows are writing. The cache keeps free columns (``SpareLayer``); on a CPU the
-    weights may be packed for full batches and laid out for few-row products (:func:`~grace_st.engine.cpu.cpu_kernels`;
-    off by default).
-    The rationales and states equal :func:`decode`'s on the same prompts within float
+    taken ``batch_size`` at a time, in order, whenever a slot needs one and none is ready, and prefilled: their own
+    tokens in one forward per group of similar length (left-padded after the prefix, as in :func:`decode`) against
+    the prefix's keys/values; they then wait for a slot with their cache rows, so a refill runs no forward of its own.
+    When at most ``refill_at`` of the batch's rows are still writing, the finished rows leave and ready prompts take
+    their slots: their cache rows join the batch's in one copy, right-aligned with the other rows' last column
+    (padding columns between prefix and text are masked; positions are explicit, so every real token has the position
+    and context it has in its own left-padded prompt). Columns masked in every row are dropped at each refill. Once no
+    prompt waits, finished rows leave once at most ``compact_at`` of the rows are writing (the cache rows after them
+    move up in place, without a copy of the whole cache). The cache keeps free columns (``SpareLayer``); on a CPU the
+    weights may be packed for full batches and laid out for few-row products
+    (:func:`~grace_st.engine.cpu.cpu_kernels`; off by default). The rationales and states equal :func:`decode`'s on
+    the same prompts within float
     tolerance (batch shapes and kernels differ, so do the last bits).
 
     Args:
@@ -194,7 +195,7 @@ def decode_stream(
             follow their rationales directly; ``StreamRow.suffix_state`` is the state of the last one. Counted as
             ``suffix_tokens`` (padding included).
         compact_at: once no prompt waits, finished rows leave when at most this fraction of the rows is writing.
-            Defaults to 0.5.
+            Defaults to 1.0 (as soon as they finish).
         do_sample: sample instead of greedy decoding, with ``temperature`` (one value, or a tensor with one per row
             of ``own_ids``), ``top_k`` (0/None: none) and ``top_p`` (1.0/None: none).
         seeds: per row of ``own_ids``, the seed of its own ``torch.Generator`` (``do_sample`` only): a row's sampled
@@ -331,15 +332,18 @@ def decode_stream(
                 )
                 generated, gen_states, mask = generated[keep], gen_states[keep], mask[keep]
                 own_states = [own_states[i] for i in keep.tolist()]
-                kept = [
-                    (layer.keys.index_select(0, keep), layer.values.index_select(0, keep)) for layer in cache.layers
-                ]
-                live = mask.bool().any(dim=0)  # columns some row still attends to
-                if not bool(live.all()):
-                    mask, columns = mask[:, live], live.nonzero().squeeze(1)
-                    kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in kept]
-                # With a refill the kept rows go straight into the joined cache below.
-                cache = None if refill else _joined_cache([kept], mask.shape[1], grow)
+                if refill:  # the kept rows go into the joined cache below, without the columns no row attends to
+                    kept = [
+                        (layer.keys.index_select(0, keep), layer.values.index_select(0, keep))
+                        for layer in cache.layers
+                    ]
+                    live = mask.bool().any(dim=0)
+                    if not bool(live.all()):
+                        mask, columns = mask[:, live], live.nonzero().squeeze(1)
+                        kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in kept]
+                else:  # the kept rows move up in place: a few rows are copied, not the whole cache
+                    for layer in cache.layers:
+                        layer.keep_rows(keep)
                 n_rows = len(rows)
             if n_rows == 0 and not waiting:
                 break

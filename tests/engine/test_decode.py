@@ -427,3 +427,24 @@ def test_cpu_weight_layout_keeps_values_and_restores_the_weights(tiny_backbone_d
     with torch.no_grad(), cpu_weight_layout(model):
         linears[0].weight.mul_(2.0)
     assert torch.equal(linears[0].weight, before[0][2] * 2.0) and linears[0].weight.is_contiguous()
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4], [1, 3], [0, 2, 4], [4], [0], []])
+def test_a_cache_layer_keeps_rows_in_place_like_a_selection(keep):
+    from transformers.cache_utils import DynamicLayer
+
+    from grace_st.engine.cache import SpareLayer
+
+    generator = torch.Generator().manual_seed(len(keep))
+    keys, values = torch.randn(5, 2, 3, 4, generator=generator), torch.randn(5, 2, 3, 4, generator=generator)
+    layer, reference = SpareLayer(keys, values, spare=2), DynamicLayer()
+    reference.update(keys, values)
+    index = torch.tensor(keep, dtype=torch.long)
+    buffer = layer._key_buffer
+    layer.keep_rows(index)
+    reference.batch_select_indices(index)
+    assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+    assert len(keep) == 0 or layer._key_buffer.data_ptr() == buffer.data_ptr()  # moved within the same buffer
+    new_keys, new_values = torch.randn(len(keep), 2, 1, 4), torch.randn(len(keep), 2, 1, 4)
+    got, expected = layer.update(new_keys, new_values), reference.update(new_keys, new_values)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
