@@ -164,13 +164,13 @@ def decode_stream(
     taken ``batch_size`` at a time, in order, whenever a slot needs one and none is ready, and prefilled: their own
     tokens in one forward per group of similar length (left-padded after the prefix, as in :func:`decode`) against
     the prefix's keys/values; they then wait for a slot with their cache rows, so a refill runs no forward of its own.
-    When at most ``refill_at`` of the batch's rows are still writing, the finished rows leave and ready prompts take
-    their slots: their cache rows join the batch's in one copy, right-aligned with the other rows' last column
-    (padding columns between prefix and text are masked; positions are explicit, so every real token has the position
-    and context it has in its own left-padded prompt). Columns masked in every row are dropped at each refill. Once no
-    prompt waits, finished rows leave once at most ``compact_at`` of the rows are writing (the cache rows after them
-    move up in place, without a copy of the whole cache). The cache keeps free columns (``SpareLayer``); on a CPU the
-    weights may be packed for full batches and laid out for few-row products
+    When at most ``refill_at`` of the ``batch_size`` slots hold a writing row, the finished rows leave and ready
+    prompts take the free slots: their cache rows join the batch's in one copy, right-aligned with the other rows'
+    last column (padding columns between prefix and text are masked; positions are explicit, so every real token has
+    the position and context it has in its own left-padded prompt). Columns masked in every row are dropped at each
+    refill. Between refills, finished rows leave once at most ``compact_at`` of the rows are writing (the cache rows
+    after them move up in place, without a copy of the whole cache). The cache keeps free columns (``SpareLayer``); on
+    a CPU the weights may be packed for full batches and laid out for few-row products
     (:func:`~grace_st.engine.cpu.cpu_kernels`; off by default). The rationales and states equal :func:`decode`'s on
     the same prompts within float
     tolerance (batch shapes and kernels differ, so do the last bits).
@@ -187,14 +187,14 @@ def decode_stream(
         counts: if given, ``decode_row_steps`` (rows fed during decoding), ``decode_steps`` (decode forward calls),
             ``prompt_tokens`` (prompt positions run, padding included; the prefix once) and ``refills`` (prefill
             forward calls after the prefix) are added to it.
-        refill_at: refill once at most this fraction of the batch's rows is still writing. Defaults to 0.875 (on
-            this CPU, 0.875 and 1.0 gave the same time within noise: 64 texts, batch 16, 48 tokens).
+        refill_at: refill once at most this fraction of the ``batch_size`` slots holds a writing row. Defaults to
+            0.875 (on this CPU, 0.875 and 1.0 gave the same time within noise: 64 texts, batch 16, 48 tokens).
         suffix_ids: per row of ``own_ids``, token ids (at least one) fed after its rationale ends, as in
             :func:`decode` (a cut rationale is treated like a finished one): the finished rows that leave the batch
             together run their suffixes in one forward over their cache rows (right-padded), at the positions that
             follow their rationales directly; ``StreamRow.suffix_state`` is the state of the last one. Counted as
             ``suffix_tokens`` (padding included).
-        compact_at: once no prompt waits, finished rows leave when at most this fraction of the rows is writing.
+        compact_at: between refills, finished rows leave when at most this fraction of the rows is writing.
             Defaults to 1.0 (as soon as they finish).
         do_sample: sample instead of greedy decoding, with ``temperature`` (one value, or a tensor with one per row
             of ``own_ids``), ``top_k`` (0/None: none) and ``top_p`` (1.0/None: none).
@@ -312,7 +312,7 @@ def decode_stream(
             n_alive = 0 if alive is None else int(alive.sum())
             n_rows = 0 if rows is None else len(rows)
             waiting = next_prompt < len(own_ids) or bool(pending) or (ready is not None and len(ready.rows) > 0)
-            refill = waiting and n_alive <= refill_at * n_rows and n_alive < batch_size
+            refill = waiting and n_alive <= refill_at * batch_size and n_alive < batch_size
             compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= compact_at * n_rows)
             if n_rows and (refill or compact):
                 # Finished rows leave the batch (and are handed out).

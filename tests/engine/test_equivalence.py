@@ -173,7 +173,7 @@ def test_engine_equals_the_reference_on_the_real_backbone(default_backbone_dir, 
     assert delta < 1e-5
 
 
-@pytest.mark.parametrize("refill_at", [0.0, 0.5, 0.875, 1.0])
+@pytest.mark.parametrize("refill_at", [0.0, 0.5, 0.75, 1.0])
 def test_continuous_batching_in_few_slots_equals_one_batch(tiny_backbone_dir, refill_at):
     module = tiny_grace_model(tiny_backbone_dir, max_new_tokens=10)[0]
     split_rows(module, module.preprocess(TEXTS), 10)
@@ -184,22 +184,34 @@ def test_continuous_batching_in_few_slots_equals_one_batch(tiny_backbone_dir, re
     reference = engine_output(module, features)
     pairs = zip(features["input_ids"], features["attention_mask"], strict=True)
     real = [ids[mask.bool()].tolist() for ids, mask in pairs]
-    counts = {}
-    rows = list(
-        decode_stream(
+    counts, rows, waiting_calls = {}, [], []
+
+    def record(lm, args, kwargs):  # rows of each decode call made while prompts still wait for a slot
+        batch, width = kwargs["input_ids"].shape
+        if width == 1 and len(rows) + batch < len(texts):  # rows that left + rows in the batch = prompts started
+            waiting_calls.append(batch)
+
+    hook = module.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        stream = decode_stream(
             module.model,
             real[0][:prefix_len],
             [row[prefix_len:] for row in real],
             10,
             kwargs["eos_token_id"],
             kwargs["pad_token_id"],
-            batch_size=5,
+            batch_size=8,
             counts=counts,
             refill_at=refill_at,
         )
-    )
+        for row in stream:
+            rows.append(row)
+    finally:
+        hook.remove()
     assert sorted(row.index for row in rows) == list(range(len(texts)))
-    assert counts["refills"] >= len(texts) // 5 and counts["prompt_tokens"] < features["input_ids"].numel()
+    # Finished rows leave at once; while prompts wait, a refill fills the slots once at most refill_at of them write.
+    assert waiting_calls and min(waiting_calls) > min(refill_at * 8, 7)
+    assert counts["refills"] >= len(texts) // 8 and counts["prompt_tokens"] < features["input_ids"].numel()
     width = features["input_ids"].shape[1]
     batch = module.rationale_batch(reference.generated)
     for row in rows:
