@@ -30,7 +30,8 @@ API_VERSION = 1
 # (COMPACT_AT = 1.0; the cache rows after them move up in place). On the 2-core CPU of the README (64 STS sentences,
 # 48 new tokens, one thread), model.encode at batch 64 took 0.80x generate's time with 32 slots and rows leaving once
 # half had finished, 0.73x with 64 slots, and 0.69x with 64 slots and rows leaving at once; at batch 16, rows leaving
-# at once gave 0.77x against 0.82x (benchmarks/encode_speed.py).
+# at once gave 0.77x against 0.82x (interleaved A/B runs of benchmarks/encode_speed.py's paths; its full run is in
+# the README, "Performance").
 SLOTS = 64
 COMPACT_AT = 1.0
 
