@@ -303,6 +303,10 @@ def decode_stream(
         next_prompt = 0  # next row of own_ids to prefill
         pending: list[list[int]] = []  # prompts taken for prefilling, in groups of similar length
         ready: _Prefilled | None = None  # prefilled prompts waiting for a slot
+
+        def prompts_wait() -> bool:
+            return next_prompt < len(own_ids) or bool(pending) or (ready is not None and len(ready.rows) > 0)
+
         # Batch state, one entry per batch row.
         cache: Cache | None = None
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -311,7 +315,7 @@ def decode_stream(
         while True:
             n_alive = 0 if alive is None else int(alive.sum())
             n_rows = 0 if rows is None else len(rows)
-            waiting = next_prompt < len(own_ids) or bool(pending) or (ready is not None and len(ready.rows) > 0)
+            waiting = prompts_wait()
             refill = waiting and n_alive <= refill_at * batch_size and n_alive < batch_size
             compact = not refill and n_rows and n_alive < n_rows and (n_alive == 0 or n_alive <= compact_at * n_rows)
             if n_rows and (refill or compact):
@@ -352,9 +356,7 @@ def decode_stream(
                 # length, when none is ready).
                 parts: list[_Prefilled] = []
                 need = batch_size - n_rows
-                while need > 0 and (
-                    next_prompt < len(own_ids) or pending or (ready is not None and len(ready.rows) > 0)
-                ):
+                while need > 0 and prompts_wait():
                     if ready is None or len(ready.rows) == 0:
                         if not pending:
                             taken = range(next_prompt, min(len(own_ids), next_prompt + batch_size))
