@@ -19,7 +19,7 @@ from transformers import Cache
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from grace_st.engine.cache import SpareLayer, spare_cache
-from grace_st.engine.cpu import cpu_kernels
+from grace_st.engine.cpu import cpu_kernels, greedy_head, head_matches
 from grace_st.model.generation import hook_outputs, pad_rows
 
 logger = logging.getLogger(__name__)
@@ -110,13 +110,15 @@ def decode_step(
     position: torch.Tensor,
     cache: Any,
     attend: torch.Tensor | None = None,
+    **kwargs: Any,
 ):
     """Feed one new token per row through the KV cache: ``(model output, attention mask grown by one column)``.
-    ``attend`` (``(batch,)`` bool): rows whose new column later steps attend to (default: every row)."""
+    ``attend`` (``(batch,)`` bool): rows whose new column later steps attend to (default: every row); ``kwargs`` go
+    to the model's forward (e.g. ``logits_to_keep``)."""
     column = mask.new_ones(len(token), 1) if attend is None else attend.to(mask.dtype).unsqueeze(1)
     mask = torch.cat([mask, column], dim=1)
     ids, position_ids = token.unsqueeze(1), position.unsqueeze(1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, **kwargs)
     return out, mask
 
 
@@ -170,10 +172,11 @@ def decode_stream(
     the position and context it has in its own left-padded prompt). Columns masked in every row are dropped at each
     refill. Between refills, finished rows leave once at most ``compact_at`` of the rows are writing (the cache rows
     after them move up in place, without a copy of the whole cache). The cache keeps free columns (``SpareLayer``); on
-    a CPU the weights may be packed for full batches and laid out for few-row products
+    a CPU, greedy decode steps compute no logits: the next tokens come from the states by a screened bfloat16 product
+    of the output head (:class:`~grace_st.engine.cpu.GreedyHead`, where the model's logits are that head's product),
+    and the weights may be packed for full batches and laid out for few-row products
     (:func:`~grace_st.engine.cpu.cpu_kernels`; off by default). The rationales and states equal :func:`decode`'s on
-    the same prompts within float
-    tolerance (batch shapes and kernels differ, so do the last bits).
+    the same prompts within float tolerance (batch shapes and kernels differ, so do the last bits).
 
     Args:
         model: a causal LM for which :func:`~grace_st.engine.decode.unsupported_reason` is None, in eval mode.
@@ -251,11 +254,12 @@ def decode_stream(
         if counts is not None:
             counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + ids.numel()
             counts["refills"] = counts.get("refills", 0) + 1
+        logits = out.logits[:, -1]
         return _Prefilled(
             torch.tensor(group, dtype=torch.long, device=device),
             [(layer.keys, layer.values) for layer in cache.layers],
             mask,
-            out.logits[:, -1],
+            logits if head is None else logits.float().argmax(dim=-1),
             positions[:, -1] + 1,
             [states[j][own_mask[j].bool()] for j in range(k)],
         )
@@ -297,6 +301,12 @@ def decode_stream(
         if len(captured) != 1 or captured[0].shape[:2] != (1, prefix_len):
             raise StatesNotCaptured("the decoder's final norm is not on the forward path (e.g. a re-wrapped model)")
         prefix_states = captured.pop()[0]
+        # Greedy decoding on a CPU: the next tokens from the states by a screened bfloat16 head (the decode steps then
+        # compute no logits), where the model's logits are that head's product of the states.
+        head = greedy_head(model, do_sample) if keeps else None
+        if head is not None and not head_matches(head, prefix_states[-1:], out.logits[:, -1]):
+            head = None
+        step_logits = {} if head is None else {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
         prefix_kv = [(keys, values) for keys, values, *_ in out.cache]
         if counts is not None:
             counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + prefix_len
@@ -393,18 +403,24 @@ def decode_stream(
                 )
             # One decode step for every batch row (finished rows ride along, fed padding that no row attends to: their
             # cache rows stay as they were when they finished, for their suffix).
-            token = choose(logits, rows, alive).masked_fill(~alive, pad_token_id)
+            token = (logits if head is not None else choose(logits, rows, alive)).masked_fill(~alive, pad_token_id)
             index = torch.arange(len(rows), device=device)
             generated[index[alive], length[alive]] = token[alive]
             length = length + alive.long()
             with torch.no_grad():
-                out, mask = decode_step(model, token, mask, position, cache, attend=alive)
-            gen_states[index[alive], length[alive] - 1] = captured.pop()[alive, -1]
+                out, mask = decode_step(model, token, mask, position, cache, attend=alive, **step_logits)
+            states = captured.pop()[:, -1]
+            gen_states[index[alive], length[alive] - 1] = states[alive]
             if counts is not None:
                 counts["decode_row_steps"] = counts.get("decode_row_steps", 0) + len(rows)
                 counts["decode_steps"] = counts.get("decode_steps", 0) + 1
             alive = alive & ~torch.isin(token, eos) & (length < max_new_tokens)
-            logits, position = out.logits[:, -1], position + 1
+            position = position + 1
+            if head is None:
+                logits = out.logits[:, -1]
+            else:  # the next token of every row still writing (the others' are never read)
+                logits = torch.full_like(token, pad_token_id)
+                logits[alive] = head(states[alive])
     finally:
         layout.close()
 
@@ -453,7 +469,7 @@ class _Prefilled(NamedTuple):
     rows: torch.Tensor  # (n,) their indices in own_ids
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (n, heads, width, head_dim) keys and values
     mask: torch.Tensor  # (n, width) attention mask: prefix, left padding, own tokens
-    logits: torch.Tensor  # (n, vocab) at each prompt's last position
+    logits: torch.Tensor  # (n, vocab) at each prompt's last position; (n,) next token ids with a greedy head
     position: torch.Tensor  # (n,) position of each row's first rationale token
     own_states: list[torch.Tensor]  # each row's last-layer states of its own tokens (no padding)
 

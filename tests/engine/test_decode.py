@@ -448,3 +448,65 @@ def test_a_cache_layer_keeps_rows_in_place_like_a_selection(keep):
     new_keys, new_values = torch.randn(len(keep), 2, 1, 4), torch.randn(len(keep), 2, 1, 4)
     got, expected = layer.update(new_keys, new_values), reference.update(new_keys, new_values)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_greedy_head_picks_the_float32_argmax_on_near_ties():
+    from grace_st.engine.cpu import GreedyHead
+
+    generator = torch.Generator().manual_seed(0)
+    rows, hidden, vocab = 96, 64, 3000
+    states = torch.randn(rows, hidden, generator=generator) * 4
+    weight = torch.randn(vocab, hidden, generator=generator)
+    top = torch.nn.functional.linear(states, weight).max(dim=1).values
+    # Per row, a rival token whose float32 logit is the row's best +-0.001 to 1 (logits ~100: more than bfloat16's
+    # error at these values, which is ~0.5).
+    gaps = torch.logspace(-3, 0, rows) * torch.tensor([1.0, -1.0]).repeat(rows // 2)
+    for r in range(rows):
+        w = weight[2000 + r]
+        weight[2000 + r] = w + (top[r] + gaps[r] - w @ states[r]) * states[r] / states[r].norm() ** 2
+    expected = torch.nn.functional.linear(states, weight).argmax(dim=1)
+    low = torch.nn.functional.linear(states.bfloat16(), weight.bfloat16())
+    assert bool((low.argmax(dim=1) != expected).any())  # the bfloat16 product alone picks other tokens here
+    # ... and for some rows the right token's bfloat16 logit is strictly below the row's largest: the bound finds it
+    assert bool((low.gather(1, expected.unsqueeze(1)).squeeze(1) < low.max(dim=1).values).any())
+    head = GreedyHead(weight)
+    assert torch.equal(head(states), expected)
+    assert head(states[:0]).shape == (0,)
+
+
+def test_engine_decode_steps_compute_no_logits_with_the_greedy_head(tiny_backbone_dir):
+    from grace_st.engine.cpu import bf16_products_reason
+
+    if bf16_products_reason(torch.device("cpu")) is not None:
+        pytest.skip(f"the greedy head is off here: {bf16_products_reason(torch.device('cpu'))}")
+    model = tiny_grace_model(tiny_backbone_dir, max_new_tokens=6)
+    module = model[0]
+    positions = []
+    head = module.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda m, args: positions.append(args[0].shape[1]))
+    try:
+        reference, engine = both_paths(module, module.preprocess(TEXTS))
+    finally:
+        handle.remove()
+    assert torch.equal(reference.ids, engine.ids)
+    engine_positions = positions[-(1 + module.decode_counts["refills"] + module.decode_counts["decode_steps"]) :]
+    assert engine_positions[0] == 1 and set(engine_positions[1:]) == {0, 1}  # prefix, prefills, then decode steps
+    assert engine_positions.count(0) == module.decode_counts["decode_steps"]
+
+
+def test_a_model_whose_logits_are_not_its_heads_product_decodes_with_its_logits(tiny_backbone_dir):
+    model = tiny_grace_model(tiny_backbone_dir, max_new_tokens=6)
+    module = model[0]
+    head = module.model.get_output_embeddings()
+    shift = torch.zeros(head.weight.shape[0])
+    shift[torch.randperm(len(shift), generator=torch.Generator().manual_seed(1))[:20]] = 4.0
+    features = module.preprocess(TEXTS)
+    module.decode_path = "generate"
+    plain = module.generate_rationales(features).ids
+    head.forward = lambda x: torch.nn.functional.linear(x, head.weight) + shift  # e.g. a logit bias
+    try:
+        reference, engine = both_paths(module, features)
+    finally:
+        del head.forward
+    assert not torch.equal(plain, reference.ids)  # the shift changes the rationales
+    assert torch.equal(reference.ids, engine.ids)
