@@ -84,17 +84,6 @@ def build(single_pass: bool = True, folder: str | None = None, **options):
     return grace_st.from_backbone(grace_st.default_backbone(), single_pass=single_pass, device="cpu", **options)
 
 
-def generate_with_stream_kernels(model, texts: list[str], batch_size: int) -> None:
-    """:func:`generate_only` with the CPU kernels continuous batching uses (weights laid out for few-row products,
-    MKL-packed for full batches; set up inside the timed call, as the stream does): separates the gain of the
-    schedule and the shared prefix from the gain of the kernels."""
-    from grace_st.engine.cpu import cpu_weight_layout, packed_linears
-
-    lm = model[0].model
-    with packed_linears(lm, min(batch_size, len(texts))), cpu_weight_layout(lm):
-        generate_only(model, texts, batch_size)
-
-
 def sorted_batches(texts: list[str], batch_size: int) -> list[list[str]]:
     """The batches encode forms: sentence-transformers sorts by length (characters), longest first, as here."""
     import numpy as np
@@ -217,10 +206,9 @@ def ratio_run(name: str, options: dict, texts: list[str], batch_size: int, repea
         module.decode_path = "engine"
         encode_corpus(model, texts, batch_size=batch_size, schedule="continuous")
 
-    runs = {"generate": [], "continuous": [], "engine": [], "reference": [], "generate_kernels": []}
+    runs = {"generate": [], "continuous": [], "engine": [], "reference": []}
     jobs = [
         ("generate", lambda: generate_only(model, texts, batch_size)),
-        ("generate_kernels", lambda: generate_with_stream_kernels(model, texts, batch_size)),
         ("continuous", corpus),
         ("engine", encode("engine")),
         ("reference", encode("generate")),
@@ -270,7 +258,6 @@ def print_ratio(result: dict, n_texts: int, batch_size: int) -> None:
         "continuous": "continuous batching (encode_corpus)",
         "engine": "decode engine, batch by batch (model.encode)",
         "reference": "reference (generate + 1 step)",
-        "generate_kernels": "generate alone with the stream's CPU kernels (not an encode path; for reference)",
     }
     rows = []
     for key, label in labels.items():
@@ -311,11 +298,6 @@ def print_ratio(result: dict, n_texts: int, batch_size: int) -> None:
         "prompt positions computed / real",
     ]
     print(markdown_table(header, rows), end="")
-    print(
-        f"Continuous batching / generate with the same CPU kernels: "
-        f"{median['continuous'][0] / median['generate_kernels'][0]:.3f} (the part of the gain that the schedule and "
-        "the shared prefix give; the rest is the kernels')."
-    )
     print(
         f"Engine vs reference: {result['differ']} of {n_texts} rationales differ; "
         f"max |embedding diff| = {result['delta']:.1e} (target: 0, < 1e-5)."
