@@ -15,9 +15,9 @@ within float tolerance:
   goes to the next row, and finished rows leave the batch once at most ``compact_at`` of its rows are writing (by
   default as soon as they finish);
 - on a CPU, prompts are prefilled in groups of similar length (:func:`~grace_st.engine.stream.prefill_groups`);
-- the KV cache keeps free columns (:class:`~grace_st.engine.cache.SpareLayer`), and on a CPU greedy decode steps
-  take the next token from a screened bfloat16 product of the output head, not from float32 logits
-  (:mod:`~grace_st.engine.cpu`).
+- the KV cache keeps free columns (:class:`~grace_st.engine.cache.SpareLayer`), and on a CPU with bfloat16
+  instructions (AVX512-BF16) greedy decode steps take the next token from a screened bfloat16 product of the output
+  head, not from float32 logits (:mod:`~grace_st.engine.cpu`).
 
 Supported: decoder-only LMs whose decoder ends with a ``norm`` module (Llama, Qwen2/3, Mistral, ...), ``eager`` or
 ``sdpa`` attention, full attention in every layer (no sliding window), greedy or sampled decoding with temperature

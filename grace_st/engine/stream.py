@@ -172,8 +172,9 @@ def decode_stream(
     the position and context it has in its own left-padded prompt). Columns masked in every row are dropped at each
     refill. Between refills, finished rows leave once at most ``compact_at`` of the rows are writing (the cache rows
     after them move up in place, without a copy of the whole cache). The cache keeps free columns (``SpareLayer``); on
-    a CPU, greedy decode steps compute no logits: the next tokens come from the states by a screened bfloat16 product
-    of the output head (:class:`~grace_st.engine.cpu.GreedyHead`, where the model's logits are that head's product),
+    a CPU with bfloat16 instructions (AVX512-BF16), greedy decode steps compute no logits: the next tokens come from
+    the states by a screened bfloat16 product of the output head (:class:`~grace_st.engine.cpu.GreedyHead`, where the
+    model's logits are that head's product),
     and the weights may be packed for full batches and laid out for few-row products
     (:func:`~grace_st.engine.cpu.cpu_kernels`; off by default). The rationales and states equal :func:`decode`'s on
     the same prompts within float tolerance (batch shapes and kernels differ, so do the last bits).
@@ -254,7 +255,12 @@ def decode_stream(
         if counts is not None:
             counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + ids.numel()
             counts["refills"] = counts.get("refills", 0) + 1
+        nonlocal head, head_checked
         logits = out.logits[:, -1]
+        if head is not None and not head_checked:  # are the model's logits the head's product of the states?
+            head_checked = True
+            if not head_matches(head, states[:, -1], logits):
+                head = None
         return _Prefilled(
             torch.tensor(group, dtype=torch.long, device=device),
             [(layer.keys, layer.values) for layer in cache.layers],
@@ -289,24 +295,32 @@ def decode_stream(
         layout.enter_context(cpu_kernels(model, min(batch_size, len(own_ids))))
         captured, hook = hook_outputs(model.get_decoder().norm)  # this call's states only
         layout.callback(hook.remove)
+        # Greedy decoding on a CPU: the next tokens from the states by a screened bfloat16 head (decode steps then
+        # compute no logits), where the model computes no logits for an empty `logits_to_keep` (checked here, on the
+        # prefix) and its logits are that head's product of the states (checked at the first prefill).
+        head = greedy_head(model, do_sample) if keeps else None
+        head_checked = False
+        no_logits = {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
         # Grad mode is set around each forward, never across a yield: a suspended generator must not change the
         # caller's mode (nor restore a stale one when it is closed later).
+        prefix = {
+            "input_ids": torch.tensor([prefix_ids], device=device),
+            "position_ids": torch.arange(prefix_len, device=device).unsqueeze(0),
+            "use_cache": True,
+        }
         with torch.no_grad():
-            out = model(
-                input_ids=torch.tensor([prefix_ids], device=device),
-                position_ids=torch.arange(prefix_len, device=device).unsqueeze(0),
-                use_cache=True,
-                **last_only,
-            )
+            try:
+                out = model(**prefix, **(last_only if head is None else no_logits))
+            except Exception:  # a forward that cannot take an index: the logits, as without the head
+                if head is None:
+                    raise
+                captured.clear()
+                head, out = None, model(**prefix, **last_only)
+        if head is not None and out.logits.shape[1] != 0:
+            head = None
         if len(captured) != 1 or captured[0].shape[:2] != (1, prefix_len):
             raise StatesNotCaptured("the decoder's final norm is not on the forward path (e.g. a re-wrapped model)")
         prefix_states = captured.pop()[0]
-        # Greedy decoding on a CPU: the next tokens from the states by a screened bfloat16 head (the decode steps then
-        # compute no logits), where the model's logits are that head's product of the states.
-        head = greedy_head(model, do_sample) if keeps else None
-        if head is not None and not head_matches(head, prefix_states[-1:], out.logits[:, -1]):
-            head = None
-        step_logits = {} if head is None else {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
         prefix_kv = [(keys, values) for keys, values, *_ in out.cache]
         if counts is not None:
             counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + prefix_len
@@ -408,7 +422,9 @@ def decode_stream(
             generated[index[alive], length[alive]] = token[alive]
             length = length + alive.long()
             with torch.no_grad():
-                out, mask = decode_step(model, token, mask, position, cache, attend=alive, **step_logits)
+                out, mask = decode_step(
+                    model, token, mask, position, cache, attend=alive, **({} if head is None else no_logits)
+                )
             states = captured.pop()[:, -1]
             gen_states[index[alive], length[alive] - 1] = states[alive]
             if counts is not None:

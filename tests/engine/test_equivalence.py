@@ -30,7 +30,14 @@ from grace_st.model import SUMMARY_SUFFIX
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_engine_equals_the_reference_path_greedy(tiny_backbone_dir, attention):
+@pytest.mark.parametrize("head", ["bfloat16 head", "float32 logits"])
+def test_engine_equals_the_reference_path_greedy(tiny_backbone_dir, attention, head, monkeypatch):
+    import grace_st.engine.cpu as cpu
+
+    if head == "bfloat16 head":  # on any CPU (the maths does not depend on its instructions, only the speed does)
+        monkeypatch.setattr(cpu, "bf16_products_reason", lambda device: None)
+    else:
+        monkeypatch.setattr(cpu, "SCREENED_HEAD", False)
     model = tiny_grace_model(tiny_backbone_dir, attention)
     module = model[0]
     features = module.preprocess(TEXTS)
