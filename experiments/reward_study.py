@@ -50,6 +50,14 @@ CONFIGURATIONS: dict[str, dict[str, str] | None] = {
         "truncation_penalty": "null",
         "copy_penalty": "0.1",
     },
+    # GRPO teaches which rationale to write; nothing teaches the readout to read one (removing the rationale raised
+    # every row above). Here an InfoNCE loss on the text + rationale embeddings, with gradients, trains the readout
+    # on the rationales the policy writes (the +CL update, with rationales).
+    "GRACE InfoNCE + query rollouts + embedding loss": {
+        "reward_form": "infonce",
+        "query_rollouts": "true",
+        "embedding_loss_weight": "1.0",
+    },
 }
 
 

@@ -117,6 +117,10 @@ class GraceGRPOConfig(GRPOConfig):
             division by τ) against rationales that copy their input (a guard against the "echo" collapse).
         copy_min_span (`int`, defaults to `4`): a rationale token counts as copied when it lies in a run of at least
             this many tokens that also occurs in the input.
+        embedding_loss_weight (`float`, defaults to `0.0`): λ_e of a second loss added to GRPO's (0: GRPO only): an
+            InfoNCE loss on the embeddings of text + rationale, computed with gradients, so the readout learns to read
+            the rationales the policy writes (:meth:`GraceGRPOTrainer.embedding_loss`). Single process only.
+        embedding_loss_temperature (`float`, defaults to `0.05`): τ_e of that loss.
 
     Parameters that control the collapse guards (diagnostics are logged every step in any case):
         collapse_reward_std (`float`, defaults to `0.01`): warn when the mean within-group std of the total reward
@@ -214,6 +218,14 @@ class GraceGRPOConfig(GRPOConfig):
     copy_min_span: int = field(
         default=4, metadata={"help": "Minimum length in tokens of a span copied from the input to count as a copy."}
     )
+    embedding_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ_e: weight of an InfoNCE loss on the embeddings of text + rationale (with gradients), added to "
+            "GRPO's loss so the readout learns to read the rationales; 0 trains with GRPO only."
+        },
+    )
+    embedding_loss_temperature: float = field(default=0.05, metadata={"help": "τ_e of the embedding loss."})
     collapse_reward_std: float = field(
         default=0.01, metadata={"help": "Warn when the mean within-group reward std falls below this value."}
     )
@@ -257,10 +269,10 @@ class GraceGRPOConfig(GRPOConfig):
             check_option(name, getattr(self, name))
         if "summary" in self.pooling_mode and not self.summary_suffix:
             raise ValueError(f"pooling_mode={self.pooling_mode!r} needs a summary_suffix (it is '').")
-        for name in ("consistency_weight", "hard_negative_weight", "copy_penalty"):
+        for name in ("consistency_weight", "hard_negative_weight", "copy_penalty", "embedding_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be >= 0.")
-        for name in ("reward_temperature", "query_temperature", "temperature"):
+        for name in ("reward_temperature", "query_temperature", "temperature", "embedding_loss_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be > 0.")
         if self.copy_min_span < 1:

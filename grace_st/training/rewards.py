@@ -179,14 +179,36 @@ def infonce_term(
         [-0.0, -0.2127, -0.0, -0.0]
     """
     group_queries = _groups(query, group_size)[:, 0]  # (n_groups, dim)
-    n_groups = group_queries.shape[0]
-    logits = positive @ group_queries.T  # (n, n_groups)
+    own = torch.arange(group_queries.shape[0], device=positive.device).repeat_interleave(group_size)
+    negatives = None if negative is None else _groups(negative, group_size)[:, 0].repeat_interleave(group_size, 0)
+    return temperature * infonce_log_probs(positive, group_queries, own, negatives, temperature)
+
+
+def infonce_log_probs(
+    anchor: torch.Tensor,
+    candidates: torch.Tensor,
+    own: torch.Tensor,
+    negative: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """``log softmax_c(cos(anchor_i, c) / τ)`` at each anchor's own candidate: the InfoNCE of the reward
+    (:func:`infonce_term`) and of the trainer's embedding loss.
+
+    Args:
+        anchor: ``(n, dim)`` unit vectors.
+        candidates: ``(m, dim)`` unit vectors shared by all anchors.
+        own: ``(n,)`` index of each anchor's own candidate.
+        negative: ``(n, dim)`` one more candidate per anchor (its hard negative), or None.
+        temperature: τ.
+
+    Returns:
+        ``(n,)`` log-probabilities, <= 0.
+    """
+    logits = anchor @ candidates.T  # (n, m)
     if negative is not None:
-        group_negatives = _groups(negative, group_size)[:, 0].repeat_interleave(group_size, dim=0)
-        logits = torch.cat([logits, (positive * group_negatives).sum(dim=-1, keepdim=True)], dim=1)
-    own = torch.arange(n_groups, device=positive.device).repeat_interleave(group_size)
+        logits = torch.cat([logits, (anchor * negative).sum(dim=-1, keepdim=True)], dim=1)
     log_p = torch.log_softmax(logits / temperature, dim=1)
-    return temperature * log_p[torch.arange(positive.shape[0], device=positive.device), own]
+    return log_p[torch.arange(anchor.shape[0], device=anchor.device), own]
 
 
 REWARD_FORMS: tuple[str, ...] = ("paper", "infonce")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import json
 import logging
@@ -73,7 +74,7 @@ from grace_st.training.checkpoints import (
 from grace_st.training.config import GraceGRPOConfig
 from grace_st.training.data import as_prompt_records, prompt_record, with_query_rollouts
 from grace_st.training.provenance import base_model_info
-from grace_st.training.rewards import grace_rewards, term_statistics
+from grace_st.training.rewards import grace_rewards, infonce_log_probs, term_statistics
 
 try:
     from accelerate.utils import gather_object
@@ -120,12 +121,69 @@ class GraceRollouts:
         completion_ids: the rollouts as handed to TRL.
         firsts: local rows that own the query/negative rationale of their group.
         supervised: whether hard negatives were written.
+        side_texts: the texts of the query (and negative) rationales: the queries of ``firsts``, then their negatives.
+        prompt_ids: the GRACE prompt ids of the local rows, as handed to TRL.
     """
 
     parts: list[tuple[dict[str, Any], RationaleBatch]]
     completion_ids: list[list[int]]
     firsts: list[int]
     supervised: bool
+    side_texts: list[str] = dataclasses.field(default_factory=list)
+    prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)
+
+    def side_rationale_ids(self) -> list[list[int]]:
+        """The query (and negative) rationales as id lists (closing EOS kept), in the order of ``side_texts``."""
+        rows = []
+        for _, rationales in self.parts:
+            ids, mask = rationales.ids.cpu(), rationales.mask.cpu().bool()
+            rows += [ids[i][mask[i]].tolist() for i in range(ids.shape[0])]
+        return rows[len(self.completion_ids) :]
+
+
+@dataclass
+class EmbeddingBatch:
+    """What the embedding loss needs of one generation batch (texts and rationale ids; no tensors are kept).
+
+    Attributes:
+        keys: ``(prompt ids, rollout ids)`` of every local row, in the order of ``documents``.
+        documents: the text of every local row.
+        rollouts: every local row's rollout (ids, closing EOS kept).
+        groups: the group (index into the side texts' queries) of every local row.
+        side_texts: one query per group, then (when ``supervised``) one hard negative per group.
+        side_rationales: their rationales.
+        supervised: whether hard negatives were written.
+    """
+
+    keys: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    documents: list[str]
+    rollouts: list[list[int]]
+    groups: list[int]
+    side_texts: list[str]
+    side_rationales: list[list[int]]
+    supervised: bool
+
+    def rows_of(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, pad: int):
+        """The local row of each row of a loss batch (prompt ids left-padded, rollouts right-padded with ``pad``).
+
+        Raises:
+            RuntimeError: a row that is not a rollout of this generation batch.
+        """
+        found = []
+        for prompt, mask, completion in zip(prompt_ids.cpu(), prompt_mask.cpu(), completion_ids.cpu(), strict=True):
+            prompt_key, row = tuple(prompt[mask.bool()].tolist()), completion.tolist()
+            matches = [
+                i
+                for i, (p, c) in enumerate(self.keys)
+                if p == prompt_key and tuple(row[: len(c)]) == c and all(t == pad for t in row[len(c) :])
+            ]
+            if not matches:
+                raise RuntimeError(
+                    "A row of TRL's loss batch is not a rollout of the latest GRACE generation batch, so the "
+                    f"embedding loss cannot find its text; GRACE is tested with {TESTED_WITH}."
+                )
+            found.append(max(matches, key=lambda i: len(self.keys[i][1])))  # pad == EOS: the longest match
+        return found
 
 
 class GraceGRPOTrainer(GRPOTrainer):
@@ -166,6 +224,12 @@ class GraceGRPOTrainer(GRPOTrainer):
         if not isinstance(args, GraceGRPOConfig):
             raise TypeError(f"args must be a GraceGRPOConfig, got {type(args).__name__}.")
         check_trl_seams()
+        if args.embedding_loss_weight > 0 and args.world_size > 1:
+            raise ValueError(
+                f"embedding_loss_weight={args.embedding_loss_weight!r} needs a single process (got "
+                f"{args.world_size}): the embedding loss runs through the unwrapped policy; set it to 0 for "
+                "distributed training."
+            )
         if args.use_transformers_continuous_batching:
             raise ValueError(
                 "use_transformers_continuous_batching=True is not supported by GraceGRPOTrainer: GRACE writes the "
@@ -215,6 +279,9 @@ class GraceGRPOTrainer(GRPOTrainer):
         self._term_history: dict[str, list[dict[str, float | None]]] = {}
         # Prompt ids of the latest rollouts, per mode: training may reuse its rollouts after an evaluation.
         self._rollout_prompt_ids: dict[str, set[tuple[int, ...]]] = {}
+        # The latest training generation batch, for the embedding loss; its values since the last log.
+        self._embedding_batch: EmbeddingBatch | None = None
+        self._embedding_losses: list[float] = []
         if args.max_train_minutes is not None:
             self.add_callback(TimeBudget(args.max_train_minutes, clock=args.budget_clock))
         # First in line: a checkpoint is marked complete as soon as transformers finished it, whatever other
@@ -376,7 +443,7 @@ class GraceGRPOTrainer(GRPOTrainer):
             "prompt_ids": prompt_ids,
             "completion_ids": completion_ids,
             "logprobs": logprobs,
-            "grace_rollouts": GraceRollouts(parts, completion_ids, firsts, supervised),
+            "grace_rollouts": GraceRollouts(parts, completion_ids, firsts, supervised, side_texts, prompt_ids),
         }
 
     @contextlib.contextmanager
@@ -401,11 +468,58 @@ class GraceGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ the prompt-id check
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL's GRPO loss, after checking that its prompt ids are the GRACE prompt ids of the rollouts."""
+        """TRL's GRPO loss, after checking that its prompt ids are the GRACE prompt ids of the rollouts; in training
+        with ``embedding_loss_weight`` > 0, plus λ_e times :meth:`embedding_loss`."""
         self.check_prompt_ids(inputs)
-        return super().compute_loss(
+        loss = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
+        weight = self.args.embedding_loss_weight
+        if weight > 0 and self.model.training:
+            embedding_loss = self.embedding_loss(model, inputs)
+            self._embedding_losses.append(embedding_loss.item())
+            loss = loss + weight * embedding_loss
+        return loss
+
+    def embedding_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        """InfoNCE on the GRACE embeddings of the loss batch's rows (text + rollout), computed with gradients.
+
+        Each row is the anchor; the candidates are the queries of every group of its generation batch (each with the
+        rationale written for it) and its group's hard negative; the target is its own query:
+        ``-mean_i log softmax_c(cos(e_i, c) / τ_e)``. Both sides are embedded through the saved model's readout, so
+        the readout learns to read text + rationale, while GRPO teaches which rationale to write.
+
+        Raises:
+            RuntimeError: the loss batch holds rows that are not rollouts of the latest generation batch.
+        """
+        batch = self._embedding_batch
+        if batch is None:
+            raise RuntimeError(
+                "The embedding loss found no generation batch: the GRACE reward did not run before the loss; GRACE is "
+                f"tested with {TESTED_WITH}."
+            )
+        rows = batch.rows_of(
+            inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], self.processing_class.pad_token_id
+        )
+        policy = self.accelerator.unwrap_model(model)
+        if self.grace_module.model is not policy:
+            self.grace_module.model = policy
+        anchors = self.embed_with_rationales(
+            [batch.documents[i] for i in rows], self.rationale_batch([batch.rollouts[i] for i in rows])
+        )
+        side = self.embed_with_rationales(batch.side_texts, self.rationale_batch(batch.side_rationales))
+        n_groups = len(batch.side_texts) // (2 if batch.supervised else 1)
+        own = torch.tensor([batch.groups[i] for i in rows], device=anchors.device)
+        negative = side[n_groups + own] if batch.supervised else None
+        temperature = self.args.embedding_loss_temperature
+        return -infonce_log_probs(anchors, side[:n_groups], own, negative, temperature).mean()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's log, with the mean embedding loss since the last training log (``grace/embedding_loss``)."""
+        if self._embedding_losses and self.model.training:
+            logs = {**logs, "grace/embedding_loss": sum(self._embedding_losses) / len(self._embedding_losses)}
+            self._embedding_losses = []
+        super().log(logs, start_time)
 
     def check_prompt_ids(self, inputs: dict[str, Any]) -> None:
         """Raise unless every row's prompt ids in a loss batch were built by :meth:`grace_rollout` for this batch.
@@ -529,6 +643,16 @@ class GraceGRPOTrainer(GRPOTrainer):
         for name, value in metrics.items():
             if value is not None:  # no copy rate for a batch without rationale tokens (all rollouts empty)
                 log_metric(name, value)
+        if mode == "train" and args.embedding_loss_weight > 0:
+            self._embedding_batch = EmbeddingBatch(
+                keys=[(tuple(p), tuple(c)) for p, c in zip(rollouts.prompt_ids, completion_ids, strict=True)],
+                documents=documents,
+                rollouts=[list(ids) for ids in completion_ids],
+                groups=rows.tolist(),
+                side_texts=rollouts.side_texts,
+                side_rationales=rollouts.side_rationale_ids(),
+                supervised=supervised,
+            )
         if mode == "train":
             self._check_collapse(metrics)
             for term, stats in terms.items():

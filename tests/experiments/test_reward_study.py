@@ -55,7 +55,8 @@ def test_the_scoring_shares_cover_exactly_the_rows_the_comparison_builds(tiny_ba
     assert len(asked) == len(set(asked)) and set(asked) <= built
     assert built - set(asked) == {"no rationale", "echo"}  # the cheap reference rows are not part of the study
     assert any({"untrained GRACE (mean)", "untrained GRACE (summary)"} <= set(share) for share in shares)
-    assert args.limit == 50 and len(args.trained) == 8 and len(contrastive) == 2
+    grace_runs = 2 * sum(settings is not None for settings in study.CONFIGURATIONS.values())
+    assert args.limit == 50 and len(args.trained) == grace_runs and len(contrastive) == 2
 
 
 def test_rows_with_a_file_do_not_weigh_on_the_split(tmp_path):

@@ -51,6 +51,8 @@ def test_defaults_follow_the_paper(tmp_path):
         ({"query_temperature": -1.0}, "query_temperature=-1.0"),
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"consistency_weight": -1.0}, "consistency_weight=-1.0"),
+        ({"embedding_loss_weight": -0.5}, "embedding_loss_weight=-0.5"),
+        ({"embedding_loss_temperature": 0.0}, "embedding_loss_temperature=0.0"),
         ({"copy_min_span": 0}, "copy_min_span=0"),
         ({"max_input_tokens": 0}, "max_input_tokens=0"),
         ({"num_generations": 1}, "at least 2 generations"),

@@ -398,6 +398,71 @@ def test_query_rollouts_write_rationales_for_the_queries(tiny_dir, tmp_path):
     assert trainer.reward_term_summary()["positive"]["steps"] == 2
 
 
+# ---------------------------------------------------------------------- the embedding loss
+def _loss_batch(out: dict, order: list[int], pad: int) -> dict:
+    """TRL's loss batch of a rollout output in a shuffled order: prompts left-padded, rollouts right-padded."""
+    prompts = [out["prompt_ids"][i] for i in order]
+    completions = [out["completion_ids"][i] for i in order]
+    width, depth = max(map(len, prompts)), max(map(len, completions))
+    return {
+        "prompt_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
+        "prompt_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+        "completion_ids": torch.tensor([c + [pad] * (depth - len(c)) for c in completions]),
+    }
+
+
+def test_embedding_loss_is_the_infonce_of_each_rollout_against_the_queries_with_gradients(tiny_dir, tmp_path):
+    args = make_args(tmp_path, embedding_loss_weight=1.0, embedding_loss_temperature=0.5, num_generations=2)
+    trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=tiny_dataset())
+    trainer.model.train()
+    rows = records(groups=(0, 1, 2), group_size=2)
+    out = trainer.grace_rollout(rows)
+    trainer.grace_reward(
+        prompts=rows,
+        completions=None,
+        completion_ids=out["completion_ids"],
+        grace_rollouts=[out["grace_rollouts"]] * len(rows),
+        log_metric=_metric_log()[1],
+    )
+    order = [4, 1, 5, 0, 3, 2]  # TRL shuffles the generation batch before the loss
+    pad = trainer.processing_class.pad_token_id
+    loss = trainer.embedding_loss(trainer.model, _loss_batch(out, order, pad))
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+    # The same loss from the inference path: each rollout against the three queries and its own hard negative.
+    rollouts: GraceRollouts = out["grace_rollouts"]
+    side_ids = rollouts.side_rationale_ids()
+    with torch.no_grad():
+        docs = trainer.embed_with_rationales(
+            [rows[i]["text"] for i in order], trainer.rationale_batch([out["completion_ids"][i] for i in order])
+        )
+        side = trainer.embed_with_rationales(rollouts.side_texts, trainer.rationale_batch(side_ids))
+    assert rollouts.side_texts == [rows[i]["query"] for i in (0, 2, 4)] + [rows[i]["negative"] for i in (0, 2, 4)]
+    expected = []
+    for doc, i in zip(docs, order, strict=True):
+        group = i // 2
+        logits = torch.cat([side[:3] @ doc, (side[3 + group] @ doc).reshape(1)]) / 0.5
+        expected.append(-torch.log_softmax(logits, 0)[group])
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    # A row that is not a rollout of this generation batch is refused.
+    foreign = _loss_batch(out, order, pad)
+    foreign["completion_ids"][0, 0] = (foreign["completion_ids"][0, 0] + 1) % trainer.processing_class.vocab_size
+    with pytest.raises(RuntimeError, match="not a rollout of the latest GRACE generation batch"):
+        trainer.embedding_loss(trainer.model, foreign)
+
+
+def test_training_with_the_embedding_loss_logs_it_and_changes_the_update(tiny_dir, tmp_path):
+    params = {}
+    for weight in (0.0, 1.0):
+        args = make_args(tmp_path / str(weight), embedding_loss_weight=weight, max_steps=1)
+        trainer = GraceGRPOTrainer(tiny_dir, args, train_dataset=tiny_dataset())
+        trainer.train()
+        logs = [entry for entry in trainer.state.log_history if "grace/contrastive" in entry]
+        assert ("grace/embedding_loss" in logs[0]) == (weight > 0)
+        params[weight] = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    assert any(not torch.equal(params[0.0][name], params[1.0][name]) for name in params[0.0])
+
+
 # ---------------------------------------------------------------------- training
 def test_smoke_training_logs_every_term_from_the_rollouts_and_saves_a_grace_model(tiny_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
