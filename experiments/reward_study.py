@@ -58,6 +58,14 @@ CONFIGURATIONS: dict[str, dict[str, str] | None] = {
         "query_rollouts": "true",
         "embedding_loss_weight": "1.0",
     },
+    # The same with the readout that sums the unit summary state and the unit mean over text + rationale: the mean
+    # part depends on the rationale, so removing it is not free.
+    "GRACE InfoNCE + query rollouts + embedding loss, mean+summary readout": {
+        "reward_form": "infonce",
+        "query_rollouts": "true",
+        "embedding_loss_weight": "1.0",
+        "pooling_mode": "mean+summary",
+    },
 }
 
 
@@ -130,7 +138,7 @@ BASE_ROWS = ("PromptEOL", "untrained GRACE (mean)", "untrained GRACE (summary)")
 
 
 def compare_flags(out: Path, seeds: list[int], limit: int) -> list[str]:
-    flags = ["--out", str(out / "compare"), "--limit", str(limit), "--trained-readout", "summary"]
+    flags = ["--out", str(out / "compare"), "--limit", str(limit), "--trained-readout", "saved"]
     for label in CONFIGURATIONS:
         for seed in seeds:
             flag = "--contrastive" if CONFIGURATIONS[label] is None else "--trained"

@@ -299,7 +299,8 @@ def comparison_rows(
     Args:
         backbone: backbone of the training-free rows (folder, Hub id or ``"default"``).
         trained: trained GRACE folder(s), ``FOLDER`` or ``LABEL=FOLDER`` each; None lists the trained rows as skipped.
-        trained_readout: the readout of the trained rows. Defaults to ``"summary"``.
+        trained_readout: the readout of the trained rows, or ``"saved"``: each folder's own (the one it was trained
+            with). Defaults to ``"summary"``.
         contrastive: +CL folder(s) (:func:`grace_st.training.contrastive.train_contrastive`), ``FOLDER`` or
             ``LABEL=FOLDER`` each; None lists the +CL row as skipped.
         max_new_tokens: rationale limit of the untrained rows; None takes the first trained folder's, else 40.
@@ -356,9 +357,10 @@ def comparison_rows(
         rows += [Row(label, skip="no trained GRACE folder given (--trained)") for label in ROW_NAMES[6:]]
     for label, folder in trained_entries:
         trained_spec = ModelSpec(folder)
-        readout_needs = (f"pooling_mode:{trained_readout}",)
+        readout = _saved_pooling(folder) if trained_readout == SAVED_READOUT else trained_readout
+        readout_needs = (f"pooling_mode:{readout}",)
         options: dict[str, Any] = {}
-        if "summary" in trained_readout and not _saved_suffix(folder):
+        if "summary" in readout and not _saved_suffix(folder):
             options = dict(summary)
             readout_needs += ("summary_suffix",)
         if label is None:
@@ -366,14 +368,12 @@ def comparison_rows(
             label, ablation = "trained GRACE (best readout)", ABLATION_ROW
         else:
             ablation = label + ABLATION_SUFFIX
-        rows.append(
-            Row(label, spec(trained_spec, label, **options), pooling_mode=trained_readout, needs=readout_needs)
-        )
+        rows.append(Row(label, spec(trained_spec, label, **options), pooling_mode=readout, needs=readout_needs))
         rows.append(
             Row(
                 ablation,
                 spec(trained_spec, ablation, **options, rationale_mode="none"),
-                pooling_mode=trained_readout,
+                pooling_mode=readout,
                 needs=readout_needs,
             )
         )
@@ -406,6 +406,20 @@ def grace_options(
 
 def _saved_suffix(folder: str) -> str:
     return read_json(Path(folder) / GRACE_CONFIG_FILE).get("summary_suffix") or ""
+
+
+# ``trained_readout`` value: each trained folder is read out as it was saved.
+SAVED_READOUT = "saved"
+
+
+def _saved_pooling(folder: str) -> str:
+    """The pooling mode a saved GRACE folder reads out with (its ``RationalePooling`` module's config)."""
+    for module in read_json(Path(folder) / "modules.json") or []:
+        if str(module.get("type", "")).endswith("RationalePooling"):
+            mode = (read_json(Path(folder) / module["path"] / "config.json") or {}).get("pooling_mode")
+            if mode:
+                return mode
+    raise ValueError(f"{folder} has no RationalePooling module with a pooling_mode; give --trained-readout.")
 
 
 # ------------------------------------------------------------------------------------------------------ scoring

@@ -104,7 +104,11 @@ def dev_set_parser(description: str, limit: int, out: str) -> argparse.ArgumentP
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command line of ``eval/compare_dev.py`` (:data:`USAGE`); returns the report (``"table"``: comparison.md)."""
     parser = dev_set_parser(USAGE, limit=DEFAULT_LIMIT, out="runs/compare")
-    parser.add_argument("--trained-readout", default="summary", help="Readout of the trained rows. Default: summary.")
+    parser.add_argument(
+        "--trained-readout",
+        default="summary",
+        help="Readout of the trained rows ('saved': each folder's own). Default: summary.",
+    )
     parser.add_argument(
         "--contrastive",
         action="append",
