@@ -31,11 +31,25 @@ def test_k_curve_k1_is_the_greedy_untrained_row(tiny_backbone_dir):
         k_curve_script.k_curve(spec, sets, ks=(0,))
 
 
-def test_k_curve_samples_k_rationales(tiny_backbone_dir):
+def test_k_curve_samples_k_rationales(tiny_backbone_dir, monkeypatch):
+    from grace_st.evaluation import quickeval
+
+    written: list[tuple[int, list]] = []  # (num_rationales, rationale ids per text) of every corpus encoded
+    encode_corpus = quickeval.encode_corpus
+
+    def recording(model, *args, **kwargs):
+        corpus = encode_corpus(model, *args, **kwargs)
+        written.append((model[0].num_rationales, corpus.rationale_ids))
+        return corpus
+
+    monkeypatch.setattr(quickeval, "encode_corpus", recording)
     spec = comparison_rows(tiny_backbone_dir, max_new_tokens=4)[3].spec
     points = k_curve_script.k_curve(spec, {"s": _pairs(PAIRS)}, ks=(1, 2), resamples=20)
     assert [p["decoding"] for p in points] == ["greedy", "sampled"]
-    assert points[1]["seconds_per_text"] > points[0]["seconds_per_text"]
+    assert [k for k, _ in written] == [1, 2]
+    greedy, sampled = written[0][1], written[1][1]
+    assert len(sampled) == len(greedy) and all(len(per_text) == 2 for per_text in sampled)
+    assert any(first != second for first, second in sampled)  # two draws per text, not one twice
 
 
 def test_command_writes_the_curve(tiny_backbone_dir, tmp_path):
