@@ -36,7 +36,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "training" / "configs" / "trecqa.yaml"
-# label -> the recipe's settings it replaces (None: the +CL baseline of training/train_contrastive.py)
+# What every row starts from, on top of the recipe (the recipe itself may move on to the best configuration): the
+# summary readout, GRPO alone and the recipe's first guards. +CL reads its readout from here too.
+STUDY_BASE: dict[str, str] = {
+    "pooling_mode": "summary",
+    "embedding_loss_weight": "0.0",
+    "truncation_penalty": "-1.0",
+    "copy_penalty": "0.5",
+}
+# label -> the settings it replaces (None: the +CL baseline of training/train_contrastive.py)
 CONFIGURATIONS: dict[str, dict[str, str] | None] = {
     "+CL": None,
     "GRACE paper": {"reward_form": "paper", "query_rollouts": "false"},
@@ -66,6 +74,15 @@ CONFIGURATIONS: dict[str, dict[str, str] | None] = {
         "embedding_loss_weight": "1.0",
         "pooling_mode": "mean+summary",
     },
+    # And without the truncation penalty, copy penalty 0.1: the contrastive term leads the advantage.
+    "GRACE InfoNCE + query rollouts + embedding loss, mean+summary readout, light guards": {
+        "reward_form": "infonce",
+        "query_rollouts": "true",
+        "embedding_loss_weight": "1.0",
+        "pooling_mode": "mean+summary",
+        "truncation_penalty": "null",
+        "copy_penalty": "0.1",
+    },
 }
 
 
@@ -87,9 +104,9 @@ def model_folder(out: Path, label: str, seed: int) -> Path:
 
 
 def run_config(out: Path, label: str, seed: int, minutes: float) -> Path:
-    """The recipe with the seed, the budget and the configuration's settings replaced (the +CL script reads the seed
-    and the data from it)."""
-    settings = {"seed": str(seed), "max_train_minutes": str(minutes), **(CONFIGURATIONS[label] or {})}
+    """The recipe with the seed, the budget, :data:`STUDY_BASE` and the configuration's settings replaced (the +CL
+    script reads the seed, the data and the readout from it)."""
+    settings = {"seed": str(seed), "max_train_minutes": str(minutes), **STUDY_BASE, **(CONFIGURATIONS[label] or {})}
     lines = []
     for line in RECIPE.read_text(encoding="utf-8").splitlines():
         key = line.split(":", 1)[0]

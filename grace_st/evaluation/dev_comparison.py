@@ -200,6 +200,7 @@ class Row:
         needs: module options this row needs (``Transformer`` options, or ``pooling_mode:<mode>``); a row whose needs
             the installed grace_st lacks is skipped with that reason.
         skip: a reason to list the row as skipped without scoring it (e.g. no model folder was given).
+        contrastive: a +CL row (the best scored one is the second reference of the table's paired differences).
     """
 
     label: str
@@ -208,6 +209,7 @@ class Row:
     pooling_mode: str | None = None
     needs: tuple[str, ...] = ()
     skip: str | None = None
+    contrastive: bool = False
 
 
 def missing_features(needs: Sequence[str]) -> list[str]:
@@ -352,7 +354,7 @@ def comparison_rows(
     if not contrastive_entries:
         rows.append(Row(CONTRASTIVE_ROW, skip="no +CL folder given (--contrastive)"))
     for label, folder in contrastive_entries:
-        rows.append(Row(label or CONTRASTIVE_ROW, ModelSpec(folder, label or CONTRASTIVE_ROW)))
+        rows.append(Row(label or CONTRASTIVE_ROW, ModelSpec(folder, label or CONTRASTIVE_ROW), contrastive=True))
     if not trained_entries:
         rows += [Row(label, skip="no trained GRACE folder given (--trained)") for label in ROW_NAMES[6:]]
     for label, folder in trained_entries:
@@ -672,8 +674,9 @@ def compare(
             from it, not scored; every scored row is written there. None scores every row and writes nothing.
 
     Returns:
-        ``{"sets": {name: number of pairs or questions}, "rows": {label: score_model(...) + delta_vs_promptEOL},
-        "skipped": {label: reason}, "reused": [labels read from row files]}``, rows in the given order.
+        ``{"sets": {name: number of pairs or questions}, "rows": {label: score_model(...) + delta_vs_promptEOL (+
+        delta_vs_contrastive)}, "skipped": {label: reason}, "reused": [labels read from row files]}`` (+
+        ``"contrastive_reference"``: the best +CL row, when there is one), rows in the given order.
     """
     labels = [row.label for row in rows]
     if len(set(labels)) != len(labels):
@@ -735,25 +738,37 @@ def compare(
         for label, result in results["rows"].items():
             if label != PROMPTEOL_ROW:
                 result["delta_vs_promptEOL"] = paired_difference(result, reference, dev_sets, resamples, seed)
+    # The best +CL row (highest mean) is the second reference: a row beats +CL where its difference to that one does.
+    contrastive = [row.label for row in rows if row.contrastive and row.label in results["rows"]]
+    if contrastive:
+        best = max(contrastive, key=lambda label: results["rows"][label]["mean"])
+        results["contrastive_reference"] = best
+        for label, result in results["rows"].items():
+            if label not in contrastive:
+                result["delta_vs_contrastive"] = paired_difference(
+                    result, results["rows"][best], dev_sets, resamples, seed
+                )
     return results
 
 
 def comparison_markdown(results: dict[str, Any]) -> str:
     """The comparison table: per-set score (Spearman, nDCG@10), the STS mean beside a retrieval set, the mean over
-    all sets, its 95% interval, Δ vs PromptEOL, rationale numbers, time."""
+    all sets, its 95% interval, Δ vs PromptEOL and vs the best +CL row (paired bootstrap), rationale numbers, time."""
     sets = list(results["sets"])
     some = next(iter(results["rows"].values()), {})
     sts_column = bool(some.get("sts_mean") is not None and len(some.get("spearman", {})) < len(sets))
+    best_contrastive = results.get("contrastive_reference")
     header = ["row", *sets, *(["STS mean"] if sts_column else []), "mean", "95% CI", "Δ PromptEOL [95% CI]"]
+    header += [f"Δ {best_contrastive} [95% CI]"] if best_contrastive else []
     header += ["copy", "finish", "length", "s/text"]
     table_rows = []
+
+    def delta_cell(delta: dict[str, float] | None) -> str | None:
+        return f"{delta['delta']:+.3f} [{format_cell(delta['low'])}, {format_cell(delta['high'])}]" if delta else None
+
     for label, r in results["rows"].items():
         ci = r["ci95"]
         interval = f"[{format_cell(ci['low'])}, {format_cell(ci['high'])}]"
-        delta = r.get("delta_vs_promptEOL")
-        delta_cell = (
-            f"{delta['delta']:+.3f} [{format_cell(delta['low'])}, {format_cell(delta['high'])}]" if delta else None
-        )
         scores = r.get("scores", r["spearman"])
         table_rows.append(
             [
@@ -762,7 +777,8 @@ def comparison_markdown(results: dict[str, Any]) -> str:
                 *([r["sts_mean"]] if sts_column else []),
                 r["mean"],
                 interval,
-                delta_cell,
+                delta_cell(r.get("delta_vs_promptEOL")),
+                *([delta_cell(r.get("delta_vs_contrastive"))] if best_contrastive else []),
                 r["copy_rate"],
                 r["finish_rate"],
                 None if r["mean_length"] is None else f"{r['mean_length']:.1f}",

@@ -93,6 +93,29 @@ def test_compare_rows_skips_missing_options_and_gives_paired_deltas(tiny_backbon
         compare([Row("a", model=none), Row("a", model=echo)], sets)
 
 
+def test_every_row_gets_its_paired_difference_to_the_best_contrastive_row(tiny_backbone_dir):
+    sets = {"s": _pairs(PAIRS)}
+    echo = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
+    none = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    rows = [
+        Row(PROMPTEOL_ROW, model=none),
+        Row("+CL a", model=echo, contrastive=True),
+        Row("+CL b", model=none, contrastive=True),
+        Row("GRACE", model=echo),
+    ]
+    results = compare(rows, sets, resamples=100)
+    means = {label: r["mean"] for label, r in results["rows"].items()}
+    best = max(("+CL a", "+CL b"), key=means.get)
+    assert means["+CL a"] != means["+CL b"] and results["contrastive_reference"] == best
+    for label in (PROMPTEOL_ROW, "GRACE"):
+        delta = results["rows"][label]["delta_vs_contrastive"]
+        assert delta["delta"] == pytest.approx(means[label] - means[best]) and delta["low"] <= delta["high"]
+    assert all("delta_vs_contrastive" not in results["rows"][label] for label in ("+CL a", "+CL b"))
+    header = comparison_markdown(results).splitlines()[0]
+    assert f"Δ {best} [95% CI]" in header
+    assert "delta_vs_contrastive" not in compare(rows[:1] + rows[3:], sets, resamples=10)["rows"]["GRACE"]
+
+
 def test_missing_features_reads_the_installed_module():
     assert missing_features(["rationale_mode", "pooling_mode:mean", "pooling_mode:lasttoken"]) == []
     assert missing_features(["nope", "pooling_mode:nope"]) == ["nope", "pooling_mode:nope"]
@@ -326,6 +349,7 @@ def test_labelled_trained_and_contrastive_folders_give_their_own_rows(tiny_backb
         "GRACE, seed 2, rationale removed",
     ]
     assert rows[5].spec.name_or_path == folders[0] and rows[6].spec.name_or_path == folders[1]
+    assert [row.contrastive for row in rows[5:]] == [True, True, False, False, False, False]
     seed2, ablation2 = rows[-2], rows[-1]
     assert seed2.spec.name_or_path == ablation2.spec.name_or_path == folders[1]
     assert seed2.pooling_mode == ablation2.pooling_mode == "lasttoken"
