@@ -74,6 +74,13 @@ CONFIGURATIONS: dict[str, dict[str, str] | None] = {
         "embedding_loss_weight": "1.0",
         "pooling_mode": "mean+summary",
     },
+    # The same with three times the embedding loss's weight: does more training of the readout close the STS gap?
+    "GRACE InfoNCE + query rollouts + embedding loss x3, mean+summary readout": {
+        "reward_form": "infonce",
+        "query_rollouts": "true",
+        "embedding_loss_weight": "3.0",
+        "pooling_mode": "mean+summary",
+    },
     # And without the truncation penalty, copy penalty 0.1: the contrastive term leads the advantage.
     "GRACE InfoNCE + query rollouts + embedding loss, mean+summary readout, light guards": {
         "reward_form": "infonce",
@@ -154,6 +161,14 @@ def train(out: Path, label: str, seed: int, minutes: float) -> tuple[str, float,
 BASE_ROWS = ("PromptEOL", "untrained GRACE (mean)", "untrained GRACE (summary)")
 
 
+def untrained_rows() -> list[str]:
+    """The untrained rows: mean and summary, and each further readout a configuration saves (compare_dev adds those
+    with ``--trained-readout saved``)."""
+    readouts = [{**STUDY_BASE, **settings}["pooling_mode"] for settings in CONFIGURATIONS.values() if settings]
+    extra = [f"untrained GRACE ({r})" for r in dict.fromkeys(readouts) if r not in ("mean", "summary")]
+    return [*BASE_ROWS[1:], *extra]
+
+
 def compare_flags(out: Path, seeds: list[int], limit: int) -> list[str]:
     flags = ["--out", str(out / "compare"), "--limit", str(limit), "--trained-readout", "saved"]
     for label in CONFIGURATIONS:
@@ -165,11 +180,11 @@ def compare_flags(out: Path, seeds: list[int], limit: int) -> list[str]:
 
 def row_shares(seeds: list[int], processes: int, done: Path | None = None) -> list[list[str]]:
     """The table's rows split over ``processes`` by their expected cost (a row that writes rationales costs about three
-    rows that do not); the two untrained rows stay together (they share one generation). With ``done`` (the row-file
+    rows that do not); the untrained rows stay together (they share one generation). With ``done`` (the row-file
     folder), rows that already have a file cost nothing (compare_dev still checks that the file is current)."""
     from grace_st.evaluation.dev_comparison import row_file
 
-    jobs: list[tuple[float, list[str]]] = [(1.0, ["PromptEOL"]), (4.0, list(BASE_ROWS[1:]))]
+    jobs: list[tuple[float, list[str]]] = [(1.0, ["PromptEOL"]), (4.0, untrained_rows())]
     for label, settings in CONFIGURATIONS.items():
         for seed in seeds:
             name = f"{label}, seed {seed}"

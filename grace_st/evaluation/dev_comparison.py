@@ -302,7 +302,8 @@ def comparison_rows(
         backbone: backbone of the training-free rows (folder, Hub id or ``"default"``).
         trained: trained GRACE folder(s), ``FOLDER`` or ``LABEL=FOLDER`` each; None lists the trained rows as skipped.
         trained_readout: the readout of the trained rows, or ``"saved"``: each folder's own (the one it was trained
-            with). Defaults to ``"summary"``.
+            with; a saved readout other than mean and summary adds the row "untrained GRACE (<readout>)"). Defaults
+            to ``"summary"``.
         contrastive: +CL folder(s) (:func:`grace_st.training.contrastive.train_contrastive`), ``FOLDER`` or
             ``LABEL=FOLDER`` each; None lists the +CL row as skipped.
         max_new_tokens: rationale limit of the untrained rows; None takes the first trained folder's, else 40.
@@ -351,6 +352,13 @@ def comparison_rows(
             needs=("summary_suffix", "pooling_mode:summary"),
         ),
     ]
+    # With saved readouts, the untrained model is also read out with each trained readout beyond mean and summary
+    # (e.g. a recipe's mean+summary), so every trained readout has its untrained reference.
+    readouts = [_saved_pooling(folder) for _, folder in trained_entries] if trained_readout == SAVED_READOUT else []
+    for readout in dict.fromkeys(r for r in readouts if r not in ("mean", "summary")):
+        label = f"untrained GRACE ({readout})"
+        needs = ("summary_suffix", f"pooling_mode:{readout}") if "summary" in readout else (f"pooling_mode:{readout}",)
+        rows.append(Row(label, spec(untrained, label, **summary), pooling_mode=readout, needs=needs))
     if not contrastive_entries:
         rows.append(Row(CONTRASTIVE_ROW, skip="no +CL folder given (--contrastive)"))
     for label, folder in contrastive_entries:

@@ -329,6 +329,37 @@ def test_bootstrap_of_the_mean_resamples_questions_and_pairs_alike_for_every_row
 
 
 # ------------------------------------------------------------------------------------------- labelled rows
+def test_saved_readout_reads_each_trained_folder_as_it_was_saved(tiny_backbone_dir, tmp_path):
+    trained = []
+    for mode in ("lasttoken", "mean+summary"):
+        folder = tmp_path / mode
+        suffix = {"summary_suffix": comparison.DEFAULT_SUMMARY_SUFFIX} if "summary" in mode else {}
+        from_backbone(tiny_backbone_dir, pooling_mode=mode, max_new_tokens=4, device="cpu", **suffix).save(str(folder))
+        trained.append(f"{mode}={folder}")
+    rows = comparison_rows(tiny_backbone_dir, trained=trained, trained_readout="saved")
+    assert [(row.label, row.pooling_mode) for row in rows[-4:]] == [
+        ("lasttoken", "lasttoken"),
+        ("lasttoken, rationale removed", "lasttoken"),
+        ("mean+summary", "mean+summary"),
+        ("mean+summary, rationale removed", "mean+summary"),
+    ]
+    assert comparison.build_row_model(rows[-2])[1].pooling_mode == "mean+summary"
+    # The untrained model is read out with every saved readout beyond mean and summary too, from one generation.
+    assert [(row.label, row.pooling_mode) for row in rows[3:7]] == [
+        ("untrained GRACE (mean)", "mean"),
+        ("untrained GRACE (summary)", "summary"),
+        ("untrained GRACE (lasttoken)", "lasttoken"),
+        ("untrained GRACE (mean+summary)", "mean+summary"),
+    ]
+    assert all(row.spec.options == rows[4].spec.options for row in rows[5:7])
+    assert "untrained GRACE (mean+summary)" not in [
+        r.label for r in comparison_rows(tiny_backbone_dir, trained=trained)
+    ]
+    (tmp_path / "lasttoken" / "1_RationalePooling" / "config.json").unlink()
+    with pytest.raises(ValueError, match="no RationalePooling module with a pooling_mode"):
+        comparison_rows(tiny_backbone_dir, trained=trained, trained_readout="saved")
+
+
 def test_labelled_trained_and_contrastive_folders_give_their_own_rows(tiny_backbone_dir, tmp_path):
     folders = []
     for seed, prompt in ((1, "Say what it means."), (2, "Other.")):
