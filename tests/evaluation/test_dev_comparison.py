@@ -66,10 +66,14 @@ def test_score_model_without_rationale_reports_none(tiny_backbone_dir):
     assert "–" in comparison_markdown({"sets": {"s": 6}, "rows": {"none": result}, "skipped": {}})
 
 
+def _echo_and_none(backbone: str):
+    """Two cheap models of one backbone that score differently: echo rationales and no rationale."""
+    return tuple(from_backbone(backbone, rationale_mode=mode, device="cpu") for mode in ("echo", "none"))
+
+
 def test_compare_rows_skips_missing_options_and_gives_paired_deltas(tiny_backbone_dir):
     sets = {"s": _pairs(PAIRS)}
-    echo = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
-    none = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    echo, none = _echo_and_none(tiny_backbone_dir)
     rows = [
         Row(PROMPTEOL_ROW, model=none),
         Row("echo", model=echo),
@@ -95,8 +99,7 @@ def test_compare_rows_skips_missing_options_and_gives_paired_deltas(tiny_backbon
 
 def test_every_row_gets_its_paired_difference_to_the_best_contrastive_row(tiny_backbone_dir):
     sets = {"s": _pairs(PAIRS)}
-    echo = from_backbone(tiny_backbone_dir, rationale_mode="echo", device="cpu")
-    none = from_backbone(tiny_backbone_dir, rationale_mode="none", device="cpu")
+    echo, none = _echo_and_none(tiny_backbone_dir)
     rows = [
         Row(PROMPTEOL_ROW, model=none),
         Row("+CL a", model=echo, contrastive=True),
