@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -66,11 +66,13 @@ def encode(model, texts: Sequence[str], batch_size: int = 16, prompt: str | None
         sources = model[0].text_token_ids([(prompt or "") + text for text in unique])
         ids, finished, rationales = corpus.rationale_ids, corpus.finished, corpus.rationales
         ids, finished, rationales = ([field[i] for i in rows] for field in (ids, finished, rationales))
-        k = model[0].num_rationales
+        k, distinct = model[0].num_rationales, len(unique)
         if k > 1:  # every one of the k rationales of a text counts
             ids, finished, rationales = ([x for per_text in f for x in per_text] for f in (ids, finished, rationales))
             sources, unique = ([x for x in field for _ in range(k)] for field in (sources, unique))
+        # texts counts the distinct texts (seconds per text is per text, not per rationale); rationales counts k each
         stats = rationale_stats(ids, sources, finished, texts=unique, rationales=rationales)
+        stats = replace(stats, texts=distinct)
     stats.seconds = time.perf_counter() - start
     return Encoded(np.asarray(embeddings, dtype=np.float32), stats)
 

@@ -43,6 +43,14 @@ def test_encode_matches_the_model_and_measures_distinct_texts(tiny_grace):
     assert [e["text"] for e in stats.examples] == [TEXTS[0], TEXTS[1], TEXTS[3]]
 
 
+def test_k_rationales_count_per_rationale_but_time_per_text(tiny_backbone_dir):
+    model = from_backbone(tiny_backbone_dir, device="cpu", max_new_tokens=4, num_rationales=3, do_sample=True)
+    stats = encode(model, TEXTS).stats
+    assert (stats.texts, stats.rationales) == (3, 9)  # three distinct texts, three rationales each
+    assert stats.seconds_per_text == pytest.approx(stats.seconds / 3)
+    assert stats.mean_length == pytest.approx(stats.tokens / 9)
+
+
 def test_prompt_reaches_the_model(tiny_grace):
     encoded = encode(tiny_grace, TEXTS[:2], prompt="query: ")
     np.testing.assert_allclose(encoded.embeddings, tiny_grace.encode(TEXTS[:2], prompt="query: "), atol=1e-5)
