@@ -81,6 +81,15 @@ CONFIGURATIONS: dict[str, dict[str, str] | None] = {
         "embedding_loss_weight": "3.0",
         "pooling_mode": "mean+summary",
     },
+    # The mean+summary readout with the summary state of the text alone added (the summary suffix fed right after the
+    # text, no rationale before it): the PromptEOL-like state that is strong on STS stays in the embedding, the two
+    # parts after the rationale add what the rationale says (first measured on the embedding-loss models above).
+    "GRACE InfoNCE + query rollouts + embedding loss, mean+summary+text_summary readout": {
+        "reward_form": "infonce",
+        "query_rollouts": "true",
+        "embedding_loss_weight": "1.0",
+        "pooling_mode": "mean+summary+text_summary",
+    },
     # And without the truncation penalty, copy penalty 0.1: the contrastive term leads the advantage.
     "GRACE InfoNCE + query rollouts + embedding loss, mean+summary readout, light guards": {
         "reward_form": "infonce",

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from grace_st.backbone import cache_dir, default_backbone, resolve_backbone
 from grace_st.encoding import EncodedCorpus, encode_corpus
-from grace_st.factory import build_grace_model, from_backbone
+from grace_st.factory import PROMPTEOL_TEMPLATE, SUMMARY_SUFFIX, build_grace_model, from_backbone
 from grace_st.model import (
     DEFAULT_SYSTEM_PROMPT,
-    PROMPTEOL_TEMPLATE,
-    SUMMARY_SUFFIX,
     RationaleBatch,
     RationalePooling,
     Transformer,

@@ -8,8 +8,14 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
-from grace_st.model import PROMPTEOL_TEMPLATE, RationalePooling, Transformer, load_backbone
+from grace_st.model import RationalePooling, Transformer, load_backbone
 from grace_st.model.options import TRANSFORMER_RULES
+
+# PromptEOL (Jiang et al., 2023): no chat template, no rationale, the last prompt token's state.
+PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
+# The summary readout's suffix measured best on the default backbone: after the rationale, the text again in the
+# PromptEOL question; the state of its last token is the summary embedding.
+SUMMARY_SUFFIX = '\nThis sentence : "{text}" means in one word:"'
 
 # PromptEOL (Jiang et al., 2023) as options of the same modules: the raw prompt (no chat template), no rationale, the
 # state of its last token. ``from_backbone(backbone, **PROMPTEOL_OPTIONS)``.
@@ -41,7 +47,8 @@ def from_backbone(
     Args:
         name_or_path: local folder or Hub id of an instruction-tuned causal LM with a chat template
             (e.g. ``grace_st.default_backbone()`` or ``"Qwen/Qwen2.5-1.5B-Instruct"``).
-        pooling_mode: ``"mean"`` (GRACE), ``"lasttoken"``, ``"summary"`` or ``"mean+summary"`` (see
+        pooling_mode: ``"mean"`` (GRACE), ``"lasttoken"``, ``"summary"``, ``"mean+summary"`` or
+            ``"mean+summary+text_summary"`` (sets the Transformer option ``text_summary`` unless given; see
             :class:`grace_st.RationalePooling`). Defaults to ``"mean"``.
         device: e.g. ``"cpu"``, ``"cuda"``; None picks what sentence-transformers picks.
         dtype: weights dtype. None gives bfloat16 on CUDA and float32 elsewhere.
@@ -53,8 +60,8 @@ def from_backbone(
         processor_kwargs: extra arguments for ``AutoTokenizer.from_pretrained``.
         **options: :class:`grace_st.Transformer` options: ``system_prompt``, ``prompt_template``, ``chat_template``,
             ``rationale_mode``, ``max_new_tokens``, ``max_input_tokens``, ``do_sample``, ``temperature``, ``top_p``,
-            ``top_k``, ``repetition_penalty``, ``single_pass``, ``summary_suffix``, ``num_rationales`` (each type-
-            and range-checked). PromptEOL: ``**PROMPTEOL_OPTIONS``.
+            ``top_k``, ``repetition_penalty``, ``single_pass``, ``summary_suffix``, ``num_rationales``,
+            ``text_summary`` (each type- and range-checked). PromptEOL: ``**PROMPTEOL_OPTIONS``.
 
     Returns:
         A ``SentenceTransformer``. Rationales: :func:`grace_st.encode_corpus`, or
@@ -111,6 +118,8 @@ def build_grace_model(
     unknown = sorted(set(options) - set(_TRANSFORMER_OPTIONS))
     if unknown:
         raise ValueError(f"Unknown GRACE option(s) {unknown}; valid options are {_TRANSFORMER_OPTIONS}.")
+    if "text_summary" in pooling_mode:  # that readout needs the text's own summary state
+        options.setdefault("text_summary", True)
     transformer = Transformer(model, tokenizer, **options)
     pooling = RationalePooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode)
     return SentenceTransformer(

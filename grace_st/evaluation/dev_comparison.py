@@ -47,8 +47,7 @@ from grace_st.evaluation.metrics import (
     retrieval_ndcg,
     spearman,
 )
-from grace_st.factory import PROMPTEOL_OPTIONS
-from grace_st.model import SUMMARY_SUFFIX
+from grace_st.factory import PROMPTEOL_OPTIONS, SUMMARY_SUFFIX
 from grace_st.readers import Pair, QARow, read_json, read_pairs, read_trecqa, resolve_data_path
 from grace_st.tables import format_cell, markdown_table
 
@@ -358,7 +357,10 @@ def comparison_rows(
     for readout in dict.fromkeys(r for r in readouts if r not in ("mean", "summary")):
         label = f"untrained GRACE ({readout})"
         needs = ("summary_suffix", f"pooling_mode:{readout}") if "summary" in readout else (f"pooling_mode:{readout}",)
-        rows.append(Row(label, spec(untrained, label, **summary), pooling_mode=readout, needs=needs))
+        # A readout that needs the text's own summary state: the module computes it (its own generation then).
+        text_summary = {"text_summary": True} if "text_summary" in readout else {}
+        needs += tuple(text_summary)
+        rows.append(Row(label, spec(untrained, label, **summary, **text_summary), pooling_mode=readout, needs=needs))
     if not contrastive_entries:
         rows.append(Row(CONTRASTIVE_ROW, skip="no +CL folder given (--contrastive)"))
     for label, folder in contrastive_entries:

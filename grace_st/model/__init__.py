@@ -18,7 +18,7 @@ from grace_st.model.modules import (
     pool,
     pooling_span_mask,
 )
-from grace_st.model.options import DEFAULT_SYSTEM_PROMPT, PROMPTEOL_TEMPLATE, SUMMARY_SUFFIX
+from grace_st.model.options import DEFAULT_SYSTEM_PROMPT
 
 __all__ = [  # grouped by the file that defines them
     "CORE_FILES",
@@ -34,6 +34,4 @@ __all__ = [  # grouped by the file that defines them
     "RationaleBatch",
     "rationale_mask",
     "DEFAULT_SYSTEM_PROMPT",
-    "PROMPTEOL_TEMPLATE",
-    "SUMMARY_SUFFIX",
 ]

@@ -231,7 +231,6 @@ def generate_with_states(
     last-layer states of prompt + generated ids (hooked on the decoder's final norm, else ``output_hidden_states``),
     plus one cached decode step for the final token, which generation never feeds back. ``states`` is None when the
     hooked norm was not on the forward path (e.g. a re-wrapped copy).
-
     ``seeds`` (sampling only): one seed per row; each row is then generated alone, without its padding, under
     ``torch.random.fork_rng()`` + ``torch.manual_seed(seed)`` (the global RNG is left as it was; zeros at padding)."""
     if seeds is not None:

@@ -11,7 +11,7 @@ import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from sentence_transformers.base.modules import InputModule, Module
@@ -33,7 +33,6 @@ __version__ = "0.2.0"  # the grace_st version; saved in grace_config.json as "gr
 
 logger = logging.getLogger(__name__)
 
-RationaleMode = Literal["generate", "none", "echo"]
 MODULE_FILE_NAME = "grace_st.py"  # modules.json names "grace_st.Transformer": sentence-transformers imports this file
 # The files a saved model carries (folder name -> name in this package): every module of grace_st/model/ but its
 # __init__ (tests/model/test_shipped_core.py keeps the two in step).
@@ -78,8 +77,8 @@ class Transformer(RationaleWriter, InputModule):
     ``echo_ids``/``echo_mask``, ``suffix_ids``/``suffix_mask``). Writes, over prompt + rationale with each row
     left-aligned (own tokens, then padding): ``input_ids``, ``token_embeddings``, ``attention_mask``, ``pooling_mask``
     (rows from :attr:`span_start` on), ``text_start``, ``rationale_ids``/``rationale_mask``/``rationale_finished``
-    and, with ``summary_suffix``, ``summary_embeddings``; with ``num_rationales=k`` each gains a second axis of size k
-    (text, rationale), so ``output_value="token_embeddings"`` gives the k sequences' own rows one after the other.
+    and ``summary_embeddings`` (``summary_suffix``), ``text_summary_embeddings`` (``text_summary``); with k rationales
+    each gains a k axis (text, rationale): ``output_value="token_embeddings"`` gives the k sequences one after another.
 
     Args (type- and range-checked by ``options.py``; all but ``model``/``tokenizer`` are saved; defaults in brackets):
         model, tokenizer: the causal LM (any ``AutoModelForCausalLM``) and its tokenizer.
@@ -92,9 +91,9 @@ class Transformer(RationaleWriter, InputModule):
             tokens; longer texts are truncated with a warning [128, 1024].
         do_sample, temperature, top_p, top_k, repetition_penalty: decoding [greedy, 1.0, 1.0, 0 = no cut-off, 1.0].
         single_pass: pool the states generation computed, not a second pass over prompt + rationale [True].
-        summary_suffix: fed after each rationale (``{text}`` in it: the text again); its last token's state is the
-            ``"summary"`` readout [""].
+        summary_suffix: fed after each rationale (a ``{text}`` in it: the text again): the ``"summary"`` state [""].
         num_rationales: k rationales per text, seeded by the text, their normalised embeddings averaged [1].
+        text_summary: also feed ``summary_suffix`` right after the text: ``text_summary_embeddings`` [False].
 
     Runtime settings (not saved): ``generation_backend``, ``decode_path``, ``decode_counts`` (``RationaleWriter``) and
     ``overwrite`` (:meth:`save` replaces a folder it did not write).
@@ -111,7 +110,7 @@ class Transformer(RationaleWriter, InputModule):
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         prompt_template: str = TEXT_FIELD,
         chat_template: bool = True,
-        rationale_mode: RationaleMode = "generate",
+        rationale_mode: str = "generate",
         max_new_tokens: int = 128,
         max_input_tokens: int = 1024,
         do_sample: bool = False,
@@ -122,13 +121,13 @@ class Transformer(RationaleWriter, InputModule):
         single_pass: bool = True,
         summary_suffix: str = "",
         num_rationales: int = 1,
+        text_summary: bool = False,
     ) -> None:
         super().__init__()
         options = {key: value for key, value in locals().items() if key in self.config_keys}
         for name, value in options.items():
             check_option(name, value)
-            if is_real(name):
-                options[name] = float(value)
+            options[name] = float(value) if is_real(name) else value
         check_combination(options)
         context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if isinstance(context, int) and max_new_tokens > context:
@@ -141,8 +140,7 @@ class Transformer(RationaleWriter, InputModule):
                 "template. GRACE needs an instruction-tuned backbone with a chat template (e.g. a '*-Instruct' "
                 "model), set `tokenizer.chat_template` before building the module, or pass chat_template=False."
             )
-        self.model = model
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         if self.tokenizer.pad_token_id is None:  # padding positions are masked out everywhere
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.__dict__.update(options)
@@ -221,9 +219,13 @@ class Transformer(RationaleWriter, InputModule):
     def outputs(self, features: dict[str, Any], rationales: RationaleBatch) -> dict[str, Any]:
         """:meth:`outputs_from_states` when generation kept every state needed, else :meth:`embed` (training rewards
         call this too, so they read out exactly as inference does)."""
-        if rationales.states is None or ("suffix_ids" in features and rationales.suffix_states is None):
-            return self.embed(features, rationales)
-        return self.outputs_from_states(features, rationales)
+        kept = rationales.states is not None and ("suffix_ids" not in features or rationales.suffix_states is not None)
+        output = self.outputs_from_states(features, rationales) if kept else self.embed(features, rationales)
+        if self.text_summary:  # the summary state of the text alone (the suffix right after the prompt)
+            none = RationaleBatch(rationales.ids[:, :0], rationales.mask[:, :0], rationales.finished)
+            alone = self.embed(features, none) if rationales.ids.shape[1] else output
+            output["text_summary_embeddings"] = alone["summary_embeddings"]
+        return output
 
     def outputs_from_states(self, features: dict[str, Any], rationales: RationaleBatch) -> dict[str, Any]:
         """The outputs of :meth:`embed` from the states kept during generation (single pass)."""
@@ -294,11 +296,8 @@ class Transformer(RationaleWriter, InputModule):
             raise FileNotFoundError(f"Cannot save the GRACE model: its code files {missing} are missing.")
         # Other files than sentence-transformers' (and hidden ones) in a folder without our marker are the user's.
         found = [p.name for p in Path(output_path).iterdir() if p.name[0] != "." and p.name not in _OURS]
-        if (
-            found
-            and not (Path(output_path) / self.config_file_name).is_file()
-            and not (kwargs.get("overwrite") or self.overwrite)
-        ):
+        ours = (Path(output_path) / self.config_file_name).is_file() or kwargs.get("overwrite") or self.overwrite
+        if found and not ours:
             raise FileExistsError(
                 f"{output_path} exists and holds files that model.save did not write (no {self.config_file_name}); "
                 "refusing to replace it. Choose another folder, empty it yourself, or pass overwrite=True "
@@ -324,14 +323,15 @@ class Transformer(RationaleWriter, InputModule):
         for name in CORE_FILES:
             if not cls.load_file_path(model_name_or_path, name, **files):
                 raise FileNotFoundError(
-                    f"{model_name_or_path!r} lacks {name}, a file of the model's code (model.save() "
-                    f"writes all of {sorted(CORE_FILES)}). Copy the folder or save it again."
+                    f"{model_name_or_path!r} lacks {name}, a file of the model's code (model.save() writes all of "
+                    f"{sorted(CORE_FILES)}). Copy the folder or save it again."
                 )
         if not config:
             raise ValueError(f"{where}missing or empty; a GRACE model folder written by model.save() has one.")
         unknown = set(config) - set(cls.config_keys) - {"grace_st_version"}
         if unknown:
             raise ValueError(f"{where}unknown keys {sorted(unknown)}; known: {cls.config_keys}.")
+        config.setdefault("text_summary", False)  # added after 0.2.0: a folder written before it does without
         version, missing = config.pop("grace_st_version", ""), [key for key in cls.config_keys if key not in config]
         if not isinstance(version, str):
             raise ValueError(f"{where}grace_st_version must be a version string.")
@@ -353,8 +353,9 @@ class RationalePooling(Module):
     Args:
         embedding_dimension: hidden size of the LM (checked against it when the model is assembled or loaded).
         pooling_mode: ``"mean"`` (GRACE: over user text + rationale), ``"lasttoken"`` (the rationale's closing EOS, or
-            the last prompt token without a rationale: PromptEOL), ``"summary"`` (the summary suffix's last token) or
-            ``"mean+summary"`` (both normalised, summed). Defaults to ``"mean"``.
+            the last prompt token without a rationale: PromptEOL), ``"summary"`` (the summary suffix's last token),
+            ``"mean+summary"`` (both normalised, summed) or ``"mean+summary+text_summary"`` (and the Transformer's
+            ``text_summary``). Defaults to ``"mean"``.
     """
 
     config_keys = ["embedding_dimension", "pooling_mode"]
@@ -376,8 +377,9 @@ class RationalePooling(Module):
                 f"RationalePooling embedding_dimension={self.embedding_dimension} does not match the LM's hidden "
                 f"size {first.get_embedding_dimension()}."
             )
-        if isinstance(first, Transformer) and "summary" in self.pooling_mode and not first.summary_suffix:
-            raise ValueError(f"pooling_mode={self.pooling_mode!r} needs the Transformer's summary_suffix (it is '').")
+        for option in ("summary_suffix", "text_summary")[: self.pooling_mode.count("summary")]:  # what the mode reads
+            if isinstance(first, Transformer) and not getattr(first, option):
+                raise ValueError(f"pooling_mode={self.pooling_mode!r} needs the Transformer's {option} (it is unset).")
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         states = features["token_embeddings"]
@@ -388,8 +390,10 @@ class RationalePooling(Module):
             if "summary_embeddings" not in features:
                 raise ValueError(f"pooling_mode={self.pooling_mode!r} needs summary_embeddings (a summary_suffix).")
             embedding = features["summary_embeddings"].flatten(0, 1) if k else features["summary_embeddings"]
-            if self.pooling_mode == "mean+summary":
+            if self.pooling_mode != "summary":  # mean+summary(+text_summary)
                 embedding = _unit(pool(states, mask, "mean")) + _unit(embedding)
+            if "text_summary" in self.pooling_mode:  # the Transformer's text_summary (checked when assembled)
+                embedding = embedding + _unit(features["text_summary_embeddings"].flatten(0, 1 if k else 0))
         else:
             embedding = pool(states, mask, self.pooling_mode)
         features["sentence_embedding"] = _unit(embedding).unflatten(0, (-1, k)).mean(dim=1) if k else embedding

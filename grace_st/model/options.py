@@ -10,16 +10,10 @@ DEFAULT_SYSTEM_PROMPT = (
     "Read and analyze the following text, then you need to provide your reasoning within <think></think> tags. "
     "Finally, generate a comprehensive understanding of this text."
 )
-# PromptEOL (Jiang et al., 2023): no chat template, no rationale, the last prompt token's state.
-PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
-# The summary readout's suffix measured best on the default backbone: after the rationale, the text again in the
-# PromptEOL question; the state of its last token is the summary embedding.
-SUMMARY_SUFFIX = '\nThis sentence : "{text}" means in one word:"'
 RATIONALE_MODES: tuple[str, ...] = ("generate", "none", "echo")
-POOLING_MODES: tuple[str, ...] = ("mean", "lasttoken", "summary", "mean+summary")
+POOLING_MODES: tuple[str, ...] = ("mean", "lasttoken", "summary", "mean+summary", "mean+summary+text_summary")
 TEXT_FIELD = "{text}"
 _REAL = (int, float)
-
 
 # Saved option -> (accepted types, check, what is allowed). bool is never accepted for a number, nor 0/1 for a bool.
 TRANSFORMER_RULES: dict[str, tuple[tuple[type, ...], Any, str]] = {
@@ -37,6 +31,7 @@ TRANSFORMER_RULES: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "single_pass": ((bool,), lambda v: True, "true or false (a boolean, not a string)"),
     "summary_suffix": ((str,), lambda v: v.count(TEXT_FIELD) <= 1, "a string holding '{text}' at most once, or ''"),
     "num_rationales": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "text_summary": ((bool,), lambda v: True, "true or false (a boolean, not a string)"),
 }
 OPTION_RULES = {
     **TRANSFORMER_RULES,
@@ -71,6 +66,8 @@ def check_combination(options: Mapping[str, Any], where: str = "") -> None:
             f"{where}system_prompt={options['system_prompt']!r:.60} needs chat_template=True: without the chat "
             "template the prompt is prompt_template alone. Set system_prompt='' or chat_template=True."
         )
+    if options.get("text_summary") and not options["summary_suffix"]:
+        raise ValueError(f"{where}text_summary=True needs a summary_suffix (it is ''): it feeds it after the text.")
     if options["num_rationales"] > 1 and not options["do_sample"]:  # greedy decoding writes one rationale
         raise ValueError(
             f"{where}num_rationales={options['num_rationales']} needs do_sample=True (greedy: k equal ones)."

@@ -174,8 +174,8 @@ class GraceGRPOConfig(GRPOConfig):
     pooling_mode: str = field(
         default="mean",
         metadata={
-            "help": "Readout of the final model and of the reward: 'mean' (GRACE), 'lasttoken', 'summary' or "
-            "'mean+summary' (the last two need summary_suffix)."
+            "help": "Readout of the final model and of the reward: 'mean' (GRACE), 'lasttoken', 'summary', "
+            "'mean+summary' or 'mean+summary+text_summary' (the last three need summary_suffix)."
         },
     )
     max_input_tokens: int = field(default=1024, metadata={"help": "User texts are truncated to this many tokens."})

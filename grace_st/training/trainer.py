@@ -266,6 +266,7 @@ class GraceGRPOTrainer(GRPOTrainer):
             summary_suffix=args.summary_suffix,
             max_new_tokens=args.max_completion_length,
             max_input_tokens=args.max_input_tokens,
+            text_summary="text_summary" in args.pooling_mode,
         )
         # The pooling tail of the saved model, so the reward embeds exactly as inference does.
         self.grace_pooling = RationalePooling(

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import grace_st
+from grace_st import SUMMARY_SUFFIX
 from grace_st.encoding import continuous_reason, encode_corpus
 from grace_st.engine import decode_stream
 from grace_st.engine.decode import decode
-from grace_st.model import SUMMARY_SUFFIX
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -253,6 +253,7 @@ def test_single_pass_matches_the_two_pass_reference(tiny_backbone_dir):
         {"attention": "eager"},
         {"summary_suffix": "\nIn one word:", "pooling_mode": "summary"},
         {"summary_suffix": ' This: "{text}" means', "pooling_mode": "mean+summary", "prompt": "Query: "},
+        {"summary_suffix": "\nIn one word:", "text_summary": True, "pooling_mode": "mean+summary+text_summary"},
     ],
 )
 def test_continuous_batching_equals_the_batch_path(tiny_backbone_dir, options):

@@ -609,6 +609,54 @@ def test_mean_plus_summary_sums_the_two_normalised_readouts(tiny_backbone_dir):
     assert float((a - b).abs().max()) > 1e-3  # the readouts differ
 
 
+def test_text_summary_readout_adds_the_summary_of_the_text_alone(tiny_backbone_dir, tmp_path):
+    options = {"max_new_tokens": 5, "summary_suffix": '\nThis: "{text}" in one word:', "device": "cpu"}
+    alone = grace_st.from_backbone(tiny_backbone_dir, pooling_mode="summary", rationale_mode="none", **options)
+    model = grace_st.from_backbone(tiny_backbone_dir, pooling_mode="mean+summary+text_summary", **options)
+    assert model[0].text_summary
+    texts = ["A man is playing a guitar.", "The stock market fell sharply."]
+    own = alone.encode(texts, convert_to_tensor=True)  # the summary state of the text without a rationale
+    for item, expected_own in zip(model.encode(texts, output_value=None), own, strict=True):
+        mean = pool(item["token_embeddings"].unsqueeze(0), item["pooling_mask"].unsqueeze(0))[0]
+        parts = (mean, item["summary_embeddings"], item["text_summary_embeddings"])
+        expected = _unit(sum(_unit(part) for part in parts))
+        assert float((item["sentence_embedding"] - expected).abs().max()) < 1e-5
+        assert float((_unit(item["text_summary_embeddings"]) - expected_own).abs().max()) < 1e-5
+        assert float((item["text_summary_embeddings"] - item["summary_embeddings"]).abs().max()) > 1e-3
+    embeddings = model.encode(texts, convert_to_tensor=True)
+    model[0].rationale_mode = "none"  # without a rationale both summary states are the same state
+    assert all(
+        torch.equal(i["text_summary_embeddings"], i["summary_embeddings"])
+        for i in model.encode(texts, output_value=None)
+    )
+    model[0].rationale_mode = "generate"
+    # Saved and loaded with the option; a folder written before the option existed loads without it.
+    model.save(str(tmp_path / "m"))
+    loaded = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
+    assert loaded[0].text_summary and float(abs(loaded.encode(texts) - embeddings.numpy()).max()) < 1e-5
+    config = json.loads((tmp_path / "m" / "grace_config.json").read_text())
+    del config["text_summary"]
+    (tmp_path / "m" / "grace_config.json").write_text(json.dumps(config))
+    assert grace_st.Transformer.load(str(tmp_path / "m")).text_summary is False
+
+
+def test_text_summary_readout_needs_the_option_and_a_suffix(tiny_backbone_dir):
+    from grace_st.factory import build_grace_model
+    from grace_st.model import load_backbone
+
+    with pytest.raises(ValueError, match="text_summary=True needs a summary_suffix"):
+        grace_st.from_backbone(tiny_backbone_dir, pooling_mode="mean+summary+text_summary")
+    with pytest.raises(ValueError, match="needs the Transformer's text_summary"):
+        lm, tokenizer = load_backbone(tiny_backbone_dir)
+        build_grace_model(
+            lm,
+            tokenizer,
+            pooling_mode="mean+summary+text_summary",
+            summary_suffix="\nIn one word:",
+            text_summary=False,
+        )
+
+
 def test_summary_pooling_needs_a_suffix(tiny_backbone_dir):
     with pytest.raises(ValueError, match="needs the Transformer's summary_suffix"):
         grace_st.from_backbone(tiny_backbone_dir, pooling_mode="summary")
