@@ -40,6 +40,7 @@ RECIPE = ROOT / "training" / "configs" / "trecqa.yaml"
 # summary readout, GRPO alone and the recipe's first guards. +CL reads its readout from here too.
 STUDY_BASE: dict[str, str] = {
     "pooling_mode": "summary",
+    "save_pooling_mode": "null",
     "embedding_loss_weight": "0.0",
     "truncation_penalty": "-1.0",
     "copy_penalty": "0.5",
@@ -89,6 +90,14 @@ CONFIGURATIONS: dict[str, dict[str, str] | None] = {
         "query_rollouts": "true",
         "embedding_loss_weight": "1.0",
         "pooling_mode": "mean+summary+text_summary",
+    },
+    # Trained as "+ embedding loss" (the summary readout: no extra forward pass per step, so more steps in the same CPU
+    # minutes), saved with the mean+summary+text_summary readout.
+    "GRACE InfoNCE + query rollouts + embedding loss, saved as mean+summary+text_summary": {
+        "reward_form": "infonce",
+        "query_rollouts": "true",
+        "embedding_loss_weight": "1.0",
+        "save_pooling_mode": "mean+summary+text_summary",
     },
     # And without the truncation penalty, copy penalty 0.1: the contrastive term leads the advantage.
     "GRACE InfoNCE + query rollouts + embedding loss, mean+summary readout, light guards": {
@@ -170,10 +179,16 @@ def train(out: Path, label: str, seed: int, minutes: float) -> tuple[str, float,
 BASE_ROWS = ("PromptEOL", "untrained GRACE (mean)", "untrained GRACE (summary)")
 
 
+def saved_readout(settings: dict[str, str] | None) -> str:
+    """The readout a configuration's model is saved with (``save_pooling_mode``, else ``pooling_mode``)."""
+    merged = {**STUDY_BASE, **(settings or {})}
+    return merged["pooling_mode"] if merged["save_pooling_mode"] == "null" else merged["save_pooling_mode"]
+
+
 def untrained_rows() -> list[str]:
     """The untrained rows: mean and summary, and each further readout a configuration saves (compare_dev adds those
     with ``--trained-readout saved``)."""
-    readouts = [{**STUDY_BASE, **settings}["pooling_mode"] for settings in CONFIGURATIONS.values() if settings]
+    readouts = [saved_readout(settings) for settings in CONFIGURATIONS.values() if settings]
     extra = [f"untrained GRACE ({r})" for r in dict.fromkeys(readouts) if r not in ("mean", "summary")]
     return [*BASE_ROWS[1:], *extra]
 

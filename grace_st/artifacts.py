@@ -59,6 +59,7 @@ TRAINING_RECORD_GENERATION_FIELDS: tuple[str, ...] = (
     "prompt_template",
     "summary_suffix",
     "pooling_mode",
+    "save_pooling_mode",
 )
 
 # Hub repo ids as the Hub accepts them (``org/name``); anything else in a training record is described as local.

@@ -94,7 +94,9 @@ class GraceGRPOConfig(GRPOConfig):
 
     Parameters that control rationale generation (the prompt and pooling are saved in the final model):
         system_prompt (`str`): system message of the GRACE chat prompt. Defaults to the paper's prompt.
-        pooling_mode (`str`, defaults to `"mean"`): ``"mean"`` or ``"lasttoken"``.
+        pooling_mode (`str`, defaults to `"mean"`): the readout the reward and the embedding loss use (and the saved
+            model's): ``"mean"``, ``"lasttoken"``, ``"summary"``, ``"mean+summary"``, ``"mean+summary+text_summary"``.
+        save_pooling_mode (`str` or `None`, defaults to `None`): the saved model's readout if not ``pooling_mode``.
         max_input_tokens (`int`, defaults to `1024`): user texts are truncated to this many tokens.
         query_temperature (`float`, defaults to `0.5`): sampling temperature of the single rationale written for the
             query and for the hard negative (shared by the whole group). The G rollouts of the positive use
@@ -176,6 +178,13 @@ class GraceGRPOConfig(GRPOConfig):
         metadata={
             "help": "Readout of the final model and of the reward: 'mean' (GRACE), 'lasttoken', 'summary', "
             "'mean+summary' or 'mean+summary+text_summary' (the last three need summary_suffix)."
+        },
+    )
+    save_pooling_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "Readout of the saved model when it is not pooling_mode (the readout the reward and the embedding "
+            "loss train), e.g. train 'summary' and save 'mean+summary+text_summary'. None: pooling_mode."
         },
     )
     max_input_tokens: int = field(default=1024, metadata={"help": "User texts are truncated to this many tokens."})
@@ -267,8 +276,11 @@ class GraceGRPOConfig(GRPOConfig):
             )
         for name in module_option_names():  # saved in the final model: the module's own rules
             check_option(name, getattr(self, name))
-        if "summary" in self.pooling_mode and not self.summary_suffix:
-            raise ValueError(f"pooling_mode={self.pooling_mode!r} needs a summary_suffix (it is '').")
+        if self.save_pooling_mode is not None:
+            check_option("pooling_mode", self.save_pooling_mode, "save_pooling_mode: ")
+        for name in ("pooling_mode", "save_pooling_mode"):
+            if "summary" in (getattr(self, name) or "") and not self.summary_suffix:
+                raise ValueError(f"{name}={getattr(self, name)!r} needs a summary_suffix (it is '').")
         for name in ("consistency_weight", "hard_negative_weight", "copy_penalty", "embedding_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be >= 0.")

@@ -813,7 +813,7 @@ class GraceGRPOTrainer(GRPOTrainer):
                 summary_suffix=args.summary_suffix,
                 max_new_tokens=args.inference_max_new_tokens or args.max_completion_length,
                 max_input_tokens=args.max_input_tokens,
-                pooling_mode=args.pooling_mode,
+                pooling_mode=args.save_pooling_mode or args.pooling_mode,
             )
             record = self.training_record(training_datasets)
 

@@ -41,7 +41,7 @@ def test_a_setting_the_recipe_lacks_is_refused(tmp_path, monkeypatch):
 def test_the_scoring_shares_cover_exactly_the_rows_the_comparison_builds(tiny_backbone_dir, tmp_path):
     """Every row the study asks for is a row compare_dev builds from the study's flags, and none is left out."""
     for label, settings in study.CONFIGURATIONS.items():  # each folder saved with its configuration's readout
-        readout = {**study.STUDY_BASE, **(settings or {})}["pooling_mode"]
+        readout = study.saved_readout(settings)
         for seed in (1, 2):
             suffix = {"summary_suffix": DEFAULT_SUMMARY_SUFFIX} if "summary" in readout else {}
             model = from_backbone(tiny_backbone_dir, max_new_tokens=12, pooling_mode=readout, device="cpu", **suffix)

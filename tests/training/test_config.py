@@ -47,6 +47,8 @@ def test_defaults_follow_the_paper(tmp_path):
     [
         ({"mode": "weird"}, "mode='weird'"),
         ({"pooling_mode": "max"}, "pooling_mode='max'"),
+        ({"save_pooling_mode": "max"}, "save_pooling_mode: pooling_mode='max'"),
+        ({"save_pooling_mode": "mean+summary"}, "save_pooling_mode='mean\\+summary' needs a summary_suffix"),
         ({"reward_temperature": 0.0}, "reward_temperature=0.0"),
         ({"query_temperature": -1.0}, "query_temperature=-1.0"),
         ({"temperature": 0.0}, "temperature=0.0"),

@@ -168,6 +168,33 @@ def test_reward_embedding_equals_inference_embedding(tiny_dir, tmp_path):
     assert out["prompt_ids"][0] == features["input_ids"][0][features["attention_mask"][0].bool()].tolist()
 
 
+def test_text_summary_readout_in_the_reward_and_a_saved_readout_of_its_own(tiny_dir, tmp_path):
+    """The reward reads out mean+summary+text_summary as inference does; save_pooling_mode picks the saved readout."""
+    from sentence_transformers import SentenceTransformer
+
+    suffix = '\nThis: "{text}" in one word:'
+    options = {"max_completion_length": 6, "summary_suffix": suffix, "pooling_mode": "mean+summary+text_summary"}
+    trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path / "a", **options), train_dataset=tiny_dataset())
+    assert trainer.grace_module.text_summary
+    texts = list(tiny_dataset()["prompt"])
+    policy = trainer.accelerator.unwrap_model(trainer.model).eval()
+    model = build_grace_model(
+        policy, trainer.processing_class, system_prompt=trainer.args.system_prompt, max_new_tokens=6,
+        summary_suffix=suffix, pooling_mode="mean+summary+text_summary",
+    )  # fmt: skip
+    items = model.encode(texts, output_value=None, batch_size=2)
+    expected = torch.stack([torch.as_tensor(item["sentence_embedding"]) for item in items])
+    completions = [item["rationale_ids"][item["rationale_mask"].bool()].tolist() for item in items]
+    with torch.no_grad():
+        got = trainer.embed_with_rationales(texts, trainer.rationale_batch(completions))
+    torch.testing.assert_close(got, expected.float(), atol=2e-5, rtol=1e-4)
+    options.update(pooling_mode="summary", save_pooling_mode="mean+summary+text_summary")
+    trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path / "b", **options), train_dataset=tiny_dataset())
+    assert not trainer.grace_module.text_summary and trainer.grace_pooling.pooling_mode == "summary"
+    loaded = SentenceTransformer(trainer.save_grace_model(), trust_remote_code=True, device="cpu")
+    assert loaded[1].pooling_mode == "mean+summary+text_summary" and loaded[0].text_summary
+
+
 def test_rationale_batch_marks_finished_rows(tiny_dir, tmp_path):
     trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path), train_dataset=tiny_dataset())
     eos = trainer.grace_module.eos_token_ids[0]
@@ -761,6 +788,7 @@ def test_trained_model_folder_carries_its_training_record(tiny_dir, tmp_path):
         "prompt_template": "{text}",
         "summary_suffix": "",
         "pooling_mode": "mean",
+        "save_pooling_mode": None,
     }
     assert record["config"]["copy_penalty"] == 0.25 and record["config"]["output_dir"] == args.output_dir
     terms = record["reward_terms"]
