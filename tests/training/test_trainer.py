@@ -147,13 +147,12 @@ def test_rows_reach_trl_as_prompt_records(tiny_dir, tmp_path):
     }
 
 
-def test_reward_embedding_equals_inference_embedding(tiny_dir, tmp_path):
-    """Parity: the reward's embedding of text + rationale is what model.encode gives when it writes that rationale."""
-    trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path, max_completion_length=6), train_dataset=tiny_dataset())
-    texts = list(tiny_dataset()["prompt"])
+def _assert_reward_embeds_as_inference(trainer, texts: list[str], **options):
+    """The reward's embedding of each text + the rationale model.encode wrote for it equals model.encode's embedding
+    (the inference model built from the trainer's policy with ``options``); returns that model."""
     policy = trainer.accelerator.unwrap_model(trainer.model).eval()
     model = build_grace_model(
-        policy, trainer.processing_class, system_prompt=trainer.args.system_prompt, max_new_tokens=6
+        policy, trainer.processing_class, system_prompt=trainer.args.system_prompt, max_new_tokens=6, **options
     )
     items = model.encode(texts, output_value=None, batch_size=2)
     expected = torch.stack([torch.as_tensor(item["sentence_embedding"]) for item in items])
@@ -162,6 +161,14 @@ def test_reward_embedding_equals_inference_embedding(tiny_dir, tmp_path):
     with torch.no_grad():
         got = trainer.embed_with_rationales(texts, trainer.rationale_batch(completions))
     torch.testing.assert_close(got, expected.float(), atol=2e-5, rtol=1e-4)
+    return model
+
+
+def test_reward_embedding_equals_inference_embedding(tiny_dir, tmp_path):
+    """Parity: the reward's embedding of text + rationale is what model.encode gives when it writes that rationale."""
+    trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path, max_completion_length=6), train_dataset=tiny_dataset())
+    texts = list(tiny_dataset()["prompt"])
+    model = _assert_reward_embeds_as_inference(trainer, texts)
     # The GRPO prompt ids the rollout function hands TRL are the inference prompt, token for token.
     out = trainer.grace_rollout(records(groups=(0,)))
     features = model[0].preprocess(texts[:1])
@@ -177,17 +184,7 @@ def test_text_summary_readout_in_the_reward_and_a_saved_readout_of_its_own(tiny_
     trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path / "a", **options), train_dataset=tiny_dataset())
     assert trainer.grace_module.text_summary
     texts = list(tiny_dataset()["prompt"])
-    policy = trainer.accelerator.unwrap_model(trainer.model).eval()
-    model = build_grace_model(
-        policy, trainer.processing_class, system_prompt=trainer.args.system_prompt, max_new_tokens=6,
-        summary_suffix=suffix, pooling_mode="mean+summary+text_summary",
-    )  # fmt: skip
-    items = model.encode(texts, output_value=None, batch_size=2)
-    expected = torch.stack([torch.as_tensor(item["sentence_embedding"]) for item in items])
-    completions = [item["rationale_ids"][item["rationale_mask"].bool()].tolist() for item in items]
-    with torch.no_grad():
-        got = trainer.embed_with_rationales(texts, trainer.rationale_batch(completions))
-    torch.testing.assert_close(got, expected.float(), atol=2e-5, rtol=1e-4)
+    _assert_reward_embeds_as_inference(trainer, texts, summary_suffix=suffix, pooling_mode="mean+summary+text_summary")
     options.update(pooling_mode="summary", save_pooling_mode="mean+summary+text_summary")
     trainer = GraceGRPOTrainer(tiny_dir, make_args(tmp_path / "b", **options), train_dataset=tiny_dataset())
     assert not trainer.grace_module.text_summary and trainer.grace_pooling.pooling_mode == "summary"
