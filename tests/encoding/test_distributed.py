@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["cats", "rain", "prices"] * 8
+# the thread name of Ray Data's usage metrics poller (ray/data/_internal/usage/poller.py)
+USAGE_POLLER_PREFIX = "data-usage"
 CORPUS = TEXTS + [f"Sentence number {i} talks about {topic}." for i, topic in enumerate(TOPICS)]
 
 
@@ -40,6 +43,11 @@ def cluster():
     """A head and a worker node (one CPU each); the test process is the driver. Shut down after the module."""
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     env["OMP_NUM_THREADS"] = "1"
+    # Ray Data's usage stats start a driver thread that never stops (ray.shutdown leaves it) and logs a formatted
+    # traceback at DEBUG for each failed metrics query, every 10 s (no Prometheus here). Formatting a traceback calls
+    # ast.parse on Python 3.11, and two threads in ast.parse at once can raise "SystemError: AST constructor recursion
+    # depth mismatch" (python/cpython#106905) in a later test's ast.parse (transformers' check_imports of remote code).
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the nodes' processes, and the workers they start, inherit it
     nodes = None
@@ -58,6 +66,8 @@ def cluster():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    left = [thread.name for thread in threading.enumerate() if thread.name.startswith(USAGE_POLLER_PREFIX)]
+    assert not left, f"Ray Data's usage poller outlives the cluster ({left}): the tests after this module are flaky"
 
 
 @pytest.fixture(scope="module")
