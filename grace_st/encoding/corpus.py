@@ -32,7 +32,6 @@ import torch
 from sentence_transformers.base.modules import Normalize
 
 from grace_st.encoding.cache import CacheEntry, EmbeddingCache, cache_keys
-from grace_st.model.generation import RationaleBatch, pad_rows
 from grace_st.model.options import check_prompts, check_texts
 from grace_st.model_kind import is_grace_model
 
@@ -243,6 +242,7 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
         batch_size=batch_size,
         counts=module.decode_counts,
         suffix_ids=suffixes or None,
+        text_suffix=bool(getattr(module, "text_summary", False)),
     )
     with (
         torch.inference_mode(),
@@ -252,22 +252,20 @@ def _encode_continuous(model, texts, prompt, batch_size, show_progress_bar) -> l
         for row in stream:
             pending.append(row)
             if len(pending) == batch_size:
-                _pool_rows(model, prefix, own, pending, order, entries, suffixes)
+                _pool_rows(model, prefix, own, pending, order, entries)
                 bar.update(len(pending))
                 pending = []
         if pending:
-            _pool_rows(model, prefix, own, pending, order, entries, suffixes)
+            _pool_rows(model, prefix, own, pending, order, entries)
             bar.update(len(pending))
     return entries
 
 
-def _pool_rows(
-    model, prefix: list[int], own: list[list[int]], rows: list, order: list[int], entries: list, suffixes: list
-) -> None:
+def _pool_rows(model, prefix: list[int], own: list[list[int]], rows: list, order: list[int], entries: list) -> None:
     """Pool finished stream rows with ``model[1:]`` and store their :class:`CacheEntry` at ``entries[order[i]]``.
 
     The features are those ``Transformer.forward`` writes (each row left-aligned: prompt, rationale, padding; with
-    ``text_summary``, the summary suffix's state after the prompt alone, from the module's two-pass reference)."""
+    ``text_summary``, the summary suffix's state after the prompt alone, which the stream fed at prefill)."""
     module = model[0]
     pad = module.tokenizer.pad_token_id
     rationales = module.rationale_batch([row.generated.tolist() for row in rows])
@@ -295,16 +293,8 @@ def _pool_rows(
     }
     if rows[0].suffix_state is not None:
         features["summary_embeddings"] = torch.stack([row.suffix_state for row in rows])
-    if getattr(module, "text_summary", False):
-        prompts = [prefix + own[row.index] for row in rows]
-        prompt_ids, prompt_mask = pad_rows(prompts, pad, left=True)
-        suffix_ids, suffix_mask = pad_rows([suffixes[row.index] for row in rows], pad)
-        text_start = torch.tensor([prompt_ids.shape[1] - len(ids) + len(prefix) for ids in prompts])
-        inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask, "text_start": text_start}
-        inputs.update(suffix_ids=suffix_ids, suffix_mask=suffix_mask)
-        inputs = {key: value.to(device) for key, value in inputs.items()}
-        none = RationaleBatch(rationales.ids[:, :0], rationales.mask[:, :0], rationales.finished)
-        features["text_summary_embeddings"] = module.embed(inputs, none)["summary_embeddings"]
+    if rows[0].text_suffix_state is not None:
+        features["text_summary_embeddings"] = torch.stack([row.text_suffix_state for row in rows])
     for later in list(model)[1:]:
         features = later(features)
     embeddings = features["sentence_embedding"]

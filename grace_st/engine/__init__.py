@@ -75,9 +75,10 @@ def generate(
     generate_kwargs: dict[str, Any],
     suffix_ids: list[list[int]] | None = None,
     seeds: list[int] | None = None,
+    text_suffix: bool = False,
 ) -> DecodeOutput | None:
-    """``(generated, states, suffix_states)`` for the left-padded prompts of ``features``, or None when the states
-    could not be captured (the module then uses the reference path). See
+    """``(generated, states, suffix_states, text_suffix_states)`` for the left-padded prompts of ``features``, or None
+    when the states could not be captured (the module then uses the reference path). See
     :func:`~grace_st.engine.decode.generate_with_engine`."""
     prefix_len = len(module.template_pieces()[0])
     counts = module.decode_counts
@@ -90,6 +91,7 @@ def generate(
         counts,
         suffix_ids=suffix_ids,
         seeds=seeds,
+        text_suffix=text_suffix,
         slots=slots,
         compact_at=COMPACT_AT,
     )

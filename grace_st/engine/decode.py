@@ -55,11 +55,14 @@ class DecodeOutput(NamedTuple):
             the attention mask (padding, after a rationale's end) hold zeros.
         suffix_states: ``(batch, hidden)`` last-layer state of each row's last suffix token when ``suffix_ids`` was
             given, else None.
+        text_suffix_states: ``(batch, hidden)`` the same suffix's last state fed right after the prompt (no rationale
+            before it) with ``text_suffix``, else None.
     """
 
     generated: torch.Tensor
     states: torch.Tensor
     suffix_states: torch.Tensor | None = None
+    text_suffix_states: torch.Tensor | None = None
 
 
 def unsupported_reason(model: Any, generate_kwargs: dict[str, Any]) -> str | None:
@@ -114,6 +117,7 @@ def decode(
     suffix_ids: list[list[int]] | None = None,
     seeds: list[int] | None = None,
     slots: int | None = None,
+    text_suffix: bool = False,
 ) -> DecodeOutput | None:
     """Generate one rationale per left-padded prompt and keep the last-layer state of every prompt and rationale token.
 
@@ -145,10 +149,12 @@ def decode(
         seeds: per row, the seed of its own ``torch.Generator`` for sampling (``do_sample`` only): a row's sampled
             rationale then depends neither on its batch-mates nor on the global RNG. None (the default): the global
             RNG, one draw for the whole batch per step.
+        text_suffix: also feed ``suffix_ids`` right after each prompt (no rationale before it), at prefill over a copy
+            of the prompt's cache: ``text_suffix_states``. Defaults to False.
 
     Returns:
-        A :class:`DecodeOutput` ``(generated, states, suffix_states)``; None when the states of the decoder's final
-        ``norm`` could not be captured (it is not on the model's forward path).
+        A :class:`DecodeOutput` ``(generated, states, suffix_states, text_suffix_states)``; None when the states of
+        the decoder's final ``norm`` could not be captured (it is not on the model's forward path).
     """
     batch, width = input_ids.shape
     device = input_ids.device
@@ -165,7 +171,14 @@ def decode(
     sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seeds": seeds}
     limits = (max_new_tokens, eos_token_ids, pad_token_id, slots or batch, counts)
     stream = decode_stream(
-        model, prefix[0].tolist(), own_ids, *limits, suffix_ids=suffix_ids, compact_at=compact_at, **sampling
+        model,
+        prefix[0].tolist(),
+        own_ids,
+        *limits,
+        suffix_ids=suffix_ids,
+        compact_at=compact_at,
+        text_suffix=text_suffix,
+        **sampling,
     )
     try:
         with contextlib.closing(stream):
@@ -181,7 +194,8 @@ def decode(
         generated[row.index, :r] = row.generated
         states[row.index, width + r - len(row.states) : width + r] = row.states
     suffix_states = None if suffix_ids is None else torch.stack([row.suffix_state for row in finished])
-    return DecodeOutput(generated, states, suffix_states)
+    alone = torch.stack([row.text_suffix_state for row in finished]) if text_suffix else None
+    return DecodeOutput(generated, states, suffix_states, alone)
 
 
 def generate_with_engine(
@@ -194,12 +208,13 @@ def generate_with_engine(
     seeds: list[int] | None = None,
     slots: int | None = None,
     compact_at: float = 1.0,
+    text_suffix: bool = False,
 ) -> DecodeOutput | None:
     """:func:`generate_with_states` by :func:`decode` (the shared prompt prefix of ``prefix_len`` tokens runs once,
     finished rows leave the batch) for the left-padded prompts of ``features`` (``input_ids``, ``attention_mask``,
     ``text_start``); None where it does not apply (no prefix, :func:`unsupported_reason`, states not captured): then
-    the caller uses ``model.generate``. ``counts``, ``suffix_ids`` and ``seeds`` as in :func:`decode`; returns its
-    :class:`DecodeOutput` ``(generated, states, suffix_states)``."""
+    the caller uses ``model.generate``. ``counts``, ``suffix_ids``, ``seeds`` and ``text_suffix`` as in :func:`decode`;
+    returns its :class:`DecodeOutput`."""
     if prefix_len == 0 or unsupported_reason(model, generate_kwargs) is not None:
         return None
     kwargs, sampling = generate_kwargs, {}
@@ -225,5 +240,6 @@ def generate_with_engine(
             seeds=seeds,
             slots=slots,
             compact_at=compact_at,
+            text_suffix=text_suffix,
             **sampling,
         )

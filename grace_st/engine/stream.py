@@ -132,12 +132,15 @@ class StreamRow(NamedTuple):
             own tokens and its rationale, in order (no padding).
         suffix_state: ``(hidden,)`` the last-layer state of the row's last suffix token, fed after its rationale
             (with ``suffix_ids``; else None).
+        text_suffix_state: ``(hidden,)`` the same suffix's last state fed right after the row's prompt, no rationale
+            before it (with ``text_suffix``; else None).
     """
 
     index: int
     generated: torch.Tensor
     states: torch.Tensor
     suffix_state: torch.Tensor | None = None
+    text_suffix_state: torch.Tensor | None = None
 
 
 def decode_stream(
@@ -157,6 +160,7 @@ def decode_stream(
     top_k: int | None = 0,
     top_p: float | None = 1.0,
     seeds: list[int] | None = None,
+    text_suffix: bool = False,
 ) -> Any:
     """Rationales for many prompts ``prefix_ids + own_ids[i]`` with continuous batching: yields a
     :class:`StreamRow` per prompt as the rows leave the batch (not in input order). The one decode loop of the
@@ -205,6 +209,9 @@ def decode_stream(
         seeds: per row of ``own_ids``, the seed of its own ``torch.Generator`` (``do_sample`` only): a row's sampled
             rationale then depends neither on its batch-mates nor on the global RNG. None: the global RNG, one draw
             for the whole batch per step.
+        text_suffix: also feed each row's ``suffix_ids`` right after its prompt (no rationale before it) when it is
+            prefilled, over a copy of its cache rows: ``StreamRow.text_suffix_state`` (the summary state of the text
+            alone, without a second forward over the prompt). Counted in ``suffix_tokens``. Defaults to False.
 
     Returns:
         A generator of :class:`StreamRow`; it must run to its end (or be closed) to release the model hook, to put
@@ -226,6 +233,8 @@ def decode_stream(
         raise ValueError(f"compact_at={compact_at!r} must be in [0, 1].")
     if suffix_ids is not None:
         suffix_ids = check_suffix_ids(suffix_ids, len(own_ids), getattr(model.config, "vocab_size", None))
+    elif text_suffix:
+        raise ValueError("text_suffix=True feeds each row's suffix after its prompt: pass suffix_ids too.")
     if seeds is not None:
         if not do_sample:
             raise ValueError("seeds are per-row sampling seeds: pass them with do_sample=True (greedy draws nothing).")
@@ -261,33 +270,40 @@ def decode_stream(
             head_checked = True
             if not head_matches(head, states[:, -1], logits):
                 head = None
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
         return _Prefilled(
             torch.tensor(group, dtype=torch.long, device=device),
-            [(layer.keys, layer.values) for layer in cache.layers],
+            kv,
             mask,
             logits if head is None else logits.float().argmax(dim=-1),
             positions[:, -1] + 1,
             [states[j][own_mask[j].bool()] for j in range(k)],
+            list(suffix_run(group, kv, mask, positions[:, -1] + 1)) if text_suffix else [None] * k,
         )
 
     @torch.no_grad()
     def suffix_states(leaving: torch.Tensor) -> torch.Tensor:
-        """The last suffix token's state of batch rows ``leaving``: their suffixes in one forward (right-padded)."""
+        """The last suffix token's state of batch rows ``leaving``, fed after their rationales."""
         kv = [(layer.keys.index_select(0, leaving), layer.values.index_select(0, leaving)) for layer in cache.layers]
-        tokens, real = pad_rows([suffix_ids[int(rows[i])] for i in leaving.tolist()], pad_token_id)
+        return suffix_run(rows[leaving].tolist(), kv, mask[leaving], start[leaving] + length[leaving])
+
+    def suffix_run(group: list[int], kv: list, context: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """The last suffix token's state of rows ``group`` of ``own_ids`` (their suffixes in one forward, right-padded)
+        after ``kv`` (a copy is extended) with mask ``context``, at positions from ``first``."""
+        tokens, real = pad_rows([suffix_ids[i] for i in group], pad_token_id)
         tokens, real = tokens.to(device), real.to(device)
         span = tokens.shape[1]
         model(
             input_ids=tokens,
-            attention_mask=torch.cat([mask[leaving], real.to(mask.dtype)], dim=1),
-            position_ids=(start[leaving] + length[leaving]).unsqueeze(1) + torch.arange(span, device=device),
+            attention_mask=torch.cat([context, real.to(context.dtype)], dim=1),
+            position_ids=first.unsqueeze(1) + torch.arange(span, device=device),
             cache=spare_cache(kv, span),
             use_cache=True,
             **last_only,
         )
         if counts is not None:
             counts["suffix_tokens"] = counts.get("suffix_tokens", 0) + tokens.numel()
-        return captured.pop()[torch.arange(len(leaving), device=device), real.sum(dim=1) - 1]
+        return captured.pop()[torch.arange(len(group), device=device), real.sum(dim=1) - 1]
 
     layout = contextlib.ExitStack()
     try:
@@ -336,6 +352,7 @@ def decode_stream(
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         mask = rows = alive = length = position = start = logits = generated = gen_states = None
         own_states: list[torch.Tensor] = []
+        alone: list[torch.Tensor | None] = []  # each batch row's text_suffix state
         while True:
             n_alive = 0 if alive is None else int(alive.sum())
             n_rows = 0 if rows is None else len(rows)
@@ -353,6 +370,7 @@ def decode_stream(
                         generated[i, :r].clone(),
                         torch.cat([prefix_states, own_states[i], gen_states[i, :r]], dim=0),
                         None if last is None else last[j],
+                        alone[i],
                     )
                 keep = alive.nonzero().squeeze(1)
                 rows, alive, length, position, start, logits = (
@@ -360,6 +378,7 @@ def decode_stream(
                 )
                 generated, gen_states, mask = generated[keep], gen_states[keep], mask[keep]
                 own_states = [own_states[i] for i in keep.tolist()]
+                alone = [alone[i] for i in keep.tolist()]
                 if refill:  # the kept rows go into the joined cache below, without the columns no row attends to
                     kept = [
                         (layer.keys.index_select(0, keep), layer.values.index_select(0, keep))
@@ -399,6 +418,7 @@ def decode_stream(
                 mask = torch.cat([_left_pad(m, width) for m in masks], dim=0)
                 k = sum(len(part.rows) for part in parts)
                 own_states = own_states + [state for part in parts for state in part.own_states]
+                alone = alone + [state for part in parts for state in part.text_suffix_states]
                 rows = torch.cat(([rows] if n_rows else []) + [part.rows for part in parts])
                 logits = torch.cat(([logits] if n_rows else []) + [part.logits for part in parts])
                 position = torch.cat(([position] if n_rows else []) + [part.position for part in parts])
@@ -488,6 +508,7 @@ class _Prefilled(NamedTuple):
     logits: torch.Tensor  # (n, vocab) at each prompt's last position; (n,) next token ids with a greedy head
     position: torch.Tensor  # (n,) position of each row's first rationale token
     own_states: list[torch.Tensor]  # each row's last-layer states of its own tokens (no padding)
+    text_suffix_states: list[torch.Tensor | None]  # each row's suffix state after its prompt (text_suffix)
 
     def split(self, n: int) -> tuple[_Prefilled, _Prefilled]:
         """The first ``n`` rows (views, no copy) and the rest."""
@@ -498,6 +519,7 @@ class _Prefilled(NamedTuple):
             self.logits[:n],
             self.position[:n],
             self.own_states[:n],
+            self.text_suffix_states[:n],
         )
         tail = _Prefilled(
             self.rows[n:],
@@ -506,6 +528,7 @@ class _Prefilled(NamedTuple):
             self.logits[n:],
             self.position[n:],
             self.own_states[n:],
+            self.text_suffix_states[n:],
         )
         return head, tail
 

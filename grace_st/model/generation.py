@@ -31,6 +31,7 @@ class RationaleBatch:
     finished: torch.Tensor
     states: torch.Tensor | None = None
     suffix_states: torch.Tensor | None = None
+    text_suffix_states: torch.Tensor | None = None  # the suffix's state right after the prompt (engine, text_summary)
 
 
 class GenerationBackend(Protocol):
@@ -128,14 +129,15 @@ class RationaleWriter:
         if engine is not None:
             pairs = zip(features.get("suffix_ids", []), features.get("suffix_mask", []), strict=True)
             suffix = [row[mask.bool()].tolist() for row, mask in pairs] if "suffix_ids" in features else None
+            alone = {"text_suffix": True} if getattr(self, "text_summary", False) and suffix else {}
             try:
-                result = engine.generate(self, features, kwargs, suffix_ids=suffix, seeds=seeds)
+                result = engine.generate(self, features, kwargs, suffix_ids=suffix, seeds=seeds, **alone)
             except Exception as error:  # an optional speed path never stops encoding
                 self._warn_once(f"it failed: {error!r}")
         if result is None:
             result = generate_with_states(self.model, input_ids, attention_mask, kwargs, seeds, with_states)
         batch = self.rationale_batch(result[0])
-        batch.states, batch.suffix_states = result[1], (result[2] if len(result) > 2 else None)
+        batch.states, batch.suffix_states, batch.text_suffix_states = (*result[1:4], None, None)[:3]
         if with_states and batch.states is None:  # the hooked norm was not on the forward path: use the two-pass path
             logger.warning("Could not capture the last-layer states during generation; using a second forward pass.")
         return batch

@@ -131,9 +131,7 @@ class Transformer(RationaleWriter, InputModule):
         check_combination(options)
         context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if isinstance(context, int) and max_new_tokens > context:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} exceeds the context length of the backbone ({context})."
-            )
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the backbone's context length ({context}).")
         if chat_template and getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
                 f"The tokenizer of {getattr(model.config, '_name_or_path', type(model).__name__)!r} has no chat "
@@ -221,7 +219,9 @@ class Transformer(RationaleWriter, InputModule):
         call this too, so they read out exactly as inference does)."""
         kept = rationales.states is not None and ("suffix_ids" not in features or rationales.suffix_states is not None)
         output = self.outputs_from_states(features, rationales) if kept else self.embed(features, rationales)
-        if self.text_summary:  # the summary state of the text alone (the suffix right after the prompt)
+        if self.text_summary and rationales.text_suffix_states is not None:  # kept by the engine
+            output["text_summary_embeddings"] = rationales.text_suffix_states
+        elif self.text_summary:  # the summary state of the text alone (the suffix right after the prompt)
             none = RationaleBatch(rationales.ids[:, :0], rationales.mask[:, :0], rationales.finished)
             alone = self.embed(features, none) if rationales.ids.shape[1] else output
             output["text_summary_embeddings"] = alone["summary_embeddings"]
@@ -291,8 +291,7 @@ class Transformer(RationaleWriter, InputModule):
         here = Path(__file__).resolve().parent
         copy = Path(__file__).name == MODULE_FILE_NAME  # a loaded folder's copy (grace_st.py beside the others)
         sources = {name: here / (name if copy else source) for name, source in CORE_FILES.items()}
-        missing = [str(path) for path in sources.values() if not path.is_file()]
-        if missing:  # checked before anything is written: a partial folder would load as another model
+        if missing := [str(path) for path in sources.values() if not path.is_file()]:  # checked before writing
             raise FileNotFoundError(f"Cannot save the GRACE model: its code files {missing} are missing.")
         # Other files than sentence-transformers' (and hidden ones) in a folder without our marker are the user's.
         found = [p.name for p in Path(output_path).iterdir() if p.name[0] != "." and p.name not in _OURS]
@@ -328,8 +327,7 @@ class Transformer(RationaleWriter, InputModule):
                 )
         if not config:
             raise ValueError(f"{where}missing or empty; a GRACE model folder written by model.save() has one.")
-        unknown = set(config) - set(cls.config_keys) - {"grace_st_version"}
-        if unknown:
+        if unknown := set(config) - set(cls.config_keys) - {"grace_st_version"}:
             raise ValueError(f"{where}unknown keys {sorted(unknown)}; known: {cls.config_keys}.")
         config.setdefault("text_summary", False)  # added after 0.2.0: a folder written before it does without
         version, missing = config.pop("grace_st_version", ""), [key for key in cls.config_keys if key not in config]

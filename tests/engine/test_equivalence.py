@@ -124,6 +124,58 @@ def test_suffix_states_equal_the_two_pass_reference(tiny_backbone_dir, attention
     assert counts["decode_row_steps"] >= counts_plain["decode_row_steps"]
 
 
+@pytest.mark.parametrize("compact_at", [0.5, 1.0])
+def test_text_suffix_states_equal_the_two_pass_reference(tiny_backbone_dir, compact_at):
+    """text_suffix feeds each row's suffix after its prompt at prefill, over a copy of its cache: its state equals
+    one forward over prompt + suffix, and the rationales, their states and the suffix states after them stay the same
+    (3 slots for 8 rows: rows join and leave the batch in another order than they came)."""
+    module = tiny_grace_model(tiny_backbone_dir, max_new_tokens=10)[0]
+    features = module.preprocess(TEXTS)
+    split_rows(module, features, 10)
+    suffix_ids = suffix_token_ids(module, len(TEXTS))
+    counts, counts_plain = {}, {}
+    options = {"suffix_ids": suffix_ids, "slots": 3, "compact_at": compact_at}
+    with torch.no_grad():
+        out = engine_output(module, features, counts=counts, text_suffix=True, **options)
+        plain = engine_output(module, features, counts=counts_plain, **options)
+    assert torch.equal(out.generated, plain.generated) and plain.text_suffix_states is None
+    assert float((out.states - plain.states).abs().max()) < 1e-5
+    assert float((out.suffix_states - plain.suffix_states).abs().max()) < 1e-5
+    none = torch.zeros(len(TEXTS), 0, dtype=torch.long)
+    reference = two_pass_suffix_states(
+        module.model, features["input_ids"], features["attention_mask"], none, none, suffix_ids
+    )
+    assert out.text_suffix_states.shape == out.suffix_states.shape
+    assert float((out.text_suffix_states - reference).abs().max()) < 1e-5
+    assert float((out.text_suffix_states - out.suffix_states).abs().amax(1).min()) > 1e-2  # no rationale before it
+    assert counts["suffix_tokens"] - counts_plain["suffix_tokens"] >= sum(len(row) for row in suffix_ids)
+    assert counts["prompt_tokens"] == counts_plain["prompt_tokens"]  # no second pass over the prompts
+    with pytest.raises(ValueError, match="pass suffix_ids too"):
+        engine_output(module, features, text_suffix=True)
+
+
+def test_encode_with_text_summary_runs_no_second_pass_over_the_prompt(tiny_backbone_dir, monkeypatch):
+    """The engine's text-suffix states serve model.encode and encode_corpus; they equal the reference path's (a
+    second forward over prompt + suffix, Transformer.embed), which the engine paths no longer call."""
+    model = varied_model(tiny_backbone_dir, summary_suffix="\nIn one word:", text_summary=True)
+    model[1].pooling_mode = "mean+summary+text_summary"
+    model[0].decode_path = "generate"
+    reference = model.encode(VARIED_CORPUS, batch_size=4, output_value=None)
+    model[0].decode_path = "engine"
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("a second forward pass over the prompt")
+
+    monkeypatch.setattr(model[0], "embed", second_pass)
+    engine = model.encode(VARIED_CORPUS, batch_size=4, output_value=None)
+    corpus = encode_corpus(model, VARIED_CORPUS, batch_size=4, normalize_embeddings=False)
+    for a, b, c in zip(reference, engine, corpus.embeddings, strict=True):
+        assert model[0].decode_rationale(a) == model[0].decode_rationale(b)
+        assert float((a["text_summary_embeddings"] - b["text_summary_embeddings"]).abs().max()) < 1e-5
+        assert float((a["sentence_embedding"] - b["sentence_embedding"]).abs().max()) < 1e-5
+        assert float(np.abs(a["sentence_embedding"].numpy() - c).max()) < 1e-5
+
+
 def test_suffix_after_a_one_token_rationale_and_a_one_token_suffix(tiny_backbone_dir):
     """max_new_tokens=1: every rationale is cut after one token; the suffixes run in the tail forward only."""
     module = tiny_grace_model(tiny_backbone_dir, max_new_tokens=1)[0]

@@ -733,12 +733,12 @@ def test_max_new_tokens_is_bounded_by_the_context_length_at_build_and_load(tiny_
     path = _saved(tiny_model, tmp_path)
     _edit_json(path / "grace_config.json", max_new_tokens=10**9)
     with pytest.raises(
-        ValueError, match=f"max_new_tokens=1000000000 exceeds the context length of the backbone \\({context}\\)"
+        ValueError, match=f"max_new_tokens=1000000000 exceeds the backbone's context length \\({context}\\)"
     ):
         SentenceTransformer(str(path), trust_remote_code=True)
     _edit_json(path / "grace_config.json", max_new_tokens=context)
     assert SentenceTransformer(str(path), trust_remote_code=True)[0].max_new_tokens == context
-    with pytest.raises(ValueError, match="exceeds the context length"):
+    with pytest.raises(ValueError, match="exceeds the backbone's context length"):
         grace_st.from_backbone(str(path), max_new_tokens=context + 1, device="cpu")
 
 
