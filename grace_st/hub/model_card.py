@@ -33,6 +33,17 @@ REVISION_PLACEHOLDER = "<commit hash of this upload>"
 KNOWN_BACKBONE_LICENSES = {DEFAULT_BACKBONE_HUB_ID: DEFAULT_BACKBONE_LICENSE}
 
 
+# What each RationalePooling mode reads, for the card's "pooling" row (POOLING_MODES of grace_st.model.options).
+READOUTS: dict[str, str] = {
+    "mean": "the mean of the last hidden states over user text + rationale",
+    "lasttoken": "the last hidden state of the rationale's closing token (of the prompt without a rationale)",
+    "summary": "the last hidden state of the summary suffix fed after user text + rationale",
+    "mean+summary": "the sum of the unit mean over user text + rationale and the unit summary-suffix state after it",
+    "mean+summary+text_summary": (
+        "the sum of the unit mean over user text + rationale, the unit summary-suffix state after it and the unit "
+        "summary-suffix state after the user text alone (no rationale)"
+    ),
+}
 _LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow")
 
 
@@ -147,6 +158,7 @@ def render_card(
             base_model=base_model or (training or {}).get("base_model_text") or "unknown",
             grace_config=grace_config,
             pooling_mode=pooling.get("pooling_mode", "mean"),
+            readout=READOUTS.get(pooling.get("pooling_mode", "mean"), "see the folder's RationalePooling config"),
             embed_dim=config.get("hidden_size"),
             n_parameters=folder_parameters(folder)[0],
             prompts={k: v for k, v in (st_config.get("prompts") or {}).items() if v},

@@ -369,6 +369,23 @@ def test_card_says_what_made_a_trained_model(tiny_grace_dir, tmp_path):
     assert ModelCard(model_card.render_card(folder_b, "org/x")).data.license == "cc-by-4.0"
 
 
+def test_card_names_what_the_readout_reads(tiny_backbone_dir, tmp_path):
+    from grace_st import from_backbone
+    from grace_st.model.options import POOLING_MODES
+
+    assert set(model_card.READOUTS) == set(POOLING_MODES)
+    for mode, words in [("mean", "mean of the last hidden states"), ("mean+summary+text_summary", "user text alone")]:
+        options = {"summary_suffix": " In one word:"} if "summary" in mode else {}
+        folder = tmp_path / mode
+        from_backbone(tiny_backbone_dir, max_new_tokens=2, pooling_mode=mode, device="cpu", **options).save(
+            str(folder)
+        )
+        pooling_row = next(
+            line for line in model_card.render_card(folder, "org/x").splitlines() if "| pooling |" in line
+        )
+        assert f"`{mode}`: " in pooling_row and words in pooling_row
+
+
 def test_untrained_model_is_described_as_untrained(tiny_grace_dir):
     from huggingface_hub import ModelCard
 
