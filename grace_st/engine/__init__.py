@@ -25,6 +25,8 @@ from grace_st.engine.stream import StreamRow, decode_stream
 # The contract between a model's shipped code and this engine: the calls below and what they return. A model whose
 # code expects another version uses the reference path.
 API_VERSION = 1
+# Additions within version 1 that a model's code looks for before it uses them: generate(..., text_suffix=True).
+TEXT_SUFFIX = True
 # A batch handed to a model's forward decodes in at most SLOTS rows at once (continuous batching within a larger batch:
 # a finished row's slot goes to the batch's next text), and finished rows leave the batch as soon as they finish
 # (COMPACT_AT = 1.0; the cache rows after them move up in place). On the 2-core CPU of the README (64 STS sentences,
@@ -37,6 +39,7 @@ COMPACT_AT = 1.0
 
 __all__ = [
     "API_VERSION",
+    "TEXT_SUFFIX",
     "DecodeOutput",
     "StreamRow",
     "decode",

@@ -299,7 +299,7 @@ def decode_stream(
             position_ids=first.unsqueeze(1) + torch.arange(span, device=device),
             cache=spare_cache(kv, span),
             use_cache=True,
-            **last_only,
+            **(last_only if head is None else no_logits),  # its logits are never read
         )
         if counts is not None:
             counts["suffix_tokens"] = counts.get("suffix_tokens", 0) + tokens.numel()

@@ -130,6 +130,7 @@ class RationaleWriter:
             pairs = zip(features.get("suffix_ids", []), features.get("suffix_mask", []), strict=True)
             suffix = [row[mask.bool()].tolist() for row, mask in pairs] if "suffix_ids" in features else None
             alone = {"text_suffix": True} if getattr(self, "text_summary", False) and suffix else {}
+            alone = alone if getattr(engine, "TEXT_SUFFIX", False) else {}  # an older engine does not take it
             try:
                 result = engine.generate(self, features, kwargs, suffix_ids=suffix, seeds=seeds, **alone)
             except Exception as error:  # an optional speed path never stops encoding

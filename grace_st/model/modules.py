@@ -317,8 +317,7 @@ class Transformer(RationaleWriter, InputModule):
         files = {"subfolder": subfolder, "cache_folder": kwargs.get("cache_folder"), **hub}
         config = cls.load_config(model_name_or_path, **files)
         where = f"{cls.config_file_name} of {model_name_or_path!r}: "
-        # sentence-transformers imports a folder's own grace_st.py and falls back to an installed grace_st (this class)
-        # when that code cannot be imported, e.g. a file of it is missing: name the file instead.
+        # Without a code file, sentence-transformers falls back to an installed grace_st: name the file instead.
         for name in CORE_FILES:
             if not cls.load_file_path(model_name_or_path, name, **files):
                 raise FileNotFoundError(

@@ -176,6 +176,35 @@ def test_encode_with_text_summary_runs_no_second_pass_over_the_prompt(tiny_backb
         assert float(np.abs(a["sentence_embedding"].numpy() - c).max()) < 1e-5
 
 
+def test_an_engine_without_text_suffix_still_writes_the_rationales(tiny_backbone_dir, monkeypatch, caplog):
+    """A model's code beside an installed engine of the same API version from before text_suffix: the engine still
+    writes the rationales (no warning) and the text-summary state comes from the second pass; a model without
+    text_summary never passes the keyword, whatever the engine offers."""
+    import grace_st.engine as engine
+
+    real, calls = engine.generate, []
+
+    def older(module, features, generate_kwargs, suffix_ids=None, seeds=None):
+        calls.append(len(features["input_ids"]))
+        return real(module, features, generate_kwargs, suffix_ids=suffix_ids, seeds=seeds)
+
+    model = varied_model(tiny_backbone_dir, summary_suffix="\nIn one word:", text_summary=True)
+    model[1].pooling_mode = "mean+summary+text_summary"
+    expected = model.encode(VARIED_CORPUS, batch_size=4, convert_to_tensor=True)
+    monkeypatch.setattr(engine, "generate", older)
+    monkeypatch.delattr(engine, "TEXT_SUFFIX")
+    plain = varied_model(tiny_backbone_dir, summary_suffix="\nIn one word:")
+    plain[1].pooling_mode = "mean+summary"
+    with caplog.at_level("WARNING"):
+        got = model.encode(VARIED_CORPUS, batch_size=4, convert_to_tensor=True)
+        assert sum(calls) == len(VARIED_CORPUS), "the engine wrote every rationale"
+        assert float((got - expected).abs().max()) < 1e-5
+        monkeypatch.setattr(engine, "TEXT_SUFFIX", True, raising=False)  # offered, but this model does not ask
+        plain.encode(VARIED_CORPUS, batch_size=4)
+    assert sum(calls) == 2 * len(VARIED_CORPUS)
+    assert "reference path" not in caplog.text
+
+
 def test_suffix_after_a_one_token_rationale_and_a_one_token_suffix(tiny_backbone_dir):
     """max_new_tokens=1: every rationale is cut after one token; the suffixes run in the tail forward only."""
     module = tiny_grace_model(tiny_backbone_dir, max_new_tokens=1)[0]
