@@ -99,6 +99,16 @@ CONFIGURATIONS: dict[str, dict[str, str] | None] = {
         "embedding_loss_weight": "1.0",
         "save_pooling_mode": "mean+summary+text_summary",
     },
+    # The same with 2 rollouts per group instead of 4: a step of 8 rollouts then holds 4 groups, not 2, so the run sees
+    # twice the training triplets (the saved row above: 19-20 steps x 2 groups = 38-40 triplets in 12 CPU minutes, +CL
+    # 11-15 steps x 16) and the embedding loss twice the in-batch candidates; GRPO's group baseline gets noisier.
+    "GRACE InfoNCE + query rollouts + embedding loss, 2 rollouts per group, saved as mean+summary+text_summary": {
+        "reward_form": "infonce",
+        "query_rollouts": "true",
+        "embedding_loss_weight": "1.0",
+        "save_pooling_mode": "mean+summary+text_summary",
+        "num_generations": "2",
+    },
     # And without the truncation penalty, copy penalty 0.1: the contrastive term leads the advantage.
     "GRACE InfoNCE + query rollouts + embedding loss, mean+summary readout, light guards": {
         "reward_form": "infonce",
