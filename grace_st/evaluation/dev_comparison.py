@@ -596,6 +596,23 @@ def folder_fingerprint(path: str | os.PathLike) -> dict[str, str] | None:
     return prints
 
 
+# The grace_st source that writes a row's numbers (relative to the package): the model code, the decode engine, corpus
+# encoding, the scoring, model building, the backbone and the file readers.
+SCORING_CODE = ("model", "engine", "encoding", "evaluation", "factory.py", "backbone.py", "readers.py")
+
+
+def code_fingerprint(root: str | os.PathLike | None = None) -> str:
+    """sha256 (16 hex digits) of the grace_st source files that encode and score (:data:`SCORING_CODE` under ``root``,
+    by default the imported package): an edit in an editable install changes it, the version does not."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for entry in SCORING_CODE:
+        path = root / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def dev_sets_fingerprint(dev_sets: DevSets) -> dict[str, Any]:
     """``{set: {"kind", "size", "sha256"}}``: a hash of each set's texts, gold scores and relevance judgments."""
     prints = {}
@@ -613,7 +630,8 @@ def dev_sets_fingerprint(dev_sets: DevSets) -> dict[str, Any]:
 def row_key(row: Row, dev_sets: DevSets, resamples: int, seed: int) -> dict[str, Any] | None:
     """Everything that changes a row's numbers: label, model (path and :func:`folder_fingerprint`; ``"default"`` is
     resolved to the default backbone's folder), options, readout, the sets (:func:`dev_sets_fingerprint`), the
-    bootstrap and the grace_st version (its code encodes); None for a row with an in-memory model (not saved)."""
+    bootstrap, the grace_st version and the source that encodes and scores (:func:`code_fingerprint`); None for a row
+    with an in-memory model (not saved)."""
     import grace_st
     from grace_st.backbone import resolve_backbone
 
@@ -625,6 +643,7 @@ def row_key(row: Row, dev_sets: DevSets, resamples: int, seed: int) -> dict[str,
         "model": os.path.abspath(model) if os.path.isdir(model) else model,
         "model_files": folder_fingerprint(model),
         "grace_st_version": grace_st.__version__,
+        "code": code_fingerprint(),
         "revision": row.spec.revision,
         "options": dict(row.spec.options),
         "pooling_mode": row.pooling_mode,

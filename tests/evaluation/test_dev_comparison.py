@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -424,6 +425,23 @@ def test_compare_reuses_a_row_file_only_while_its_key_matches(tiny_backbone_copy
     assert calls == [1, 1, 1, 1]
     compare(readout, {"sts": _pairs(PAIRS[:5]), "qa": _qa_set()}, resamples=31, rows_dir=rows_dir, batch_size=2)
     assert calls == [1, 1, 1, 1]  # the batch size does not change the numbers
+    monkeypatch.setattr(comparison, "code_fingerprint", lambda: "edited")  # the code that encodes and scores changed
+    compare(readout, {"sts": _pairs(PAIRS[:5]), "qa": _qa_set()}, resamples=31, rows_dir=rows_dir)
+    assert calls == [1, 1, 1, 1, 1]
+
+
+def test_the_code_fingerprint_follows_the_source_that_encodes_and_scores(tmp_path):
+    package = Path(comparison.__file__).resolve().parents[1]
+    copy = tmp_path / "grace_st"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    first = comparison.code_fingerprint(copy)
+    assert first == comparison.code_fingerprint(package) and len(first) == 16
+    (copy / "hub" / "publish.py").write_text((copy / "hub" / "publish.py").read_text() + "\n# publishing only\n")
+    assert comparison.code_fingerprint(copy) == first, "code that does not encode or score leaves it"
+    for edited in ("engine/stream.py", "model/modules.py", "evaluation/metrics.py", "readers.py"):
+        (copy / edited).write_text((copy / edited).read_text() + "\n# edited\n")
+        assert comparison.code_fingerprint(copy) != first, edited
+        first = comparison.code_fingerprint(copy)
 
 
 def test_two_processes_split_the_rows_and_a_last_run_assembles_the_table(tiny_backbone_dir, tmp_path, monkeypatch):
