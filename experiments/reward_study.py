@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "training" / "configs" / "trecqa.yaml"
 # What every row starts from, on top of the recipe (the recipe itself may move on to the best configuration): the
-# summary readout, GRPO alone and the recipe's first guards. +CL reads its readout from here too.
+# summary readout, GRPO alone, the recipe's first guards and its first rationale length. +CL reads its readout from here
+# too.
 STUDY_BASE: dict[str, str] = {
     "pooling_mode": "summary",
     "save_pooling_mode": "null",
@@ -45,6 +46,8 @@ STUDY_BASE: dict[str, str] = {
     "truncation_penalty": "-1.0",
     "copy_penalty": "0.5",
     "num_generations": "4",
+    "max_completion_length": "40",
+    "inference_max_new_tokens": "40",
 }
 # label -> the settings it replaces (None: the +CL baseline of training/train_contrastive.py)
 CONFIGURATIONS: dict[str, dict[str, str] | None] = {
