@@ -37,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "training" / "configs" / "trecqa.yaml"
 # What every row starts from, on top of the recipe (the recipe itself may move on to the best configuration): the
-# summary readout, GRPO alone, the recipe's first guards and its first rationale length. +CL reads its readout from here
-# too.
+# summary readout, GRPO alone, the recipe's first guards and its first rationale length. +CL reads its readout from
+# here too.
 STUDY_BASE: dict[str, str] = {
     "pooling_mode": "summary",
     "save_pooling_mode": "null",
